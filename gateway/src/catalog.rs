@@ -1,0 +1,133 @@
+//! The tools as MCP lists them, built once from `moat-tools`, plus each tool's
+//! compiled argument validator. Validation runs before anything else sees the
+//! arguments, and its errors name the JSON path that is wrong.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use moat_tools::{JsonObject, ToolName, ToolSpec};
+use rmcp::model::{Tool, ToolAnnotations};
+use serde_json::Value;
+
+/// At most this many schema violations are reported per call; the first ones are what to fix.
+const MAX_REPORTED_ERRORS: usize = 8;
+
+pub struct Catalog {
+    tools: Vec<Tool>,
+    entries: HashMap<ToolName, Entry>,
+}
+
+struct Entry {
+    spec: ToolSpec,
+    validator: jsonschema::Validator,
+}
+
+/// One schema violation: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// JSON pointer into the arguments, "" for the arguments object itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl Catalog {
+    pub fn build() -> Catalog {
+        let mut tools = Vec::new();
+        let mut entries = HashMap::new();
+        for spec in moat_tools::catalog() {
+            let schema = Value::Object(spec.input_schema.clone());
+            let validator = jsonschema::validator_for(&schema)
+                .expect("moat-tools schemas are valid JSON Schema (golden tests check them)");
+            tools.push(mcp_tool(&spec));
+            entries.insert(spec.name, Entry { spec, validator });
+        }
+        Catalog { tools, entries }
+    }
+
+    pub fn tools(&self) -> &[Tool] {
+        &self.tools
+    }
+
+    pub fn spec(&self, name: ToolName) -> &ToolSpec {
+        &self.entry(name).spec
+    }
+
+    /// Checks `arguments` (absent means `{}`) against the tool's input schema.
+    pub fn validate(&self, name: ToolName, arguments: Option<&JsonObject>) -> Result<(), Vec<Violation>> {
+        let empty = JsonObject::new();
+        let instance = Value::Object(arguments.unwrap_or(&empty).clone());
+        let entry = self.entry(name);
+        if entry.validator.is_valid(&instance) {
+            return Ok(());
+        }
+        Err(entry
+            .validator
+            .iter_errors(&instance)
+            .take(MAX_REPORTED_ERRORS)
+            .map(|e| Violation { path: e.instance_path().as_str().to_string(), message: e.to_string() })
+            .collect())
+    }
+
+    fn entry(&self, name: ToolName) -> &Entry {
+        self.entries.get(&name).expect("the catalog holds every ToolName")
+    }
+}
+
+/// Renders violations as one sentence an agent can act on.
+pub fn describe(tool: ToolName, violations: &[Violation]) -> String {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| {
+            let at = if v.path.is_empty() { "arguments".to_string() } else { format!("arguments{}", v.path) };
+            format!("{at}: {}", v.message)
+        })
+        .collect();
+    format!("invalid arguments for {tool}: {}", parts.join("; "))
+}
+
+fn mcp_tool(spec: &ToolSpec) -> Tool {
+    let annotations = ToolAnnotations::with_title(spec.title)
+        .read_only(spec.hints.read_only)
+        .destructive(spec.hints.destructive)
+        .idempotent(spec.hints.idempotent)
+        .open_world(spec.hints.open_world);
+    Tool::new(spec.name.as_str(), spec.description, Arc::new(spec.input_schema.clone()))
+        .with_title(spec.title)
+        .with_raw_output_schema(Arc::new(spec.output_schema.clone()))
+        .with_annotations(annotations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_tool_is_listed_with_schemas() {
+        let c = Catalog::build();
+        assert_eq!(c.tools().len(), ToolName::ALL.len());
+        for t in c.tools() {
+            assert!(t.output_schema.is_some() && t.annotations.is_some(), "{}", t.name);
+        }
+    }
+
+    #[test]
+    fn violations_name_the_path() {
+        let c = Catalog::build();
+        let cases = [
+            (ToolName::NodeInspect, json!({}), "", "node"),
+            (ToolName::NodeInspect, json!({"node": 5}), "/node", "not of type"),
+            (ToolName::NodeInspect, json!({"node": "Bad Name"}), "/node", "does not match"),
+            (ToolName::NodeInspect, json!({"node": "x".repeat(64)}), "/node", "longer than 63"),
+            (ToolName::Whoami, json!({"extra": true}), "", "extra"),
+        ];
+        for (tool, args, path, needle) in cases {
+            let errs = c.validate(tool, args.as_object()).unwrap_err();
+            assert_eq!(errs[0].path, path, "{args}");
+            assert!(errs[0].message.contains(needle), "{args}: {}", errs[0].message);
+            assert!(describe(tool, &errs).starts_with(&format!("invalid arguments for {tool}: arguments")));
+        }
+        assert_eq!(c.validate(ToolName::Whoami, None), Ok(()));
+        assert_eq!(c.validate(ToolName::NodeInspect, json!({"node": "n-1"}).as_object()), Ok(()));
+    }
+}

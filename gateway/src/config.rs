@@ -1,0 +1,259 @@
+//! Gateway configuration: defaults, then `$XDG_CONFIG_HOME/moat/moat.toml`,
+//! then `MOAT_*` environment variables, then command-line flags (clap reads
+//! env and flags together, so both arrive here as [`Overrides`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::principal::Role;
+
+/// 4 MiB: large enough for any tool argument moat accepts, small enough to refuse floods.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The settled configuration a gateway runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the file came from, if one was read.
+    pub config_path: PathBuf,
+    pub config_file_found: bool,
+    pub state_dir: PathBuf,
+    pub http: Option<SocketAddr>,
+    /// Serve stdio too when `--http` is given (stdio alone is the default).
+    pub stdio_with_http: bool,
+    /// `Host` header values HTTP accepts (DNS-rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    pub max_body_bytes: usize,
+    pub operator: String,
+    pub operator_role: Role,
+    /// Extra prompt files loaded on top of the built-in ones; a file with the same name wins.
+    pub prompts_dir: Option<PathBuf>,
+    pub node_name: String,
+    pub node_storage_root: PathBuf,
+}
+
+impl Config {
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("moat.db")
+    }
+
+    pub fn node_socket(&self) -> PathBuf {
+        self.state_dir.join("node.sock")
+    }
+}
+
+/// What the TOML file may contain. Unknown keys are an error, so typos do not pass silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    http: Option<SocketAddr>,
+    stdio_with_http: Option<bool>,
+    allowed_hosts: Option<Vec<String>>,
+    max_body_bytes: Option<usize>,
+    operator: Option<String>,
+    operator_role: Option<String>,
+    prompts_dir: Option<PathBuf>,
+    node: Option<FileNode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    name: Option<String>,
+    storage_root: Option<PathBuf>,
+}
+
+/// Values given by flag or `MOAT_*` environment variable; each beats the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Config file [default: $XDG_CONFIG_HOME/moat/moat.toml]
+    #[arg(long, env = "MOAT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// State directory holding moat.db and the embedded node's socket [default: $XDG_STATE_HOME/moat]
+    #[arg(long, env = "MOAT_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Settings only `moat serve` takes.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeOverrides {
+    /// Serve Streamable HTTP at http://ADDR/mcp instead of stdio (e.g. 127.0.0.1:8080; port 0 picks one)
+    #[arg(long, env = "MOAT_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// With --http, also serve stdio
+    #[arg(long, env = "MOAT_STDIO_WITH_HTTP")]
+    pub stdio: bool,
+    /// Host header values HTTP accepts, comma-separated [default: localhost,127.0.0.1,::1]
+    #[arg(long, env = "MOAT_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Largest request body or stdio message accepted, in bytes [default: 4194304]
+    #[arg(long, env = "MOAT_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Principal name for stdio callers [default: operator]
+    #[arg(long, env = "MOAT_OPERATOR")]
+    pub operator: Option<String>,
+    /// Extra prompts directory (*.md with +++ TOML front matter)
+    #[arg(long, env = "MOAT_PROMPTS_DIR")]
+    pub prompts_dir: Option<PathBuf>,
+    /// Name of the embedded node [default: local]
+    #[arg(long, env = "MOAT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Storage root of the embedded node [default: <state-dir>/node]
+    #[arg(long, env = "MOAT_NODE_STORAGE_ROOT")]
+    pub node_storage_root: Option<PathBuf>,
+}
+
+/// Resolves the configuration. `env` looks up XDG variables (injected for tests).
+pub fn load(
+    common: &Overrides,
+    serve: &ServeOverrides,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Config> {
+    let home = env("HOME").map(PathBuf::from);
+    let xdg = |var: &str, fallback: &str| -> anyhow::Result<PathBuf> {
+        match (env(var).filter(|v| !v.is_empty()), &home) {
+            (Some(v), _) => Ok(PathBuf::from(v)),
+            (None, Some(h)) => Ok(h.join(fallback)),
+            (None, None) => bail!("neither {var} nor HOME is set: set MOAT_STATE_DIR and MOAT_CONFIG"),
+        }
+    };
+    let config_path = match &common.config {
+        Some(p) => p.clone(),
+        None => xdg("XDG_CONFIG_HOME", ".config")?.join("moat").join("moat.toml"),
+    };
+    let (file, found) = read_file(&config_path, common.config.is_some())?;
+    let state_dir = match common.state_dir.clone().or(file.state_dir) {
+        Some(d) => d,
+        None => xdg("XDG_STATE_HOME", ".local/state")?.join("moat"),
+    };
+    let operator_role = match file.operator_role {
+        Some(r) => r.parse().map_err(anyhow::Error::msg).context("operator_role in the config file")?,
+        None => Role::ClusterAdmin,
+    };
+    let node = file.node.unwrap_or_default();
+    let node_name = serve.node_name.clone().or(node.name).unwrap_or_else(|| "local".into());
+    validate_node_name(&node_name)?;
+    let max_body_bytes = serve.max_body_bytes.or(file.max_body_bytes).unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes < 1024 {
+        bail!("max_body_bytes is {max_body_bytes}; it must be at least 1024");
+    }
+    Ok(Config {
+        config_path,
+        config_file_found: found,
+        http: serve.http.or(file.http),
+        stdio_with_http: serve.stdio || file.stdio_with_http.unwrap_or(false),
+        allowed_hosts: serve
+            .allowed_hosts
+            .clone()
+            .or(file.allowed_hosts)
+            .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]),
+        max_body_bytes,
+        operator: serve.operator.clone().or(file.operator).unwrap_or_else(|| "operator".into()),
+        operator_role,
+        prompts_dir: serve.prompts_dir.clone().or(file.prompts_dir),
+        node_name,
+        node_storage_root: serve
+            .node_storage_root
+            .clone()
+            .or(node.storage_root)
+            .unwrap_or_else(|| state_dir.join("node")),
+        state_dir,
+    })
+}
+
+fn read_file(path: &Path, explicit: bool) -> anyhow::Result<(FileConfig, bool)> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let file = toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+            Ok((file, true))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok((FileConfig::default(), false)),
+        Err(e) => Err(e).with_context(|| format!("cannot read config file {}", path.display())),
+    }
+}
+
+/// Node names are DNS labels: they appear in URLs, certificates and resource ids.
+pub fn validate_node_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !ok {
+        bail!("node name `{name}` is not a DNS label: use 1-63 of a-z, 0-9 and '-', not starting or ending with '-'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| pairs.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn defaults_follow_xdg() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().to_str().unwrap();
+        let c = load(&Overrides::default(), &ServeOverrides::default(), env_of(&[("HOME", home)])).unwrap();
+        assert_eq!(c.state_dir, dir.path().join(".local/state/moat"));
+        assert_eq!(c.config_path, dir.path().join(".config/moat/moat.toml"));
+        assert!(!c.config_file_found);
+        assert_eq!(c.db_path(), dir.path().join(".local/state/moat/moat.db"));
+        assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!((c.operator.as_str(), c.operator_role), ("operator", Role::ClusterAdmin));
+        assert_eq!(c.node_name, "local");
+        assert_eq!(c.http, None);
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("moat.toml");
+        std::fs::write(
+            &cfg,
+            "state_dir = \"/srv/moat\"\nhttp = \"127.0.0.1:9000\"\nmax_body_bytes = 2048\noperator = \"ops\"\n[node]\nname = \"n7\"\n",
+        )
+        .unwrap();
+        let common = Overrides { config: Some(cfg.clone()), state_dir: None };
+        let c = load(&common, &ServeOverrides::default(), env_of(&[])).unwrap();
+        assert!(c.config_file_found);
+        assert_eq!(c.state_dir, PathBuf::from("/srv/moat"));
+        assert_eq!(c.http, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!((c.max_body_bytes, c.operator.as_str(), c.node_name.as_str()), (2048, "ops", "n7"));
+        assert_eq!(c.node_storage_root, PathBuf::from("/srv/moat/node"));
+
+        let serve = ServeOverrides { max_body_bytes: Some(4096), node_name: Some("n8".into()), ..Default::default() };
+        let common = Overrides { config: Some(cfg), state_dir: Some("/tmp/x".into()) };
+        let c = load(&common, &serve, env_of(&[])).unwrap();
+        assert_eq!((c.max_body_bytes, c.node_name.as_str()), (4096, "n8"));
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn bad_files_and_values_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("moat.toml");
+        let cases = [
+            ("stat_dir = \"/x\"\n", "invalid config file"),
+            ("operator_role = \"root\"\n", "operator_role"),
+            ("max_body_bytes = 10\n", "at least 1024"),
+            ("[node]\nname = \"Bad_Name\"\n", "DNS label"),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&cfg, text).unwrap();
+            let common = Overrides { config: Some(cfg.clone()), state_dir: None };
+            let err = load(&common, &ServeOverrides::default(), env_of(&[])).unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{text}: {err:#}");
+        }
+        let missing = Overrides { config: Some(dir.path().join("nope.toml")), state_dir: None };
+        let err = load(&missing, &ServeOverrides::default(), env_of(&[])).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot read config file"), "{err:#}");
+    }
+}

@@ -1,0 +1,120 @@
+//! `moat serve`: opens state, starts the embedded node on a Unix socket,
+//! registers it, and serves MCP on stdio and/or HTTP until EOF or a signal.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use moat_node::server::{ListenAddr, Listener};
+use rmcp::ServiceExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::gateway::{Gateway, Shared};
+use crate::http::HttpServer;
+use crate::node_client::NodeConnector;
+use crate::principal::Principal;
+use crate::prompts::Prompts;
+use crate::state::State;
+use crate::stdio;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let prompts =
+        Prompts::load(config.prompts_dir.as_deref()).context("prompts are invalid; fix the file named above")?;
+    let state = State::open(&config.db_path()).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+
+    // The embedded node: same gRPC service a remote host runs, on a Unix socket.
+    std::fs::create_dir_all(&config.node_storage_root)
+        .with_context(|| format!("cannot create node storage root {}", config.node_storage_root.display()))?;
+    let socket = config.node_socket();
+    let listener = Listener::bind(&ListenAddr::Unix(socket.clone())).await?;
+    let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone());
+    let node_task = tokio::spawn(moat_node::serve(listener, api, shutdown.clone().cancelled_owned()));
+    state.upsert_node(&config.node_name, &format!("unix:{}", socket.display())).await?;
+
+    let shared =
+        Arc::new(Shared { state: state.clone(), nodes: NodeConnector::default(), catalog: Catalog::build(), prompts });
+    let operator = Principal { name: config.operator.clone(), role: config.operator_role };
+
+    let result = match config.http {
+        Some(addr) => {
+            let server = HttpServer::bind(addr, &config, shared.clone(), shutdown.clone())
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let bound = server.local_addr()?;
+            // Scripts and tests read this line to find the port when --http used port 0.
+            tracing::info!(url = %format!("http://{bound}/mcp"), "moat listening");
+            let stdio_task = config.stdio_with_http.then(|| {
+                let shared = shared.clone();
+                let operator = operator.clone();
+                let max = config.max_body_bytes;
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { serve_stdio(shared, operator, max, shutdown).await })
+            });
+            let result = server.run(shutdown.clone()).await.context("HTTP server failed");
+            if let Some(task) = stdio_task {
+                task.abort();
+            }
+            result
+        }
+        None => {
+            tracing::info!("moat serving MCP on stdio");
+            let result = serve_stdio(shared, operator, config.max_body_bytes, shutdown.clone()).await;
+            shutdown.cancel();
+            result
+        }
+    };
+    shutdown.cancel();
+    match node_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "embedded node stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "embedded node task failed"),
+    }
+    state.close().await;
+    tracing::info!("moat stopped");
+    result
+}
+
+/// Serves one stdio connection until EOF or shutdown.
+async fn serve_stdio(
+    shared: Arc<Shared>,
+    operator: Principal,
+    max_line: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let gateway = Gateway::stdio(shared, operator);
+    let running = match gateway.serve_with_ct(stdio::stdio(max_line), shutdown.child_token()).await {
+        Ok(running) => running,
+        // EOF or shutdown before the client initialized: nothing to serve.
+        Err(e) if shutdown.is_cancelled() => {
+            tracing::debug!(error = %e, "stdio closed during shutdown");
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "stdio client left before initializing");
+            return Ok(());
+        }
+    };
+    let reason = running.waiting().await.context("stdio service task failed")?;
+    tracing::debug!(?reason, "stdio session ended");
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install a SIGTERM handler");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}

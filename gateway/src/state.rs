@@ -1,0 +1,225 @@
+//! The gateway's durable state: a SQLite database (WAL) with embedded
+//! migrations. Everything a later call depends on lives here, never only in
+//! memory.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create the state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database migration failed; the database may be from a newer moat")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("database query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("no node named `{0}`; `moat node list` shows the known nodes")]
+    UnknownNode(String),
+    #[error("a node named `{0}` already exists; remove it first or pick another name")]
+    DuplicateNode(String),
+}
+
+/// A node as the registry stores it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct NodeRow {
+    pub name: String,
+    pub address: String,
+    pub added_at: String,
+    pub last_seen: Option<String>,
+    pub last_info: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct State {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl State {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<State, StateError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::StateDir { path: dir.into(), source })?;
+        }
+        let open_err = |source| StateError::Open { path: path.into(), source };
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(open_err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL is durable across process crashes; FULL adds power-loss durability.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(open_err)?;
+        MIGRATOR.run(&pool).await.map_err(StateError::Migrate)?;
+        Ok(State { pool, path: path.into() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The newest applied migration, e.g. 1.
+    pub async fn schema_version(&self) -> Result<i64, StateError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Adds a node; the name must be new.
+    pub async fn add_node(&self, name: &str, address: &str) -> Result<(), StateError> {
+        let result = sqlx::query("INSERT INTO nodes (name, address, added_at) VALUES (?, ?, ?)")
+            .bind(name)
+            .bind(address)
+            .bind(now())
+            .execute(&self.pool)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StateError::DuplicateNode(name.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Registers or re-points a node (the embedded node does this at every start).
+    pub async fn upsert_node(&self, name: &str, address: &str) -> Result<(), StateError> {
+        sqlx::query(
+            "INSERT INTO nodes (name, address, added_at) VALUES (?, ?, ?)
+             ON CONFLICT(name) DO UPDATE SET address = excluded.address",
+        )
+        .bind(name)
+        .bind(address)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn remove_node(&self, name: &str) -> Result<(), StateError> {
+        let done = sqlx::query("DELETE FROM nodes WHERE name = ?").bind(name).execute(&self.pool).await?;
+        if done.rows_affected() == 0 {
+            return Err(StateError::UnknownNode(name.into()));
+        }
+        Ok(())
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>, StateError> {
+        Ok(sqlx::query_as("SELECT * FROM nodes ORDER BY name").fetch_all(&self.pool).await?)
+    }
+
+    pub async fn node(&self, name: &str) -> Result<NodeRow, StateError> {
+        sqlx::query_as("SELECT * FROM nodes WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StateError::UnknownNode(name.into()))
+    }
+
+    /// Records a successful contact: when, and what the node said.
+    pub async fn node_seen(&self, name: &str, info_json: &str) -> Result<String, StateError> {
+        let at = now();
+        sqlx::query("UPDATE nodes SET last_seen = ?, last_info = ?, last_error = NULL WHERE name = ?")
+            .bind(&at)
+            .bind(info_json)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(at)
+    }
+
+    pub async fn node_failed(&self, name: &str, error: &str) -> Result<(), StateError> {
+        sqlx::query("UPDATE nodes SET last_error = ? WHERE name = ?")
+            .bind(error)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, computed without a date crate.
+pub fn now() -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    rfc3339(d.as_secs() as i64, d.subsec_millis())
+}
+
+fn rfc3339(secs: i64, millis: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_table() {
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400, "2000-02-29T00:00:00.000Z"),
+            (1_795_305_600, "2026-11-23T00:00:00.000Z"),
+            (4_107_542_399, "2100-02-28T23:59:59.000Z"),
+        ] {
+            assert_eq!(rfc3339(secs, 0), want, "{secs}");
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/moat.db");
+        let state = State::open(&path).await.unwrap();
+        assert_eq!(state.schema_version().await.unwrap(), 1);
+        state.add_node("n1", "http://127.0.0.1:7443").await.unwrap();
+        assert!(matches!(state.add_node("n1", "x").await, Err(StateError::DuplicateNode(_))));
+        state.upsert_node("local", "unix:/tmp/a.sock").await.unwrap();
+        state.upsert_node("local", "unix:/tmp/b.sock").await.unwrap();
+        state.node_seen("n1", "{}").await.unwrap();
+        state.close().await;
+
+        let state = State::open(&path).await.unwrap();
+        let nodes = state.nodes().await.unwrap();
+        assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["local", "n1"]);
+        assert_eq!(nodes[0].address, "unix:/tmp/b.sock");
+        assert!(nodes[1].last_seen.is_some());
+        assert!(matches!(state.remove_node("zz").await, Err(StateError::UnknownNode(_))));
+        state.remove_node("n1").await.unwrap();
+        assert!(matches!(state.node("n1").await, Err(StateError::UnknownNode(_))));
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&state.pool).await.unwrap();
+        assert_eq!(mode, "wal");
+    }
+}

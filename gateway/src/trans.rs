@@ -1,0 +1,56 @@
+//! The one place the gateway converts node proto types into tool output types.
+
+use moat_proto::node::v1 as pb;
+use moat_tools::{KvmState, NodeDetail, NodeSummary, StorageState, VmmState};
+
+const MIB: u64 = 1024 * 1024;
+
+pub fn node_detail(name: &str, address: &str, info: pb::NodeInfo, last_seen: String) -> NodeDetail {
+    NodeDetail {
+        name: name.to_string(),
+        address: address.to_string(),
+        reachable: true,
+        error: None,
+        last_seen: Some(last_seen),
+        hostname: Some(info.hostname),
+        agent_version: Some(info.agent_version),
+        cpus: Some(info.cpus),
+        memory_total_mib: Some(info.memory_total_bytes / MIB),
+        memory_available_mib: Some(info.memory_available_bytes / MIB),
+        kernel: Some(info.kernel),
+        arch: Some(info.arch),
+        kvm: info.kvm.map(|k| KvmState { present: k.present, usable: k.usable, detail: k.detail }),
+        vmms: info
+            .vmms
+            .into_iter()
+            .map(|v| VmmState {
+                kind: v.kind,
+                installed: v.installed,
+                path: (!v.path.is_empty()).then_some(v.path),
+                version: (!v.version.is_empty()).then_some(v.version),
+            })
+            .collect(),
+        storage: info.storage.map(|s| StorageState {
+            root: s.root,
+            filesystem: s.filesystem,
+            is_btrfs: s.is_btrfs,
+            total_mib: s.total_bytes / MIB,
+            available_mib: s.available_bytes / MIB,
+        }),
+    }
+}
+
+/// What `node_list` shows of a node's detail.
+pub fn node_summary(d: &NodeDetail) -> NodeSummary {
+    NodeSummary {
+        name: d.name.clone(),
+        reachable: d.reachable,
+        error: d.error.clone(),
+        last_seen: d.last_seen.clone(),
+        hostname: d.hostname.clone(),
+        cpus: d.cpus,
+        memory_total_mib: d.memory_total_mib,
+        kvm_usable: d.kvm.as_ref().map(|k| k.usable),
+        vmms: d.vmms.iter().filter(|v| v.installed).map(|v| v.kind.clone()).collect(),
+    }
+}

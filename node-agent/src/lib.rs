@@ -1,0 +1,19 @@
+//! `moat-node`: the agent on each host. It serves the gRPC `NodeService`
+//! (`proto/moat/node/v1`) over TCP, or over a Unix socket when embedded in
+//! `moat serve`, and does the host work behind it.
+//!
+//! Module map: [`api`] is the tonic service (thin: decode, call, encode);
+//! [`probe`] reads host facts; [`kvm`] decides whether KVM can actually run
+//! guests; [`cmd`] is the only place that runs external programs;
+//! [`server`] binds listeners and shuts down gracefully; [`trans`] is the one
+//! module converting domain types to proto types.
+
+pub mod api;
+pub mod cmd;
+pub mod kvm;
+pub mod probe;
+pub mod server;
+mod trans;
+
+pub use api::NodeApi;
+pub use server::{ListenAddr, NodeServerError, serve};

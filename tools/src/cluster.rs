@@ -1,0 +1,164 @@
+//! Cluster tools: who the caller is, and which hosts moat can place work on.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Hints, ToolClass, ToolName, ToolSpec, schema_object};
+
+/// `whoami` takes no arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WhoamiInput {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WhoamiOutput {
+    /// The principal moat resolved for this connection (API key name or the local operator).
+    pub principal: String,
+    /// The principal's role: reader, agent, vm-admin or cluster-admin.
+    pub role: String,
+    /// How this call arrived: "stdio" or "http".
+    pub transport: String,
+    /// MCP protocol version negotiated for this call, e.g. "2025-11-25" or "2026-07-28".
+    pub protocol_version: Option<String>,
+    /// Streamable HTTP session id, when the client uses sessions.
+    pub session: Option<String>,
+    /// Version of the moat gateway answering.
+    pub server_version: String,
+}
+
+/// `node_list` takes no arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeListInput {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeListOutput {
+    pub nodes: Vec<NodeSummary>,
+}
+
+/// One host as `node_list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeSummary {
+    /// Node name; pass it to `node_inspect` or as the `node` of tools that place work.
+    pub name: String,
+    /// Whether the node answered just now.
+    pub reachable: bool,
+    /// Why the node is unreachable, when it is.
+    pub error: Option<String>,
+    /// When the node last answered (RFC 3339, UTC), if ever.
+    pub last_seen: Option<String>,
+    pub hostname: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_total_mib: Option<u64>,
+    /// Whether hardware virtualization works on this node (not merely present).
+    pub kvm_usable: Option<bool>,
+    /// Installed VMMs, e.g. ["qemu"].
+    pub vmms: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInspectInput {
+    /// Name of the node, as `node_list` shows it.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    pub node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeInspectOutput {
+    pub node: NodeDetail,
+}
+
+/// Everything moat knows about one host, fresh from the node agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeDetail {
+    pub name: String,
+    /// How the gateway reaches the node, e.g. "unix:/var/lib/moat/node.sock" or "http://10.0.0.2:7443".
+    pub address: String,
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub last_seen: Option<String>,
+    pub hostname: Option<String>,
+    pub agent_version: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_total_mib: Option<u64>,
+    pub memory_available_mib: Option<u64>,
+    /// Kernel release, e.g. "6.1.0-28-amd64".
+    pub kernel: Option<String>,
+    pub arch: Option<String>,
+    pub kvm: Option<KvmState>,
+    pub vmms: Vec<VmmState>,
+    pub storage: Option<StorageState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KvmState {
+    /// /dev/kvm exists.
+    pub present: bool,
+    /// /dev/kvm opened and a VM could be created on it.
+    pub usable: bool,
+    /// Why KVM is not usable; empty when it is.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VmmState {
+    /// "qemu", "firecracker" or "cloud-hypervisor".
+    pub kind: String,
+    pub installed: bool,
+    pub path: Option<String>,
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StorageState {
+    /// Directory where the node keeps VM and workspace data.
+    pub root: String,
+    pub filesystem: String,
+    /// Workspaces are O(1) btrfs snapshots only when this is true.
+    pub is_btrfs: bool,
+    pub total_mib: u64,
+    pub available_mib: u64,
+}
+
+pub(crate) fn whoami_spec() -> ToolSpec {
+    ToolSpec {
+        name: ToolName::Whoami,
+        title: "Who am I",
+        description: "Shows who moat thinks you are: your principal, your role (which decides the \
+                      tools you can call), the transport and MCP protocol version of this \
+                      connection. Call it first when a tool you expect is missing.",
+        hints: Hints::READ,
+        class: ToolClass::Read,
+        input_schema: schema_object::<WhoamiInput>(),
+        output_schema: schema_object::<WhoamiOutput>(),
+    }
+}
+
+pub(crate) fn node_list_spec() -> ToolSpec {
+    ToolSpec {
+        name: ToolName::NodeList,
+        title: "List nodes",
+        description: "Lists the hosts (nodes) moat can run VMs on, asking each one live: whether it \
+                      answers, its CPUs and memory, whether KVM works there and which VMMs are \
+                      installed. Use it to pick a node before creating VMs.",
+        hints: Hints::READ,
+        class: ToolClass::Read,
+        input_schema: schema_object::<NodeListInput>(),
+        output_schema: schema_object::<NodeListOutput>(),
+    }
+}
+
+pub(crate) fn node_inspect_spec() -> ToolSpec {
+    ToolSpec {
+        name: ToolName::NodeInspect,
+        title: "Inspect a node",
+        description: "Shows everything about one node, asked live: hostname, kernel, CPUs, total \
+                      and available memory, KVM (present and usable, or why not), each VMM's \
+                      path and version, and the storage root's filesystem and free space.",
+        hints: Hints::READ,
+        class: ToolClass::Read,
+        input_schema: schema_object::<NodeInspectInput>(),
+        output_schema: schema_object::<NodeInspectOutput>(),
+    }
+}

@@ -1,0 +1,216 @@
+//! The typed tool contract every moat transport serves: one [`ToolName`] per
+//! tool, its [`ToolSpec`] (description written for a model, annotations,
+//! schemas, rate-limit class) and its typed input as one [`ToolCall`] variant.
+//!
+//! This crate does no IO. The gateway validates raw arguments against
+//! [`ToolSpec::input_schema`] first, then turns them into a [`ToolCall`] and
+//! dispatches on it with one exhaustive `match`, so adding a tool here forces
+//! every layer to decide what it does.
+
+pub mod cluster;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+pub use cluster::{
+    KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary,
+    StorageState, VmmState, WhoamiInput, WhoamiOutput,
+};
+
+/// A JSON object, as MCP carries tool schemas and arguments.
+pub type JsonObject = Map<String, Value>;
+
+/// Every tool moat serves. Names are `noun_verb` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ToolName {
+    Whoami,
+    NodeList,
+    NodeInspect,
+}
+
+impl ToolName {
+    /// All tools, in the order `tools/list` shows them.
+    pub const ALL: &'static [ToolName] = &[ToolName::Whoami, ToolName::NodeList, ToolName::NodeInspect];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ToolName::Whoami => "whoami",
+            ToolName::NodeList => "node_list",
+            ToolName::NodeInspect => "node_inspect",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ToolName> {
+        ToolName::ALL.iter().copied().find(|t| t.as_str() == name)
+    }
+
+    /// The Cedar action a principal needs to call this tool: `Action::"<name>"`.
+    pub const fn cedar_action(self) -> &'static str {
+        self.as_str()
+    }
+
+    pub fn spec(self) -> ToolSpec {
+        match self {
+            ToolName::Whoami => cluster::whoami_spec(),
+            ToolName::NodeList => cluster::node_list_spec(),
+            ToolName::NodeInspect => cluster::node_inspect_spec(),
+        }
+    }
+}
+
+impl std::fmt::Display for ToolName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which rate-limit bucket a tool draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ToolClass {
+    /// Inspects state; never changes anything.
+    Read,
+    /// Creates, changes or deletes resources.
+    Write,
+    /// Runs code or moves data inside a guest.
+    Exec,
+}
+
+/// MCP tool annotations. All are hints to clients; moat's own checks never rely on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hints {
+    pub read_only: bool,
+    pub destructive: bool,
+    pub idempotent: bool,
+    /// True when the tool reaches outside moat's own hosts (e.g. a git push).
+    pub open_world: bool,
+}
+
+impl Hints {
+    pub const READ: Hints = Hints { read_only: true, destructive: false, idempotent: true, open_world: false };
+}
+
+/// Everything a transport needs to list a tool and an authorizer needs to judge it.
+#[derive(Debug, Clone)]
+pub struct ToolSpec {
+    pub name: ToolName,
+    pub title: &'static str,
+    pub description: &'static str,
+    pub hints: Hints,
+    pub class: ToolClass,
+    pub input_schema: JsonObject,
+    pub output_schema: JsonObject,
+}
+
+/// The whole catalog, in listing order.
+pub fn catalog() -> Vec<ToolSpec> {
+    ToolName::ALL.iter().map(|t| t.spec()).collect()
+}
+
+/// A decoded call: one variant per tool, carrying its typed input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolCall {
+    Whoami(WhoamiInput),
+    NodeList(NodeListInput),
+    NodeInspect(NodeInspectInput),
+}
+
+impl ToolCall {
+    /// Decodes arguments that already passed [`ToolSpec::input_schema`].
+    ///
+    /// Missing arguments are treated as `{}` so that tools without required
+    /// inputs can be called bare, as MCP clients commonly do.
+    pub fn decode(name: ToolName, arguments: Option<JsonObject>) -> Result<ToolCall, DecodeError> {
+        let args = Value::Object(arguments.unwrap_or_default());
+        Ok(match name {
+            ToolName::Whoami => ToolCall::Whoami(typed(name, args)?),
+            ToolName::NodeList => ToolCall::NodeList(typed(name, args)?),
+            ToolName::NodeInspect => ToolCall::NodeInspect(typed(name, args)?),
+        })
+    }
+
+    pub fn name(&self) -> ToolName {
+        match self {
+            ToolCall::Whoami(_) => ToolName::Whoami,
+            ToolCall::NodeList(_) => ToolName::NodeList,
+            ToolCall::NodeInspect(_) => ToolName::NodeInspect,
+        }
+    }
+}
+
+fn typed<T: DeserializeOwned>(tool: ToolName, args: Value) -> Result<T, DecodeError> {
+    serde_json::from_value(args).map_err(|source| DecodeError { tool, source })
+}
+
+/// Arguments that passed the schema but still do not decode: a contract bug, reported as such.
+#[derive(Debug, thiserror::Error)]
+#[error("arguments for {tool} do not match its input type")]
+pub struct DecodeError {
+    pub tool: ToolName,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Generates a tool schema as a JSON object (draft 2020-12, what MCP expects).
+pub(crate) fn schema_object<T: schemars::JsonSchema>() -> JsonObject {
+    match schemars::schema_for!(T).to_value() {
+        Value::Object(map) => map,
+        other => {
+            // A derived schema is always an object; keep the contract total anyway.
+            let mut map = JsonObject::new();
+            map.insert("allOf".into(), Value::Array(vec![other]));
+            map
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_are_noun_verb() {
+        for &tool in ToolName::ALL {
+            assert_eq!(ToolName::parse(tool.as_str()), Some(tool));
+            assert!(tool.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{tool}");
+        }
+        assert_eq!(ToolName::parse("vm_explode"), None);
+    }
+
+    #[test]
+    fn every_input_schema_is_a_closed_object() {
+        for spec in catalog() {
+            assert_eq!(spec.input_schema.get("type"), Some(&Value::from("object")), "{}", spec.name);
+            assert_eq!(
+                spec.input_schema.get("additionalProperties"),
+                Some(&Value::Bool(false)),
+                "{} must reject unknown fields",
+                spec.name
+            );
+            assert_eq!(spec.output_schema.get("type"), Some(&Value::from("object")), "{}", spec.name);
+            assert!(spec.description.len() > 40, "{} needs a description a model can use", spec.name);
+        }
+    }
+
+    #[test]
+    fn decode_table() {
+        let obj = |v: Value| v.as_object().cloned();
+        let cases: Vec<(ToolName, Option<JsonObject>, Result<ToolCall, ()>)> = vec![
+            (ToolName::Whoami, None, Ok(ToolCall::Whoami(WhoamiInput {}))),
+            (ToolName::NodeList, obj(serde_json::json!({})), Ok(ToolCall::NodeList(NodeListInput {}))),
+            (
+                ToolName::NodeInspect,
+                obj(serde_json::json!({"node": "n1"})),
+                Ok(ToolCall::NodeInspect(NodeInspectInput { node: "n1".into() })),
+            ),
+            (ToolName::NodeInspect, None, Err(())),
+            (ToolName::Whoami, obj(serde_json::json!({"x": 1})), Err(())),
+        ];
+        for (name, args, want) in cases {
+            let got = ToolCall::decode(name, args.clone()).map_err(|_| ());
+            assert_eq!(got, want, "{name} {args:?}");
+            if let Ok(call) = got {
+                assert_eq!(call.name(), name);
+            }
+        }
+    }
+}
