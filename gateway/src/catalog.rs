@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use jsonschema::error::ValidationErrorKind;
 use moat_tools::{JsonObject, ToolName, ToolSpec};
 use rmcp::model::{Tool, ToolAnnotations};
 use serde_json::Value;
@@ -60,16 +61,54 @@ impl Catalog {
         if entry.validator.is_valid(&instance) {
             return Ok(());
         }
-        Err(entry
-            .validator
-            .iter_errors(&instance)
-            .take(MAX_REPORTED_ERRORS)
-            .map(|e| Violation { path: e.instance_path().as_str().to_string(), message: e.to_string() })
-            .collect())
+        // Unknown top-level fields get their own precise message; the schema's own report of
+        // them (a bare "false schema" at the root for argument-less tools) would not name them.
+        let known = entry.spec.input_schema.get("properties").and_then(Value::as_object);
+        let mut violations: Vec<Violation> = arguments
+            .into_iter()
+            .flat_map(|args| args.keys())
+            .filter(|k| !known.is_some_and(|props| props.contains_key(k.as_str())))
+            .map(|k| Violation {
+                path: format!("/{}", escape_pointer(k)),
+                message: format!("unknown field `{k}`; {}", known_fields(&entry.spec)),
+            })
+            .collect();
+        let unknown_reported = !violations.is_empty();
+        violations.extend(
+            entry
+                .validator
+                .iter_errors(&instance)
+                .filter(|e| {
+                    !(unknown_reported
+                        && e.instance_path().as_str().is_empty()
+                        && matches!(
+                            e.kind(),
+                            ValidationErrorKind::AdditionalProperties { .. } | ValidationErrorKind::FalseSchema
+                        ))
+                })
+                .map(|e| Violation { path: e.instance_path().as_str().to_string(), message: e.to_string() }),
+        );
+        violations.truncate(MAX_REPORTED_ERRORS);
+        Err(violations)
     }
 
     fn entry(&self, name: ToolName) -> &Entry {
         self.entries.get(&name).expect("the catalog holds every ToolName")
+    }
+}
+
+/// RFC 6901 escaping for one pointer segment.
+fn escape_pointer(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// Lists the fields a tool accepts, for error messages.
+fn known_fields(spec: &ToolSpec) -> String {
+    match spec.input_schema.get("properties").and_then(Value::as_object) {
+        Some(props) if !props.is_empty() => {
+            format!("{} takes: {}", spec.name, props.keys().cloned().collect::<Vec<_>>().join(", "))
+        }
+        _ => format!("{} takes no arguments", spec.name),
     }
 }
 
@@ -119,7 +158,8 @@ mod tests {
             (ToolName::NodeInspect, json!({"node": 5}), "/node", "not of type"),
             (ToolName::NodeInspect, json!({"node": "Bad Name"}), "/node", "does not match"),
             (ToolName::NodeInspect, json!({"node": "x".repeat(64)}), "/node", "longer than 63"),
-            (ToolName::Whoami, json!({"extra": true}), "", "extra"),
+            (ToolName::Whoami, json!({"extra": true}), "/extra", "unknown field `extra`; whoami takes no arguments"),
+            (ToolName::NodeInspect, json!({"node": "a", "nod": 1}), "/nod", "node_inspect takes: node"),
         ];
         for (tool, args, path, needle) in cases {
             let errs = c.validate(tool, args.as_object()).unwrap_err();

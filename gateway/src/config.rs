@@ -249,7 +249,7 @@ mod tests {
         for (text, want) in cases {
             std::fs::write(&cfg, text).unwrap();
             let common = Overrides { config: Some(cfg.clone()), state_dir: None };
-            let err = load(&common, &ServeOverrides::default(), env_of(&[])).unwrap_err();
+            let err = load(&common, &ServeOverrides::default(), env_of(&[("HOME", "/tmp")])).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{text}: {err:#}");
         }
         let missing = Overrides { config: Some(dir.path().join("nope.toml")), state_dir: None };

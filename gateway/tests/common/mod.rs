@@ -1,0 +1,173 @@
+//! Test harness: runs the real `moat` binary in a private HOME and talks to it
+//! over its real transports. `Drop` kills whatever a test started.
+#![allow(dead_code, clippy::disallowed_methods)] // tests spawn the binaries under test directly
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const MOAT: &str = env!("CARGO_BIN_EXE_moat");
+
+/// A private HOME so XDG defaults point into a temp dir.
+pub struct Home {
+    pub dir: TempDir,
+}
+
+impl Home {
+    pub fn new() -> Home {
+        Home { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path().join(".local/state/moat")
+    }
+
+    /// `moat ARGS` with HOME pointing here and no inherited MOAT_* settings.
+    pub fn moat(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(MOAT);
+        cmd.args(args).env("HOME", self.path()).env("MOAT_LOG", "info,moat_gateway=debug").kill_on_drop(true);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("MOAT_") && key != "MOAT_LOG" || key.starts_with("XDG_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd
+    }
+
+    /// Runs a `moat` subcommand to completion; returns (success, stdout, stderr).
+    pub async fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.moat(args).stdin(Stdio::null()).output().await.expect("moat runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `moat serve` on stdio, connected to an rmcp client.
+    pub async fn stdio_client(&self, extra: &[&str]) -> RunningService<RoleClient, ()> {
+        let mut args = vec!["serve"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.moat(&args);
+        cmd.stderr(Stdio::inherit());
+        let transport = TokioChildProcess::new(cmd).expect("spawn moat serve");
+        tokio::time::timeout(Duration::from_secs(30), ().serve(transport))
+            .await
+            .expect("moat initializes within 30 s")
+            .expect("MCP initialize succeeds")
+    }
+
+    /// `moat serve --http 127.0.0.1:0 EXTRA`, waiting until it prints its URL.
+    pub async fn http_server(&self, extra: &[&str]) -> HttpMoat {
+        let mut args = vec!["serve", "--http", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.moat(&args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn moat serve --http");
+        let (url, log) = wait_for_field(&mut child, "moat listening", "url=").await;
+        HttpMoat { child, url, log }
+    }
+}
+
+pub struct HttpMoat {
+    pub child: Child,
+    /// e.g. http://127.0.0.1:43123/mcp
+    pub url: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl HttpMoat {
+    pub fn base(&self) -> String {
+        self.url.trim_end_matches("/mcp").to_string()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.base().rsplit(':').next().and_then(|p| p.parse().ok()).expect("url has a port")
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("child still running") as i32;
+        // SAFETY: kill(2) with a valid signal on our own child's pid touches no memory.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("moat exits within 10 s of SIGTERM")
+            .expect("wait works")
+    }
+}
+
+/// Reads the child's stderr until a line containing `marker`, returning the value after `field`.
+/// Keeps draining stderr in the background into the returned log so the child never blocks.
+pub async fn wait_for_field(child: &mut Child, marker: &str, field: &str) -> (String, Arc<Mutex<Vec<String>>>) {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let shown_marker = marker.to_string();
+    let (marker, field) = (marker.to_string(), field.to_string());
+    let sink = log.clone();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(&marker)
+                && let Some(rest) = line.split(&field).nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+            }
+            sink.lock().expect("log lock").push(line);
+        }
+    });
+    let value = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .unwrap_or_else(|_| panic!("no `{shown_marker}` line within 60 s; log: {:?}", log.lock().expect("log lock")))
+        .expect("stderr reader alive");
+    (value, log)
+}
+
+/// Calls a tool, returning the result (tool-level errors included) or the JSON-RPC error.
+pub async fn call(
+    client: &RunningService<RoleClient, ()>,
+    tool: &str,
+    args: Value,
+) -> Result<CallToolResult, rmcp::ServiceError> {
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    client.call_tool(params).await
+}
+
+/// The structured content of a successful call.
+pub async fn call_ok(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> Value {
+    let result = call(client, tool, args).await.unwrap_or_else(|e| panic!("{tool} failed: {e}"));
+    assert_ne!(result.is_error, Some(true), "{tool} returned a tool error: {result:?}");
+    result.structured_content.unwrap_or_else(|| panic!("{tool} returned no structured content"))
+}
+
+/// The JSON-RPC error of a failed call: (code, message, data).
+pub async fn call_err(
+    client: &RunningService<RoleClient, ()>,
+    tool: &str,
+    args: Value,
+) -> (i32, String, Option<Value>) {
+    match call(client, tool, args).await {
+        Err(rmcp::ServiceError::McpError(e)) => (e.code.0, e.message.to_string(), e.data),
+        other => panic!("{tool}: expected a JSON-RPC error, got {other:?}"),
+    }
+}
