@@ -6,8 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
+use rmcp::model::ErrorCode;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::json;
@@ -15,6 +21,34 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::gateway::{Gateway, Shared};
+
+/// Answers bodies rmcp would refuse with a bare text line (oversized: 413, unparsable: 415)
+/// with a JSON-RPC error instead, so every client sees a code and a message it can act on.
+async fn jsonrpc_guard(req: Request, next: Next, limit: usize) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            let message = format!(
+                "request body exceeds the {limit} byte limit; send smaller arguments or raise --max-body-bytes"
+            );
+            return jsonrpc_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::INVALID_REQUEST.0, message);
+        }
+    };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+        let message = format!("parse error: {e}; the body must be one JSON-RPC message");
+        return jsonrpc_error(StatusCode::BAD_REQUEST, ErrorCode::PARSE_ERROR.0, message);
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+fn jsonrpc_error(status: StatusCode, code: i32, message: String) -> Response {
+    let body = json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}});
+    (status, axum::Json(body)).into_response()
+}
 
 pub struct HttpServer {
     listener: tokio::net::TcpListener,
@@ -38,12 +72,16 @@ impl HttpServer {
             Arc::new(LocalSessionManager::default()),
             mcp_config,
         );
+        let limit = config.max_body_bytes;
+        let mcp = Router::new()
+            .route_service("/mcp", mcp)
+            .route_layer(axum::middleware::from_fn(move |req, next| jsonrpc_guard(req, next, limit)));
         let router = Router::new()
             .route(
                 "/healthz",
                 get(|| async { axum::Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }),
             )
-            .nest_service("/mcp", mcp);
+            .merge(mcp);
         Ok(HttpServer { listener, router })
     }
 
