@@ -2,6 +2,7 @@
 //! stateless requests (2026-07-28), health, DNS-rebinding protection, body
 //! limits, malformed bodies and graceful shutdown.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 mod common;
 
 use common::Home;

@@ -2,6 +2,7 @@
 //! with `moat node add`, live facts while it answers, last-known facts marked
 //! unreachable (with the reason) once it stops.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 mod common;
 
 use common::{Home, call_ok};

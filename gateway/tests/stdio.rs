@@ -1,5 +1,6 @@
 //! `moat serve` on stdio, driven by rmcp's client over real pipes, plus raw
 //! bytes for what a well-behaved client never sends.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 #![allow(clippy::disallowed_methods)] // spawns the binary under test
 
 mod common;

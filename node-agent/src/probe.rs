@@ -157,9 +157,12 @@ fn statfs(root: &Path) -> Result<Storage, ProbeError> {
     // SAFETY: statfs returned 0, so it initialized the whole struct.
     let st = unsafe { buf.assume_init() };
     let block = st.f_bsize as u64;
+    // f_type is i64 on x86_64 glibc but narrower elsewhere; the cast keeps other targets building.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.f_type as i64;
     Ok(Storage {
         root: root.to_path_buf(),
-        filesystem: fs_name(st.f_type as i64).to_string(),
+        filesystem: fs_name(magic).to_string(),
         total_bytes: st.f_blocks * block,
         available_bytes: st.f_bavail * block,
     })

@@ -1,5 +1,6 @@
 //! The `moat-node` binary serving NodeService over TCP and a Unix socket,
 //! called with a real tonic client; SIGTERM stops it cleanly.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 #![allow(clippy::disallowed_methods)] // spawns the binary under test
 
 use std::process::Stdio;

@@ -1,5 +1,6 @@
 //! Test harness: runs the real `moat` binary in a private HOME and talks to it
 //! over its real transports. `Drop` kills whatever a test started.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 #![allow(dead_code, clippy::disallowed_methods)] // tests spawn the binaries under test directly
 
 use std::path::{Path, PathBuf};

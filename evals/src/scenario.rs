@@ -1,0 +1,148 @@
+//! Scenario files and the checks each step makes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::TokioChildProcess;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    #[serde(rename = "step")]
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub tool: String,
+    #[serde(default)]
+    pub args: BTreeMap<String, toml::Value>,
+    /// JSON pointer into the structured result → expected value.
+    #[serde(default)]
+    pub expect: BTreeMap<String, toml::Value>,
+    /// Expect a failure: "tool" (result with isError) or "rpc" (JSON-RPC error).
+    pub expect_error: Option<ErrorKind>,
+    /// Text the answer (result text or error message) must contain.
+    pub contains: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    Tool,
+    Rpc,
+}
+
+/// What a call produced, reduced to what steps check.
+#[derive(Debug, PartialEq)]
+pub enum Answer {
+    Ok { structured: Value, text: String },
+    ToolError { text: String },
+    RpcError { message: String },
+}
+
+/// Runs every step against a fresh `moat serve` in a private HOME.
+pub async fn run(moat: &Path, scenario: &Scenario) -> anyhow::Result<Vec<Result<(), String>>> {
+    let home = tempfile::tempdir()?;
+    #[allow(clippy::disallowed_methods)] // starts the gateway under evaluation
+    let mut cmd = tokio::process::Command::new(moat);
+    cmd.arg("serve").env("HOME", home.path()).env_remove("XDG_STATE_HOME").env_remove("XDG_CONFIG_HOME");
+    let client = ().serve(TokioChildProcess::new(cmd)?).await?;
+    let mut outcomes = Vec::new();
+    for step in &scenario.steps {
+        let mut params = CallToolRequestParams::new(step.tool.clone());
+        let args = serde_json::to_value(&step.args)?;
+        if let Value::Object(map) = args {
+            params = params.with_arguments(map);
+        }
+        let answer = match client.call_tool(params).await {
+            Ok(r) if r.is_error == Some(true) => Answer::ToolError { text: serde_json::to_string(&r.content)? },
+            Ok(r) => Answer::Ok {
+                structured: r.structured_content.clone().unwrap_or(Value::Null),
+                text: serde_json::to_string(&r.content)?,
+            },
+            Err(rmcp::ServiceError::McpError(e)) => Answer::RpcError { message: e.message.to_string() },
+            Err(e) => return Err(e.into()),
+        };
+        outcomes.push(check(step, &answer));
+    }
+    client.cancel().await?;
+    Ok(outcomes)
+}
+
+/// Compares one answer with what the step expects.
+pub fn check(step: &Step, answer: &Answer) -> Result<(), String> {
+    let text = match (answer, step.expect_error) {
+        (Answer::Ok { structured, text }, None) => {
+            for (pointer, want) in &step.expect {
+                let want = serde_json::to_value(want).map_err(|e| e.to_string())?;
+                match structured.pointer(pointer) {
+                    Some(got) if *got == want => {}
+                    Some(got) => return Err(format!("{pointer} is {got}, expected {want}")),
+                    None => return Err(format!("{pointer} is missing from {structured}")),
+                }
+            }
+            text
+        }
+        (Answer::ToolError { text }, Some(ErrorKind::Tool)) => text,
+        (Answer::RpcError { message }, Some(ErrorKind::Rpc)) => message,
+        (got, want) => {
+            return Err(format!("expected {}, got {got:?}", want.map_or("success".into(), |k| format!("{k:?} error"))));
+        }
+    };
+    match &step.contains {
+        Some(needle) if !text.contains(needle.as_str()) => Err(format!("answer does not contain {needle:?}: {text}")),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn step(toml_text: &str) -> Step {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn check_table() {
+        let ok = Answer::Ok { structured: json!({"role": "reader", "n": 2}), text: "role reader".into() };
+        let tool_err = Answer::ToolError { text: "no node named `x`".into() };
+        let rpc_err = Answer::RpcError { message: "unknown tool `y`".into() };
+        let cases: Vec<(&str, &Answer, bool)> = vec![
+            ("tool = 'whoami'\nexpect = { '/role' = 'reader' }", &ok, true),
+            ("tool = 'whoami'\nexpect = { '/n' = 2 }", &ok, true),
+            ("tool = 'whoami'\nexpect = { '/role' = 'agent' }", &ok, false),
+            ("tool = 'whoami'\nexpect = { '/missing' = 1 }", &ok, false),
+            ("tool = 'whoami'\ncontains = 'reader'", &ok, true),
+            ("tool = 'node_inspect'\nexpect_error = 'tool'\ncontains = 'no node'", &tool_err, true),
+            ("tool = 'node_inspect'\nexpect_error = 'rpc'", &tool_err, false),
+            ("tool = 'y'\nexpect_error = 'rpc'\ncontains = 'unknown tool'", &rpc_err, true),
+            ("tool = 'y'", &rpc_err, false),
+        ];
+        for (text, answer, pass) in cases {
+            assert_eq!(check(&step(text), answer).is_ok(), pass, "{text}");
+        }
+    }
+
+    #[test]
+    fn shipped_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut count = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let s: Scenario = toml::from_str(&text).unwrap();
+            assert!(!s.steps.is_empty());
+            count += 1;
+        }
+        assert!(count > 0);
+    }
+}
