@@ -52,7 +52,11 @@ mod bare {
             _: RequestContext<RoleServer>,
         ) -> Result<ListToolsResult, ErrorData> {
             let spec = moat_tools::ToolName::Whoami.spec();
-            Ok(ListToolsResult::with_all_items(vec![Tool::new("whoami", spec.description, Arc::new(spec.input_schema))]))
+            Ok(ListToolsResult::with_all_items(vec![Tool::new(
+                "whoami",
+                spec.description,
+                Arc::new(spec.input_schema),
+            )]))
         }
         async fn call_tool(
             &self,

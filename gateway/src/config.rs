@@ -95,6 +95,9 @@ pub struct ServeOverrides {
     /// Principal name for stdio callers [default: operator]
     #[arg(long, env = "MOAT_OPERATOR")]
     pub operator: Option<String>,
+    /// Role of the stdio principal: reader, agent, vm-admin or cluster-admin [default: cluster-admin]
+    #[arg(long, env = "MOAT_OPERATOR_ROLE")]
+    pub operator_role: Option<String>,
     /// Extra prompts directory (*.md with +++ TOML front matter)
     #[arg(long, env = "MOAT_PROMPTS_DIR")]
     pub prompts_dir: Option<PathBuf>,
@@ -129,9 +132,10 @@ pub fn load(
         Some(d) => d,
         None => xdg("XDG_STATE_HOME", ".local/state")?.join("moat"),
     };
-    let operator_role = match file.operator_role {
-        Some(r) => r.parse().map_err(anyhow::Error::msg).context("operator_role in the config file")?,
-        None => Role::ClusterAdmin,
+    let operator_role = match (&serve.operator_role, file.operator_role) {
+        (Some(r), _) => r.parse().map_err(anyhow::Error::msg).context("--operator-role / MOAT_OPERATOR_ROLE")?,
+        (None, Some(r)) => r.parse().map_err(anyhow::Error::msg).context("operator_role in the config file")?,
+        (None, None) => Role::ClusterAdmin,
     };
     let node = file.node.unwrap_or_default();
     let node_name = serve.node_name.clone().or(node.name).unwrap_or_else(|| "local".into());
@@ -229,10 +233,15 @@ mod tests {
         assert_eq!((c.max_body_bytes, c.operator.as_str(), c.node_name.as_str()), (2048, "ops", "n7"));
         assert_eq!(c.node_storage_root, PathBuf::from("/srv/moat/node"));
 
-        let serve = ServeOverrides { max_body_bytes: Some(4096), node_name: Some("n8".into()), ..Default::default() };
+        let serve = ServeOverrides {
+            max_body_bytes: Some(4096),
+            node_name: Some("n8".into()),
+            operator_role: Some("reader".into()),
+            ..Default::default()
+        };
         let common = Overrides { config: Some(cfg), state_dir: Some("/tmp/x".into()) };
         let c = load(&common, &serve, env_of(&[])).unwrap();
-        assert_eq!((c.max_body_bytes, c.node_name.as_str()), (4096, "n8"));
+        assert_eq!((c.max_body_bytes, c.node_name.as_str(), c.operator_role), (4096, "n8", Role::Reader));
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
     }
 
