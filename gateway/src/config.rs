@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::authz::PolicySource;
 use crate::principal::Role;
+use crate::state::Durability;
 
 /// 4 MiB: large enough for any tool argument moat accepts, small enough to refuse floods.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -32,6 +34,13 @@ pub struct Config {
     pub prompts_dir: Option<PathBuf>,
     pub node_name: String,
     pub node_storage_root: PathBuf,
+    /// Cedar schema, policies and limits; the built-in set unless a directory is configured.
+    pub policies: PolicySource,
+    pub durability: Durability,
+    /// Role of HTTP requests without a bearer key; None (the default) answers them 401.
+    pub anonymous_role: Option<Role>,
+    /// Authenticate stdio with this API key instead of as the operator (MOAT_API_KEY; never a flag).
+    pub api_key: Option<String>,
 }
 
 impl Config {
@@ -56,6 +65,9 @@ struct FileConfig {
     operator: Option<String>,
     operator_role: Option<String>,
     prompts_dir: Option<PathBuf>,
+    policies_dir: Option<PathBuf>,
+    durability: Option<String>,
+    anonymous_role: Option<String>,
     node: Option<FileNode>,
 }
 
@@ -107,6 +119,15 @@ pub struct ServeOverrides {
     /// Storage root of the embedded node [default: <state-dir>/node]
     #[arg(long, env = "MOAT_NODE_STORAGE_ROOT")]
     pub node_storage_root: Option<PathBuf>,
+    /// Directory with moat.cedarschema, moat.cedar and limits.toml [default: the built-in policies]
+    #[arg(long, env = "MOAT_POLICIES_DIR")]
+    pub policies_dir: Option<PathBuf>,
+    /// What an acknowledged write survives: process (crashes, default) or power (fsync every commit)
+    #[arg(long, env = "MOAT_DURABILITY")]
+    pub durability: Option<String>,
+    /// Let HTTP requests without a bearer key in as principal `anonymous` with this role [default: refuse them]
+    #[arg(long, env = "MOAT_ANONYMOUS_ROLE")]
+    pub anonymous_role: Option<String>,
 }
 
 /// Resolves the configuration. `env` looks up XDG variables (injected for tests).
@@ -140,6 +161,18 @@ pub fn load(
     let node = file.node.unwrap_or_default();
     let node_name = serve.node_name.clone().or(node.name).unwrap_or_else(|| "local".into());
     validate_node_name(&node_name)?;
+    let durability = match serve.durability.clone().or(file.durability) {
+        Some(d) => d.parse().map_err(anyhow::Error::msg)?,
+        None => Durability::Process,
+    };
+    let anonymous_role = match serve.anonymous_role.clone().or(file.anonymous_role) {
+        Some(r) => Some(r.parse::<Role>().map_err(anyhow::Error::msg).context("anonymous_role")?),
+        None => None,
+    };
+    let policies = match serve.policies_dir.clone().or(file.policies_dir) {
+        Some(dir) => PolicySource::Dir(dir),
+        None => PolicySource::Embedded,
+    };
     let max_body_bytes = serve.max_body_bytes.or(file.max_body_bytes).unwrap_or(DEFAULT_MAX_BODY_BYTES);
     if max_body_bytes < 1024 {
         bail!("max_body_bytes is {max_body_bytes}; it must be at least 1024");
@@ -165,6 +198,10 @@ pub fn load(
             .or(node.storage_root)
             .unwrap_or_else(|| state_dir.join("node")),
         state_dir,
+        policies,
+        durability,
+        anonymous_role,
+        api_key: env("MOAT_API_KEY").filter(|k| !k.is_empty()),
     })
 }
 

@@ -1,8 +1,9 @@
 //! The MCP server every transport serves: lists tools, prompts and
-//! resources, and runs each `tools/call` through one pipeline
-//! (resolve principal → look up tool → validate → decode → dispatch → map
-//! the outcome). Errors become MCP answers in exactly one place,
-//! [`respond`].
+//! resources, and runs each `tools/call` through one pipeline, in this order:
+//! authenticate (resolve the principal) → look up the tool (hidden tools
+//! answer as unknown) → validate arguments → authorize the resource → rate
+//! limit → audit (committed before anything acts) → dispatch → audit the
+//! outcome. Outcomes become MCP answers in exactly one place, [`respond`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,12 +20,20 @@ use rmcp::service::RequestContext;
 use rmcp::{RoleServer, ServerHandler};
 use serde_json::{Value, json};
 
+use crate::audit::{self, AuditLog, CallRecord, Decision, Outcome};
+use crate::authz::{Authz, ResourceRef};
 use crate::catalog::{self, Catalog};
 use crate::handlers::{self, ToolError};
+use crate::keys;
 use crate::node_client::NodeConnector;
 use crate::principal::{Principal, Transport};
 use crate::prompts::Prompts;
 use crate::state::State;
+
+/// JSON-RPC error code for a refused API key (stdio; HTTP answers 401 before MCP).
+pub const UNAUTHENTICATED: i32 = -32001;
+/// JSON-RPC error code for a rate-limited call; `data.retry_after_ms` says when to retry.
+pub const RATE_LIMITED: i32 = -32029;
 
 const STATUS_URI: &str = "moat://status";
 
@@ -34,6 +43,17 @@ pub struct Shared {
     pub nodes: NodeConnector,
     pub catalog: Catalog,
     pub prompts: Prompts,
+    pub authz: Authz,
+    pub audit: AuditLog,
+}
+
+/// How a stdio connection's caller is identified.
+#[derive(Debug, Clone)]
+pub enum StdioIdentity {
+    /// The local operator named in config.
+    Operator(Principal),
+    /// An API key from MOAT_API_KEY, re-checked on every call so revocation takes effect at once.
+    Key(String),
 }
 
 /// Who is calling and how, resolved per call.
@@ -50,43 +70,81 @@ pub struct CallContext {
 pub struct Gateway {
     shared: Arc<Shared>,
     transport: Transport,
-    /// The principal of a stdio connection; HTTP resolves it per request.
-    stdio_principal: Principal,
+    /// The caller of a stdio connection; HTTP resolves it per request from the bearer key.
+    stdio: Option<StdioIdentity>,
 }
 
 impl Gateway {
-    pub fn stdio(shared: Arc<Shared>, operator: Principal) -> Gateway {
-        Gateway { shared, transport: Transport::Stdio, stdio_principal: operator }
+    pub fn stdio(shared: Arc<Shared>, identity: StdioIdentity) -> Gateway {
+        Gateway { shared, transport: Transport::Stdio, stdio: Some(identity) }
     }
 
     pub fn http(shared: Arc<Shared>) -> Gateway {
-        Gateway { shared, transport: Transport::Http, stdio_principal: Principal::anonymous() }
+        Gateway { shared, transport: Transport::Http, stdio: None }
     }
 
-    fn context(&self, ctx: &RequestContext<RoleServer>) -> CallContext {
+    /// Authenticates the caller of this request.
+    async fn context(&self, ctx: &RequestContext<RoleServer>) -> Result<CallContext, ErrorData> {
+        let refused = |message: String| ErrorData::new(ErrorCode(UNAUTHENTICATED), message, None);
         let parts = ctx.extensions.get::<axum::http::request::Parts>();
-        let (principal, session) = match self.transport {
-            Transport::Stdio => (self.stdio_principal.clone(), None),
-            Transport::Http => {
-                let session =
-                    parts.and_then(|p| p.headers.get("mcp-session-id")).and_then(|v| v.to_str().ok()).map(String::from);
-                (Principal::anonymous(), session)
+        let (principal, session) = match (&self.stdio, parts) {
+            (Some(StdioIdentity::Operator(p)), _) => (p.clone(), None),
+            (Some(StdioIdentity::Key(key)), _) => {
+                let principal = keys::authenticate(self.shared.state.pool(), key)
+                    .await
+                    .map_err(|e| refused(format!("MOAT_API_KEY refused: {e}")))?;
+                (principal, None)
             }
+            (None, Some(parts)) => {
+                // The HTTP layer authenticated the bearer key and attached the principal.
+                let principal = parts
+                    .extensions
+                    .get::<Principal>()
+                    .cloned()
+                    .ok_or_else(|| refused("request carried no authenticated principal".into()))?;
+                let session = parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(String::from);
+                (principal, session)
+            }
+            (None, None) => return Err(refused("request carried no authenticated principal".into())),
         };
-        CallContext {
+        Ok(CallContext {
             principal,
             transport: self.transport,
             protocol_version: ctx.protocol_version().map(|v| v.to_string()),
             session,
-        }
+        })
     }
 
-    /// The whole tool-call pipeline.
+    /// Commits one audit record, failing the call if it cannot be written.
+    async fn audit(&self, record: &CallRecord) -> Result<i64, ErrorData> {
+        self.shared.audit.record_call(record).await.map_err(|e| ErrorData::internal_error(e.to_string(), None))
+    }
+
+    /// The whole tool-call pipeline, after authentication.
     async fn call(&self, request: CallToolRequestParams, ctx: &CallContext) -> Result<CallToolResult, ErrorData> {
-        let Some(tool) = ToolName::parse(&request.name) else {
-            return Err(unknown_tool(&request.name));
+        let bundle = self.shared.authz.bundle();
+        let mut record = CallRecord {
+            principal: ctx.principal.name.clone(),
+            role: ctx.principal.role.as_str().to_string(),
+            transport: ctx.transport.as_str().to_string(),
+            session: ctx.session.clone(),
+            tool: request.name.to_string(),
+            resource: None,
+            decision: Decision::Denied,
+            args_digest: audit::args_digest(request.arguments.as_ref()),
+            args_shape: audit::args_shape(request.arguments.as_ref()),
+        };
+        // A tool this principal may never call is indistinguishable from one that does not exist.
+        let tool = match ToolName::parse(&request.name) {
+            Some(tool) if bundle.may_ever_call(&ctx.principal, tool) => tool,
+            _ => {
+                self.audit(&record).await?;
+                return Err(unknown_tool(&request.name));
+            }
         };
         if let Err(violations) = self.shared.catalog.validate(tool, request.arguments.as_ref()) {
+            record.decision = Decision::Invalid;
+            self.audit(&record).await?;
             let detail: Vec<Value> = violations.iter().map(|v| json!({"path": v.path, "message": v.message})).collect();
             return Err(ErrorData::invalid_params(
                 catalog::describe(tool, &violations),
@@ -97,7 +155,46 @@ impl Gateway {
             tracing::error!(error = %e, source = %e.source, "schema-valid arguments failed to decode");
             ErrorData::internal_error(format!("{e}: this is a moat bug, please report it"), None)
         })?;
-        respond(handlers::dispatch(&self.shared, ctx, call).await)
+        let spec = self.shared.catalog.spec(tool);
+        let resource = match call.resource_id() {
+            Some(id) => ResourceRef { kind: spec.resource, id: id.to_string(), owner: None, labels: Vec::new() },
+            None => ResourceRef::cluster(),
+        };
+        record.resource = Some(format!("{}/{}", resource.kind.as_str(), resource.id));
+        if !bundle.is_allowed(&ctx.principal, tool, &resource) {
+            self.audit(&record).await?;
+            // Do not confirm that someone else's resource exists.
+            let message = format!("no {} named `{}`", resource.kind.as_str(), resource.id);
+            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+        }
+        let _permit = match bundle.limiter.admit(&ctx.principal, spec.class) {
+            Ok(permit) => permit,
+            Err(limited) => {
+                record.decision = Decision::RateLimited;
+                self.audit(&record).await?;
+                let retry_ms = limited.retry_after().map(|d| d.as_millis().max(1) as u64);
+                return Err(ErrorData::new(
+                    ErrorCode(RATE_LIMITED),
+                    limited.to_string(),
+                    Some(json!({"retry_after_ms": retry_ms})),
+                ));
+            }
+        };
+        record.decision = Decision::Allowed;
+        let seq = self.audit(&record).await?;
+        let started = std::time::Instant::now();
+        let answer = respond(handlers::dispatch(&self.shared, ctx, call).await);
+        let (outcome, code) = match &answer {
+            Ok(result) if result.is_error == Some(true) => (Outcome::ToolError, None),
+            Ok(_) => (Outcome::Ok, None),
+            Err(e) => (Outcome::Error, Some(i64::from(e.code.0))),
+        };
+        self.shared
+            .audit
+            .record_outcome(&record, seq, outcome, code, started.elapsed())
+            .await
+            .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        answer
     }
 }
 
@@ -105,7 +202,9 @@ impl Gateway {
 fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorData> {
     match outcome {
         Ok(value) => Ok(CallToolResult::structured(value)),
-        Err(ToolError::NotFound(message)) => Ok(CallToolResult::error(vec![ContentBlock::text(message)])),
+        Err(ToolError::NotFound(message) | ToolError::Invalid(message)) => {
+            Ok(CallToolResult::error(vec![ContentBlock::text(message)]))
+        }
         Err(ToolError::Internal(source)) => {
             tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "tool failed");
             Err(ErrorData::internal_error(format!("internal error: {source}; see the gateway log"), None))
@@ -113,7 +212,7 @@ fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorDat
     }
 }
 
-/// The answer for a tool that does not exist (and, with RBAC, for one the caller may not see).
+/// The answer for a tool that does not exist, and for one the caller may never call.
 fn unknown_tool(name: &str) -> ErrorData {
     ErrorData::new(
         ErrorCode::INVALID_PARAMS,
@@ -139,9 +238,19 @@ impl ServerHandler for Gateway {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(self.shared.catalog.tools().to_vec()))
+        let ctx = self.context(&context).await?;
+        let bundle = self.shared.authz.bundle();
+        let visible = self
+            .shared
+            .catalog
+            .tools()
+            .iter()
+            .filter(|t| ToolName::parse(&t.name).is_some_and(|name| bundle.may_ever_call(&ctx.principal, name)))
+            .cloned()
+            .collect();
+        Ok(ListToolsResult::with_all_items(visible))
     }
 
     async fn call_tool(
@@ -149,7 +258,7 @@ impl ServerHandler for Gateway {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let ctx = self.context(&context);
+        let ctx = self.context(&context).await?;
         let name = request.name.clone();
         let started = std::time::Instant::now();
         let result = self.call(request, &ctx).await;

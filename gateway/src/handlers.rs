@@ -1,9 +1,10 @@
 //! What each tool does, as one exhaustive `match` over [`ToolCall`]. Adding a
 //! tool to `moat-tools` fails to compile here until it is handled.
 
-use moat_tools::{NodeInspectOutput, NodeListOutput, ToolCall, WhoamiOutput};
+use moat_tools::{AuditQueryOutput, NodeInspectOutput, NodeListOutput, ToolCall, WhoamiOutput};
 use serde_json::Value;
 
+use crate::audit;
 use crate::gateway::{CallContext, Shared};
 use crate::nodes;
 use crate::state::StateError;
@@ -15,6 +16,9 @@ pub enum ToolError {
     /// The caller named something that does not exist; they can fix the call.
     #[error("{0}")]
     NotFound(String),
+    /// Well-formed arguments the tool still cannot use (e.g. a malformed time); they can fix the call.
+    #[error("{0}")]
+    Invalid(String),
     /// moat itself failed; not the caller's doing.
     #[error("internal error")]
     Internal(#[source] StateError),
@@ -48,7 +52,38 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
             let node = nodes::refresh(&shared.state, &shared.nodes, &row).await?;
             Ok(to_value(NodeInspectOutput { node }))
         }
+        ToolCall::AuditQuery(input) => {
+            if let Some(since) = &input.since
+                && !looks_like_rfc3339(since)
+            {
+                return Err(ToolError::Invalid(format!(
+                    "since `{since}` is not an RFC 3339 UTC time like 2026-11-23T00:00:00Z"
+                )));
+            }
+            let filter = audit::Filter {
+                principal: input.principal,
+                tool: input.tool,
+                decision: input.decision,
+                since: input.since,
+                limit: input.limit.unwrap_or(100),
+            };
+            let records = audit::query(shared.state.pool(), &filter).await.map_err(StateError::Query)?;
+            Ok(to_value(AuditQueryOutput { records }))
+        }
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS...Z`: the form audit timestamps use, so string comparison orders by time.
+pub fn looks_like_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && s.ends_with('Z')
+        && [0..4, 5..7, 8..10, 11..13, 14..16, 17..19].into_iter().all(|r| b[r].iter().all(u8::is_ascii_digit))
 }
 
 fn to_value<T: serde::Serialize>(output: T) -> Value {

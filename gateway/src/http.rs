@@ -8,7 +8,8 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{Method, StatusCode};
+use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,10 +18,50 @@ use rmcp::model::ErrorCode;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::json;
+use sqlx::SqlitePool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::gateway::{Gateway, Shared};
+use crate::gateway::{Gateway, Shared, UNAUTHENTICATED};
+use crate::keys::{self, AuthError};
+use crate::principal::{Principal, Role};
+
+/// Resolves `Authorization: Bearer <key>` to a principal (attached to the request for the
+/// MCP handler) or answers 401 with `WWW-Authenticate`. The key is checked against the
+/// database on every request, so revocation and expiry take effect at once.
+async fn bearer_auth(mut req: Request, next: Next, pool: SqlitePool, anonymous: Option<Role>) -> Response {
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let result = match (token, anonymous) {
+        (None, Some(role)) => Ok(Principal::anonymous(role)),
+        (None, None) => Err(AuthError::Missing),
+        (Some(key), _) => keys::authenticate(&pool, key).await,
+    };
+    match result {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(AuthError::Store(e)) => {
+            tracing::error!(error = %e, "cannot check an API key");
+            let message = AuthError::Store(e).to_string();
+            jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::INTERNAL_ERROR.0, message)
+        }
+        Err(e) => {
+            let code = if matches!(e, AuthError::Missing) { "invalid_request" } else { "invalid_token" };
+            let mut response = jsonrpc_error(StatusCode::UNAUTHORIZED, UNAUTHENTICATED, e.to_string());
+            let challenge = format!("Bearer realm=\"moat\", error=\"{code}\", error_description=\"{e}\"");
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response.headers_mut().insert(WWW_AUTHENTICATE, value);
+            }
+            response
+        }
+    }
+}
 
 /// Answers bodies rmcp would refuse with a bare text line (oversized: 413, unparsable: 415)
 /// with a JSON-RPC error instead, so every client sees a code and a message it can act on.
@@ -67,15 +108,22 @@ impl HttpServer {
             .with_allowed_hosts(config.allowed_hosts.clone())
             .with_max_request_body_bytes(config.max_body_bytes)
             .with_cancellation_token(shutdown.child_token());
+        let pool = shared.state.pool().clone();
+        let anonymous = config.anonymous_role;
+        if let Some(role) = anonymous {
+            tracing::warn!(role = role.as_str(), "HTTP requests without a bearer key are let in as `anonymous`");
+        }
         let mcp = StreamableHttpService::new(
             move || Ok(Gateway::http(shared.clone())),
             Arc::new(LocalSessionManager::default()),
             mcp_config,
         );
         let limit = config.max_body_bytes;
+        // Layers run bottom-up: authenticate first, then check the body.
         let mcp = Router::new()
             .route_service("/mcp", mcp)
-            .route_layer(axum::middleware::from_fn(move |req, next| jsonrpc_guard(req, next, limit)));
+            .route_layer(axum::middleware::from_fn(move |req, next| jsonrpc_guard(req, next, limit)))
+            .route_layer(axum::middleware::from_fn(move |req, next| bearer_auth(req, next, pool.clone(), anonymous)));
         let router = Router::new()
             .route(
                 "/healthz",

@@ -7,11 +7,15 @@
 //! converts proto types; [`stdio`] and [`http`] are the transports;
 //! [`serve`] wires it together; [`config`] resolves settings.
 
+pub mod audit;
+pub mod authz;
 pub mod catalog;
 pub mod config;
 pub mod gateway;
 pub mod handlers;
 pub mod http;
+pub mod keys;
+pub mod limits;
 pub mod node_client;
 pub mod nodes;
 pub mod principal;

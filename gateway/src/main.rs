@@ -2,9 +2,13 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use moat_gateway::authz::PolicySource;
 use moat_gateway::config::{self, Overrides, ServeOverrides};
 use moat_gateway::node_client::NodeAddress;
+use moat_gateway::principal::Role;
 use moat_gateway::state::State;
+use moat_gateway::{audit, keys};
+use moat_tools::ToolName;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +36,67 @@ enum Command {
     /// Manage the nodes this gateway routes to.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Manage API keys (HTTP bearer keys; MOAT_API_KEY on stdio).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Read and check the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Check Cedar policies and limits.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it once; only its hash is stored.
+    Create {
+        /// The principal name the key authenticates as (owner of what it creates)
+        #[arg(long)]
+        name: String,
+        /// reader, agent, vm-admin or cluster-admin
+        #[arg(long)]
+        role: String,
+        /// Lifetime, e.g. 90s, 15m, 12h, 30d [default: never expires]
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List keys (never the secrets).
+    List,
+    /// Revoke a key by id; it is refused from its next call on.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// List audited calls, newest first, with their outcomes.
+    List {
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long)]
+        tool: Option<String>,
+        /// RFC 3339 UTC, e.g. 2026-11-23T00:00:00Z
+        #[arg(long)]
+        since: Option<String>,
+        /// allowed, denied, invalid or rate-limited
+        #[arg(long)]
+        decision: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Check the hash chain; exits non-zero at the first edited, missing or reordered record.
+    Verify,
+    /// Print every record with its hashes.
+    Export {
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policies directory (schema, policies, limits, every tool present) [default: the built-in set]
+    Validate { dir: Option<std::path::PathBuf> },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +147,102 @@ async fn main() -> anyhow::Result<()> {
                 let err = n.last_error.map(|e| format!("  last error: {e}")).unwrap_or_default();
                 println!("  {:<16} {:<40} last seen {seen}{err}", n.name, n.address);
             }
+            Ok(())
+        }
+        Command::Keys(cmd) => {
+            let config = config::load(&cli.common, &ServeOverrides::default(), env)?;
+            let state = State::open(&config.db_path()).await?;
+            let pool = state.pool();
+            match cmd {
+                KeysCommand::Create { name, role, expires } => {
+                    let role = role.parse::<Role>().map_err(anyhow::Error::msg)?;
+                    let expires = expires.map(|e| keys::parse_duration(&e)).transpose().map_err(anyhow::Error::msg)?;
+                    let (row, key) = keys::create(pool, &name, role, expires).await?;
+                    eprintln!(
+                        "created key {} for {} ({}){}; it is shown only now:",
+                        row.id,
+                        row.name,
+                        row.role,
+                        row.expires_at.map(|e| format!(", expires {e}")).unwrap_or_default()
+                    );
+                    println!("{key}");
+                }
+                KeysCommand::List => {
+                    println!("{:<10} {:<24} {:<14} {:<26} status", "id", "name", "role", "created");
+                    for k in keys::list(pool).await? {
+                        let status = match (&k.revoked_at, &k.expires_at) {
+                            (Some(at), _) => format!("revoked {at}"),
+                            (None, Some(at)) if *at <= moat_gateway::state::now() => format!("expired {at}"),
+                            (None, Some(at)) => format!("active, expires {at}"),
+                            (None, None) => "active".into(),
+                        };
+                        println!("{:<10} {:<24} {:<14} {:<26} {status}", k.id, k.name, k.role, k.created_at);
+                    }
+                }
+                KeysCommand::Revoke { id } => {
+                    keys::revoke(pool, &id).await?;
+                    println!("revoked key {id}");
+                }
+            }
+            Ok(())
+        }
+        Command::Audit(cmd) => {
+            let config = config::load(&cli.common, &ServeOverrides::default(), env)?;
+            let state = State::open(&config.db_path()).await?;
+            let pool = state.pool();
+            match cmd {
+                AuditCommand::List { principal, tool, since, decision, limit } => {
+                    let filter = audit::Filter { principal, tool, decision, since, limit };
+                    for r in audit::query(pool, &filter).await? {
+                        println!(
+                            "{:>6} {} {:<16} {:<13} {:<14} {:<12} {:<24} {}{}",
+                            r.seq,
+                            r.ts,
+                            r.principal,
+                            r.role,
+                            r.tool,
+                            r.decision,
+                            r.resource.unwrap_or_default(),
+                            r.outcome.as_deref().unwrap_or(if r.decision == "allowed" { "(no outcome)" } else { "-" }),
+                            r.duration_us.map(|d| format!(" {d}us")).unwrap_or_default(),
+                        );
+                    }
+                }
+                AuditCommand::Verify => {
+                    let report = audit::verify(pool).await?;
+                    match report.problem {
+                        None => println!("audit log intact: {} records verified", report.checked),
+                        Some(problem) => {
+                            println!("audit log BROKEN after {} good records: {problem}", report.checked);
+                            std::process::exit(1);
+                        }
+                    }
+                }
+                AuditCommand::Export { format } => {
+                    anyhow::ensure!(format == "jsonl", "unknown export format `{format}`: only jsonl is supported");
+                    use std::io::Write;
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    let mut failed = None;
+                    audit::export(pool, |v| {
+                        if failed.is_none()
+                            && let Err(e) = writeln!(out, "{v}")
+                        {
+                            failed = Some(e);
+                        }
+                    })
+                    .await?;
+                    if let Some(e) = failed {
+                        return Err(e.into());
+                    }
+                    out.flush()?;
+                }
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Validate { dir }) => {
+            let source = dir.map_or(PolicySource::Embedded, PolicySource::Dir);
+            let bundle = moat_gateway::authz::Bundle::load(&source)?;
+            println!("{}: valid ({} tools, 4 roles with limits and quotas)", bundle.source, ToolName::ALL.len());
             Ok(())
         }
         Command::Node(cmd) => {

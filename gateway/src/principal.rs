@@ -55,9 +55,9 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// HTTP callers before API keys exist: may read, nothing more.
-    pub fn anonymous() -> Principal {
-        Principal { name: "anonymous".into(), role: Role::Reader }
+    /// An HTTP caller without a key, when the operator allows them in with `role`.
+    pub fn anonymous(role: Role) -> Principal {
+        Principal { name: "anonymous".into(), role }
     }
 }
 

@@ -8,10 +8,13 @@ use moat_node::server::{ListenAddr, Listener};
 use rmcp::ServiceExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditLog;
+use crate::authz::Authz;
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::gateway::{Gateway, Shared};
+use crate::gateway::{Gateway, Shared, StdioIdentity};
 use crate::http::HttpServer;
+use crate::keys;
 use crate::node_client::NodeConnector;
 use crate::principal::Principal;
 use crate::prompts::Prompts;
@@ -21,7 +24,17 @@ use crate::stdio;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let prompts =
         Prompts::load(config.prompts_dir.as_deref()).context("prompts are invalid; fix the file named above")?;
-    let state = State::open(&config.db_path()).await?;
+    let authz = Authz::load(&config.policies).context("policies are invalid; fix the file named above")?;
+    let state = State::open_with(&config.db_path(), config.durability).await?;
+    let identity = match &config.api_key {
+        Some(key) => {
+            let principal = keys::authenticate(state.pool(), key).await.context("MOAT_API_KEY is not usable")?;
+            tracing::info!(principal = %principal.name, role = principal.role.as_str(), "stdio authenticated by API key");
+            StdioIdentity::Key(key.clone())
+        }
+        None => StdioIdentity::Operator(Principal { name: config.operator.clone(), role: config.operator_role }),
+    };
+    let audit = AuditLog::start(state.pool().clone()).await.context("cannot open the audit log")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
@@ -34,9 +47,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node_task = tokio::spawn(moat_node::serve(listener, api, shutdown.clone().cancelled_owned()));
     state.upsert_node(&config.node_name, &format!("unix:{}", socket.display())).await?;
 
-    let shared =
-        Arc::new(Shared { state: state.clone(), nodes: NodeConnector::default(), catalog: Catalog::build(), prompts });
-    let operator = Principal { name: config.operator.clone(), role: config.operator_role };
+    let shared = Arc::new(Shared {
+        state: state.clone(),
+        nodes: NodeConnector::default(),
+        catalog: Catalog::build(),
+        prompts,
+        authz,
+        audit,
+    });
+    tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
 
     let result = match config.http {
         Some(addr) => {
@@ -48,10 +67,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tracing::info!(url = %format!("http://{bound}/mcp"), "moat listening");
             let stdio_task = config.stdio_with_http.then(|| {
                 let shared = shared.clone();
-                let operator = operator.clone();
+                let identity = identity.clone();
                 let max = config.max_body_bytes;
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { serve_stdio(shared, operator, max, shutdown).await })
+                tokio::spawn(async move { serve_stdio(shared, identity, max, shutdown).await })
             });
             let result = server.run(shutdown.clone()).await.context("HTTP server failed");
             if let Some(task) = stdio_task {
@@ -61,7 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => {
             tracing::info!("moat serving MCP on stdio");
-            let result = serve_stdio(shared, operator, config.max_body_bytes, shutdown.clone()).await;
+            let result = serve_stdio(shared, identity, config.max_body_bytes, shutdown.clone()).await;
             shutdown.cancel();
             result
         }
@@ -80,11 +99,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Serves one stdio connection until EOF or shutdown.
 async fn serve_stdio(
     shared: Arc<Shared>,
-    operator: Principal,
+    identity: StdioIdentity,
     max_line: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let gateway = Gateway::stdio(shared, operator);
+    let gateway = Gateway::stdio(shared, identity);
     let running = match gateway.serve_with_ct(stdio::stdio(max_line), shutdown.child_token()).await {
         Ok(running) => running,
         // EOF or shutdown before the client initialized: nothing to serve.
@@ -100,6 +119,28 @@ async fn serve_stdio(
     let reason = running.waiting().await.context("stdio service task failed")?;
     tracing::debug!(?reason, "stdio session ended");
     Ok(())
+}
+
+/// SIGHUP reloads policies and limits; a bad set is refused and the current one stays.
+async fn reload_on_sighup(shared: Arc<Shared>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install a SIGHUP handler; policies will not reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match shared.authz.reload() {
+            Ok(()) => tracing::info!(source = %shared.authz.bundle().source, "policies reloaded"),
+            Err(e) => tracing::error!(error = %e, "policy reload refused; the previous policies stay in force"),
+        }
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -46,6 +46,26 @@ pub struct NodeRow {
     pub last_error: Option<String>,
 }
 
+/// What a committed write survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The gateway process crashing or being killed (default).
+    Process,
+    /// The machine losing power: every commit is fsynced (slower).
+    Power,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(Durability::Process),
+            "power" => Ok(Durability::Power),
+            _ => Err(format!("durability `{s}`: use process (survives crashes) or power (fsync every commit)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct State {
     pool: SqlitePool,
@@ -55,6 +75,17 @@ pub struct State {
 impl State {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
     pub async fn open(path: &Path) -> Result<State, StateError> {
+        State::open_with(path, Durability::Process).await
+    }
+
+    /// Opens with a chosen durability for commits.
+    pub async fn open_with(path: &Path, durability: Durability) -> Result<State, StateError> {
+        let synchronous = match durability {
+            // WAL + NORMAL: a commit survives the process crashing (SIGKILL), not power loss.
+            Durability::Process => SqliteSynchronous::Normal,
+            // WAL + FULL: every commit is fsynced and survives power loss too.
+            Durability::Power => SqliteSynchronous::Full,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| StateError::StateDir { path: dir.into(), source })?;
         }
@@ -64,8 +95,7 @@ impl State {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // WAL + NORMAL is durable across process crashes; FULL adds power-loss durability.
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(open_err)?;
@@ -75,6 +105,10 @@ impl State {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
     /// The newest applied migration, e.g. 1.
@@ -162,7 +196,12 @@ impl State {
 
 /// RFC 3339 UTC with milliseconds, computed without a date crate.
 pub fn now() -> String {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    rfc3339_after(Duration::ZERO)
+}
+
+/// The RFC 3339 time `delay` from now. Strings of this form sort in time order.
+pub fn rfc3339_after(delay: Duration) -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default() + delay;
     rfc3339(d.as_secs() as i64, d.subsec_millis())
 }
 
@@ -203,7 +242,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/moat.db");
         let state = State::open(&path).await.unwrap();
-        assert_eq!(state.schema_version().await.unwrap(), 1);
+        assert_eq!(state.schema_version().await.unwrap(), 2);
         state.add_node("n1", "http://127.0.0.1:7443").await.unwrap();
         assert!(matches!(state.add_node("n1", "x").await, Err(StateError::DuplicateNode(_))));
         state.upsert_node("local", "unix:/tmp/a.sock").await.unwrap();

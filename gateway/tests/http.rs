@@ -46,6 +46,7 @@ async fn session_clients_get_a_session_and_whoami_shows_it() {
     let http = reqwest::Client::new();
     let init = http
         .post(&moat.url)
+        .bearer_auth(&moat.key)
         .header(ACCEPT, ACCEPT_BOTH)
         .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}))
@@ -58,6 +59,7 @@ async fn session_clients_get_a_session_and_whoami_shows_it() {
 
     let initialized = http
         .post(&moat.url)
+        .bearer_auth(&moat.key)
         .header(ACCEPT, ACCEPT_BOTH)
         .header("mcp-session-id", &session)
         .header("mcp-protocol-version", "2025-11-25")
@@ -69,6 +71,7 @@ async fn session_clients_get_a_session_and_whoami_shows_it() {
 
     let call = http
         .post(&moat.url)
+        .bearer_auth(&moat.key)
         .header(ACCEPT, ACCEPT_BOTH)
         .header("mcp-session-id", &session)
         .header("mcp-protocol-version", "2025-11-25")
@@ -82,7 +85,7 @@ async fn session_clients_get_a_session_and_whoami_shows_it() {
     assert_eq!(me["transport"], "http");
     assert_eq!(me["session"], session.as_str());
     assert_eq!(me["protocol_version"], "2025-11-25");
-    assert_eq!((me["principal"].as_str(), me["role"].as_str()), (Some("anonymous"), Some("reader")));
+    assert_eq!((me["principal"].as_str(), me["role"].as_str()), (Some("tester"), Some("cluster-admin")));
     assert!(moat.terminate().await.success());
 }
 
@@ -97,6 +100,7 @@ async fn stateless_requests_need_no_session() {
     });
     let call = reqwest::Client::new()
         .post(&moat.url)
+        .bearer_auth(&moat.key)
         .header(ACCEPT, ACCEPT_BOTH)
         .header("mcp-protocol-version", "2026-07-28")
         .header("mcp-method", "tools/call")
@@ -120,6 +124,7 @@ async fn foreign_host_headers_are_refused() {
     let mut moat = home.http_server(&[]).await;
     let refused = reqwest::Client::new()
         .post(&moat.url)
+        .bearer_auth(&moat.key)
         .header(HOST, "evil.example:80")
         .header(ACCEPT, ACCEPT_BOTH)
         .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
@@ -133,6 +138,7 @@ async fn foreign_host_headers_are_refused() {
     let mut moat = home.http_server(&["--allowed-hosts", "moat.internal"]).await;
     let allowed = reqwest::Client::new()
         .post(&moat.url)
+        .bearer_auth(&moat.key)
         .header(HOST, format!("moat.internal:{}", moat.port()))
         .header(ACCEPT, ACCEPT_BOTH)
         .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -151,13 +157,15 @@ async fn oversized_and_malformed_bodies_get_clear_errors_and_serving_continues()
     let http = reqwest::Client::new();
     let huge = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": {"name": "whoami", "arguments": {"pad": "x".repeat(100_000)}}});
-    let too_big = http.post(&moat.url).header(ACCEPT, ACCEPT_BOTH).json(&huge).send().await.unwrap();
+    let too_big =
+        http.post(&moat.url).bearer_auth(&moat.key).header(ACCEPT, ACCEPT_BOTH).json(&huge).send().await.unwrap();
     assert_eq!(too_big.status(), 413);
     let body: Value = too_big.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("65536 byte limit"), "{body}");
 
     let garbage = http
         .post(&moat.url)
+        .bearer_auth(&moat.key)
         .header(ACCEPT, ACCEPT_BOTH)
         .header(CONTENT_TYPE, "application/json")
         .body("{not json")

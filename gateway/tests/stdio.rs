@@ -19,7 +19,7 @@ async fn lists_tools_and_answers_whoami() {
     let client = home.stdio_client(&[]).await;
     let tools = client.list_all_tools().await.unwrap();
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
-    assert_eq!(names, ["whoami", "node_list", "node_inspect"]);
+    assert_eq!(names, ["whoami", "node_list", "node_inspect", "audit_query"], "the operator is a cluster-admin");
     for tool in &tools {
         assert!(tool.output_schema.is_some(), "{} has an outputSchema", tool.name);
         assert_eq!(tool.input_schema.get("additionalProperties"), Some(&Value::Bool(false)));
@@ -171,7 +171,7 @@ async fn status_reports_paths_schema_and_nodes() {
     assert!(stdout.contains(&home.path().join(".config/moat/moat.toml").display().to_string()), "{stdout}");
     assert!(stdout.contains("not present; defaults in use"), "{stdout}");
     assert!(stdout.contains(&home.state_dir().join("moat.db").display().to_string()), "{stdout}");
-    assert!(stdout.contains("schema version:  1"), "{stdout}");
+    assert!(stdout.contains("schema version:  2"), "{stdout}");
     let local = stdout.lines().find(|l| l.trim_start().starts_with("local ")).expect("local node listed");
     assert!(!local.contains("last seen never"), "the node_list call recorded contact: {local}");
 }

@@ -3,7 +3,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Hints, ToolClass, ToolName, ToolSpec, schema_object};
+use serde_json::json;
+
+use crate::{ActionGroup, Hints, ResourceKind, ToolClass, ToolName, ToolSpec, schema_object};
 
 /// `whoami` takes no arguments.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -130,6 +132,9 @@ pub(crate) fn whoami_spec() -> ToolSpec {
                       connection. Call it first when a tool you expect is missing.",
         hints: Hints::READ,
         class: ToolClass::Read,
+        group: ActionGroup::Read,
+        resource: ResourceKind::Cluster,
+        example: json!({}),
         input_schema: schema_object::<WhoamiInput>(),
         output_schema: schema_object::<WhoamiOutput>(),
     }
@@ -144,6 +149,9 @@ pub(crate) fn node_list_spec() -> ToolSpec {
                       installed. Use it to pick a node before creating VMs.",
         hints: Hints::READ,
         class: ToolClass::Read,
+        group: ActionGroup::Read,
+        resource: ResourceKind::Cluster,
+        example: json!({}),
         input_schema: schema_object::<NodeListInput>(),
         output_schema: schema_object::<NodeListOutput>(),
     }
@@ -158,6 +166,9 @@ pub(crate) fn node_inspect_spec() -> ToolSpec {
                       path and version, and the storage root's filesystem and free space.",
         hints: Hints::READ,
         class: ToolClass::Read,
+        group: ActionGroup::Read,
+        resource: ResourceKind::Node,
+        example: json!({"node": "local"}),
         input_schema: schema_object::<NodeInspectInput>(),
         output_schema: schema_object::<NodeInspectOutput>(),
     }

@@ -7,11 +7,13 @@
 //! dispatches on it with one exhaustive `match`, so adding a tool here forces
 //! every layer to decide what it does.
 
+pub mod audit;
 pub mod cluster;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+pub use audit::{AuditQueryInput, AuditQueryOutput, AuditRecord};
 pub use cluster::{
     KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary,
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
@@ -26,17 +28,20 @@ pub enum ToolName {
     Whoami,
     NodeList,
     NodeInspect,
+    AuditQuery,
 }
 
 impl ToolName {
     /// All tools, in the order `tools/list` shows them.
-    pub const ALL: &'static [ToolName] = &[ToolName::Whoami, ToolName::NodeList, ToolName::NodeInspect];
+    pub const ALL: &'static [ToolName] =
+        &[ToolName::Whoami, ToolName::NodeList, ToolName::NodeInspect, ToolName::AuditQuery];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             ToolName::Whoami => "whoami",
             ToolName::NodeList => "node_list",
             ToolName::NodeInspect => "node_inspect",
+            ToolName::AuditQuery => "audit_query",
         }
     }
 
@@ -54,6 +59,7 @@ impl ToolName {
             ToolName::Whoami => cluster::whoami_spec(),
             ToolName::NodeList => cluster::node_list_spec(),
             ToolName::NodeInspect => cluster::node_inspect_spec(),
+            ToolName::AuditQuery => audit::audit_query_spec(),
         }
     }
 }
@@ -73,6 +79,64 @@ pub enum ToolClass {
     Write,
     /// Runs code or moves data inside a guest.
     Exec,
+}
+
+/// The Cedar action group a tool's action belongs to; roles are granted groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActionGroup {
+    /// Identity and read-only views of shared infrastructure (nodes).
+    Read,
+    /// VM lifecycle, exec and files.
+    Vm,
+    /// Workspaces and images.
+    Workspace,
+    /// Networks and security groups.
+    Network,
+    /// Disk layouts.
+    Disk,
+    /// Node management and the audit log.
+    Cluster,
+}
+
+impl ActionGroup {
+    pub const ALL: &'static [ActionGroup] = &[
+        ActionGroup::Read,
+        ActionGroup::Vm,
+        ActionGroup::Workspace,
+        ActionGroup::Network,
+        ActionGroup::Disk,
+        ActionGroup::Cluster,
+    ];
+
+    /// The group's Cedar action id, e.g. `Action::"group:read"`.
+    pub const fn cedar_id(self) -> &'static str {
+        match self {
+            ActionGroup::Read => "group:read",
+            ActionGroup::Vm => "group:vm",
+            ActionGroup::Workspace => "group:workspace",
+            ActionGroup::Network => "group:network",
+            ActionGroup::Disk => "group:disk",
+            ActionGroup::Cluster => "group:cluster",
+        }
+    }
+}
+
+/// What a tool acts on, as the authorizer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    /// The deployment as a whole (whoami, listings, the audit log).
+    Cluster,
+    /// One node, named by the call's `node` argument.
+    Node,
+}
+
+impl ResourceKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Cluster => "cluster",
+            ResourceKind::Node => "node",
+        }
+    }
 }
 
 /// MCP tool annotations. All are hints to clients; moat's own checks never rely on them.
@@ -97,6 +161,10 @@ pub struct ToolSpec {
     pub description: &'static str,
     pub hints: Hints,
     pub class: ToolClass,
+    pub group: ActionGroup,
+    pub resource: ResourceKind,
+    /// A valid input, used by tests that call every tool and by docs.
+    pub example: Value,
     pub input_schema: JsonObject,
     pub output_schema: JsonObject,
 }
@@ -112,6 +180,7 @@ pub enum ToolCall {
     Whoami(WhoamiInput),
     NodeList(NodeListInput),
     NodeInspect(NodeInspectInput),
+    AuditQuery(AuditQueryInput),
 }
 
 impl ToolCall {
@@ -125,6 +194,7 @@ impl ToolCall {
             ToolName::Whoami => ToolCall::Whoami(typed(name, args)?),
             ToolName::NodeList => ToolCall::NodeList(typed(name, args)?),
             ToolName::NodeInspect => ToolCall::NodeInspect(typed(name, args)?),
+            ToolName::AuditQuery => ToolCall::AuditQuery(typed(name, args)?),
         })
     }
 
@@ -133,6 +203,15 @@ impl ToolCall {
             ToolCall::Whoami(_) => ToolName::Whoami,
             ToolCall::NodeList(_) => ToolName::NodeList,
             ToolCall::NodeInspect(_) => ToolName::NodeInspect,
+            ToolCall::AuditQuery(_) => ToolName::AuditQuery,
+        }
+    }
+
+    /// The id of the resource this call acts on (e.g. the node name), if it names one.
+    pub fn resource_id(&self) -> Option<&str> {
+        match self {
+            ToolCall::Whoami(_) | ToolCall::NodeList(_) | ToolCall::AuditQuery(_) => None,
+            ToolCall::NodeInspect(input) => Some(&input.node),
         }
     }
 }
@@ -188,6 +267,9 @@ mod tests {
             );
             assert_eq!(spec.output_schema.get("type"), Some(&Value::from("object")), "{}", spec.name);
             assert!(spec.description.len() > 40, "{} needs a description a model can use", spec.name);
+            let example = spec.example.as_object().cloned();
+            ToolCall::decode(spec.name, example)
+                .unwrap_or_else(|e| panic!("{}: example does not decode: {e}", spec.name));
         }
     }
 

@@ -23,6 +23,9 @@ fn tool_schemas_match_goldens() {
                 "openWorldHint": spec.hints.open_world,
             },
             "class": format!("{:?}", spec.class),
+            "cedarGroup": spec.group.cedar_id(),
+            "resource": spec.resource.as_str(),
+            "example": spec.example,
             "inputSchema": spec.input_schema,
             "outputSchema": spec.output_schema,
         });

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use rmcp::model::{CallToolRequestParams, CallToolResult};
 use rmcp::service::RunningService;
-use rmcp::transport::TokioChildProcess;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -59,6 +60,15 @@ impl Home {
         )
     }
 
+    /// Creates an API key with `moat keys create` and returns the secret.
+    pub async fn key(&self, name: &str, role: &str) -> String {
+        let (ok, stdout, stderr) = self.run(&["keys", "create", "--name", name, "--role", role]).await;
+        assert!(ok, "keys create failed: {stderr}");
+        let key = stdout.trim().to_string();
+        assert!(key.starts_with("moat_"), "{stdout}");
+        key
+    }
+
     /// `moat serve` on stdio, connected to an rmcp client.
     pub async fn stdio_client(&self, extra: &[&str]) -> RunningService<RoleClient, ()> {
         let mut args = vec!["serve"];
@@ -80,7 +90,8 @@ impl Home {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn moat serve --http");
         let (url, log) = wait_for_field(&mut child, "moat listening", "url=").await;
-        HttpMoat { child, url, log }
+        let key = self.key("tester", "cluster-admin").await;
+        HttpMoat { child, url, log, key }
     }
 }
 
@@ -89,9 +100,29 @@ pub struct HttpMoat {
     /// e.g. http://127.0.0.1:43123/mcp
     pub url: String,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// A cluster-admin key named `tester`.
+    pub key: String,
 }
 
 impl HttpMoat {
+    /// An rmcp client over HTTP authenticated with `key`.
+    pub async fn client(&self, key: &str) -> RunningService<RoleClient, ()> {
+        let config = StreamableHttpClientTransportConfig::with_uri(self.url.clone()).auth_header(key.to_string());
+        let transport = StreamableHttpClientTransport::with_client(reqwest::Client::new(), config);
+        ().serve(transport).await.expect("MCP initialize over HTTP succeeds")
+    }
+
+    /// SIGHUP: reload policies.
+    pub fn hangup(&self) {
+        // SAFETY: kill(2) with a valid signal on our own child's pid touches no memory.
+        unsafe { libc::kill(self.child.id().expect("running") as i32, libc::SIGHUP) };
+    }
+
+    /// Lines the server logged so far.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().expect("log lock").iter().any(|l| l.contains(needle))
+    }
+
     pub fn base(&self) -> String {
         self.url.trim_end_matches("/mcp").to_string()
     }

@@ -1,0 +1,363 @@
+//! The security pipeline through the real server and database: API keys on
+//! HTTP and stdio, Cedar RBAC (a role × tool matrix generated from the
+//! catalog), rate limits, policy reload, and the audit log's hash chain
+//! against tampering and SIGKILL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Home, call, call_ok};
+use moat_tools::ActionGroup;
+use reqwest::header::{ACCEPT, HOST, WWW_AUTHENTICATE};
+use serde_json::{Value, json};
+
+/// The groups each role is granted by the default policies, written independently of them.
+fn granted(role: &str, group: ActionGroup) -> bool {
+    use ActionGroup::*;
+    match role {
+        "reader" => group == Read,
+        "agent" => matches!(group, Read | Vm | Workspace),
+        "vm-admin" => matches!(group, Read | Vm | Workspace | Network),
+        "cluster-admin" => true,
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn error_of(result: Result<rmcp::model::CallToolResult, rmcp::ServiceError>) -> Option<(i32, String)> {
+    match result {
+        Err(rmcp::ServiceError::McpError(e)) => Some((e.code.0, e.message.to_string())),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn role_by_tool_matrix_from_the_catalog() {
+    let home = Home::new();
+    let mut moat = home.http_server(&[]).await;
+    for role in ["reader", "agent", "vm-admin", "cluster-admin"] {
+        let name = format!("{role}-1");
+        let key = home.key(&name, role).await;
+        let client = moat.client(&key).await;
+        let listed: BTreeSet<String> =
+            client.list_all_tools().await.unwrap().into_iter().map(|t| t.name.to_string()).collect();
+        let nonexistent = error_of(call(&client, "no_such_tool", json!({})).await).expect("unknown tool errors");
+        for spec in moat_tools::catalog() {
+            let tool = spec.name.as_str();
+            let allowed = granted(role, spec.group);
+            assert_eq!(listed.contains(tool), allowed, "{role}: tools/list and {tool}");
+            let result = call(&client, tool, spec.example.clone()).await;
+            match error_of(result) {
+                Some((code, message)) if !allowed => {
+                    assert_eq!(code, nonexistent.0, "{role} {tool}");
+                    assert_eq!(
+                        message,
+                        nonexistent.1.replace("no_such_tool", tool),
+                        "{role} {tool}: like an unknown tool"
+                    );
+                }
+                Some((code, message)) => panic!("{role} may call {tool} but got {code} {message}"),
+                None => assert!(allowed, "{role} must not be able to call {tool}"),
+            }
+        }
+        client.cancel().await.unwrap();
+        // Every hidden tool it tried is audited as denied.
+        let admin = moat.client(&moat.key).await;
+        let denied = call_ok(&admin, "audit_query", json!({"principal": name, "decision": "denied"})).await;
+        let denied_tools: BTreeSet<String> =
+            denied["records"].as_array().unwrap().iter().map(|r| r["tool"].as_str().unwrap().to_string()).collect();
+        let mut want: BTreeSet<String> =
+            moat_tools::catalog().iter().filter(|s| !granted(role, s.group)).map(|s| s.name.to_string()).collect();
+        want.insert("no_such_tool".into());
+        assert_eq!(denied_tools, want, "{role}");
+        admin.cancel().await.unwrap();
+    }
+    assert!(moat.terminate().await.success());
+}
+
+async fn post_ping(url: &str, key: Option<&str>, host: Option<&str>) -> reqwest::Response {
+    let mut req = reqwest::Client::new().post(url).header(ACCEPT, "application/json, text/event-stream");
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    if let Some(host) = host {
+        req = req.header(HOST, host);
+    }
+    req.json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http_refuses_missing_bad_revoked_and_expired_keys() {
+    let home = Home::new();
+    let mut moat = home.http_server(&[]).await;
+    let missing = post_ping(&moat.url, None, None).await;
+    assert_eq!(missing.status(), 401);
+    let challenge = missing.headers().get(WWW_AUTHENTICATE).unwrap().to_str().unwrap().to_string();
+    assert!(challenge.starts_with("Bearer realm=\"moat\""), "{challenge}");
+    let body: Value = missing.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("moat keys create"), "{body}");
+
+    let bad = post_ping(&moat.url, Some("moat_deadbeef_0000"), None).await;
+    assert_eq!(bad.status(), 401);
+    assert!(bad.headers().get(WWW_AUTHENTICATE).unwrap().to_str().unwrap().contains("invalid_token"));
+
+    let key = home.key("soon-gone", "reader").await;
+    assert_eq!(post_ping(&moat.url, Some(&key), None).await.status(), 200);
+    let id = key.split('_').nth(1).unwrap();
+    let (ok, _, stderr) = home.run(&["keys", "revoke", id]).await;
+    assert!(ok, "{stderr}");
+    let revoked = post_ping(&moat.url, Some(&key), None).await;
+    assert_eq!(revoked.status(), 401, "refused on the very next request");
+    let body: Value = revoked.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("revoked"), "{body}");
+
+    let (ok, short, _) = home.run(&["keys", "create", "--name", "brief", "--role", "reader", "--expires", "1s"]).await;
+    assert!(ok);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let expired = post_ping(&moat.url, Some(short.trim()), None).await;
+    assert_eq!(expired.status(), 401);
+    assert!(expired.text().await.unwrap().contains("expired"));
+
+    // A good key from a foreign Host is still refused (DNS rebinding): 403.
+    let good = home.key("ok", "reader").await;
+    assert_eq!(post_ping(&moat.url, Some(&good), Some("evil.example")).await.status(), 403);
+
+    let (ok, listing, _) = home.run(&["keys", "list"]).await;
+    assert!(ok && listing.contains("revoked") && listing.contains("expired") && !listing.contains(&good[14..]));
+    assert!(moat.terminate().await.success());
+}
+
+#[tokio::test]
+async fn stdio_with_an_api_key_is_that_principal_until_revoked() {
+    let home = Home::new();
+    let key = home.key("agent-7", "agent").await;
+    let mut cmd = home.moat(&["serve"]);
+    cmd.env("MOAT_API_KEY", &key).stderr(std::process::Stdio::null());
+    let client = rmcp::ServiceExt::serve((), rmcp::transport::TokioChildProcess::new(cmd).unwrap()).await.unwrap();
+    let me = call_ok(&client, "whoami", json!({})).await;
+    assert_eq!((me["principal"].as_str(), me["role"].as_str()), (Some("agent-7"), Some("agent")));
+    let (ok, _, _) = home.run(&["keys", "revoke", key.split('_').nth(1).unwrap()]).await;
+    assert!(ok);
+    let (code, message) = error_of(call(&client, "whoami", json!({})).await).unwrap();
+    assert_eq!(code, -32001);
+    assert!(message.contains("revoked"), "{message}");
+    client.cancel().await.unwrap();
+
+    let mut cmd = home.moat(&["serve"]);
+    cmd.env("MOAT_API_KEY", "moat_nothing_here").stdin(std::process::Stdio::null());
+    let out = cmd.output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MOAT_API_KEY is not usable"));
+}
+
+/// Copies the repository's policies into `dir` so a test can change them.
+fn copy_policies(dir: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["moat.cedarschema", "moat.cedar", "limits.toml"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn bursts_are_rate_limited_with_a_retry_time() {
+    let home = Home::new();
+    let policies = home.path().join("policies");
+    copy_policies(&policies);
+    let limits = std::fs::read_to_string(policies.join("limits.toml")).unwrap();
+    std::fs::write(
+        policies.join("limits.toml"),
+        limits.replace("read = { per_second = 20, burst = 40 }", "read = { per_second = 1, burst = 3 }"),
+    )
+    .unwrap();
+    let mut moat = home.http_server(&["--policies-dir", policies.to_str().unwrap()]).await;
+    let key = home.key("eager", "reader").await;
+    let client = moat.client(&key).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        outcomes.push(call(&client, "whoami", json!({})).await);
+    }
+    let limited: Vec<_> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(outcomes.iter().filter(|r| r.is_ok()).count(), 3, "the burst of 3 goes through");
+    assert_eq!(limited.len(), 3);
+    match limited[0] {
+        rmcp::ServiceError::McpError(e) => {
+            assert_eq!(e.code.0, -32029);
+            assert!(e.message.contains("retry in"), "{}", e.message);
+            assert!(e.data.as_ref().unwrap()["retry_after_ms"].as_u64().unwrap() > 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    let admin = moat.client(&moat.key).await;
+    let records = call_ok(&admin, "audit_query", json!({"principal": "eager", "decision": "rate-limited"})).await;
+    assert_eq!(records["records"].as_array().unwrap().len(), 3);
+    assert!(moat.terminate().await.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_policies_and_a_broken_file_keeps_the_old_set() {
+    let home = Home::new();
+    let policies = home.path().join("policies");
+    copy_policies(&policies);
+    let mut moat = home.http_server(&["--policies-dir", policies.to_str().unwrap()]).await;
+    let reader = moat.client(&home.key("r", "reader").await).await;
+    call_ok(&reader, "whoami", json!({})).await;
+
+    let only_admins = "@id(\"admins\")\npermit (principal in Moat::Role::\"cluster-admin\", action, resource);\n";
+    std::fs::write(policies.join("moat.cedar"), only_admins).unwrap();
+    moat.hangup();
+    wait_until(|| moat.logged("policies reloaded")).await;
+    let (_, message) = error_of(call(&reader, "whoami", json!({})).await).expect("whoami is gone for readers");
+    assert!(message.contains("unknown tool `whoami`"), "{message}");
+    assert!(reader.list_all_tools().await.unwrap().is_empty());
+
+    std::fs::write(policies.join("moat.cedar"), "permit (principal, action, resource) when { resource.nope };")
+        .unwrap();
+    moat.hangup();
+    wait_until(|| moat.logged("policy reload refused")).await;
+    assert!(error_of(call(&reader, "whoami", json!({})).await).is_some(), "still the admins-only set");
+    let admin = moat.client(&moat.key).await;
+    call_ok(&admin, "whoami", json!({})).await;
+    assert!(moat.terminate().await.success());
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("condition not reached within 5 s");
+}
+
+/// Makes a few audited calls through stdio, then lets the gateway exit.
+async fn audited_history(home: &Home) {
+    let client = home.stdio_client(&[]).await;
+    call_ok(&client, "whoami", json!({})).await;
+    call_ok(&client, "node_list", json!({})).await;
+    let _ = call(&client, "node_inspect", json!({"node": "BAD"})).await;
+    call_ok(&client, "whoami", json!({})).await;
+    client.cancel().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+async fn tamper(home: &Home, statements: &[&str]) {
+    let url = format!("sqlite://{}", home.state_dir().join("moat.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    // An attacker with the file can drop the append-only triggers; the chain must still tell.
+    sqlx::query("DROP TRIGGER audit_log_no_update").execute(&pool).await.unwrap();
+    sqlx::query("DROP TRIGGER audit_log_no_delete").execute(&pool).await.unwrap();
+    for s in statements {
+        sqlx::query(sqlx::AssertSqlSafe(*s)).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn audit_verify_detects_edited_deleted_and_reordered_records() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["UPDATE audit_log SET principal = 'mallory' WHERE seq = 2"], "record 2 was edited"),
+        (&["DELETE FROM audit_log WHERE seq = 3"], "records 3..3 are missing"),
+        (
+            &[
+                "UPDATE audit_log SET seq = -1 WHERE seq = 2",
+                "UPDATE audit_log SET seq = 2 WHERE seq = 3",
+                "UPDATE audit_log SET seq = 3 WHERE seq = -1",
+            ],
+            "record 2 does not follow",
+        ),
+    ];
+    for (statements, want) in cases {
+        let home = Home::new();
+        audited_history(&home).await;
+        let (ok, out, _) = home.run(&["audit", "verify"]).await;
+        assert!(ok && out.contains("audit log intact: 7 records verified"), "{out}");
+        // Append-only: ordinary edits are refused by the database itself.
+        let url = format!("sqlite://{}", home.state_dir().join("moat.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let err = sqlx::query("UPDATE audit_log SET tool = 'x'").execute(&pool).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+        pool.close().await;
+
+        tamper(&home, statements).await;
+        let (ok, out, _) = home.run(&["audit", "verify"]).await;
+        assert!(!ok, "verify must fail: {out}");
+        assert!(out.contains(want), "{want}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn audit_list_and_export_show_calls_without_argument_values() {
+    let home = Home::new();
+    audited_history(&home).await;
+    let (ok, out, _) = home.run(&["audit", "list", "--decision", "invalid"]).await;
+    assert!(ok);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("node_inspect") && out.contains("invalid"), "{out}");
+    let (ok, out, _) = home.run(&["audit", "export", "--format", "jsonl"]).await;
+    assert!(ok);
+    let rows: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 7, "4 calls, 3 of them allowed with an outcome each");
+    assert!(!out.contains("BAD"), "argument values never reach the log");
+    assert!(rows.iter().any(|r| r["args_shape"] == "{\"node\":\"string(3)\"}"));
+    let outcome = rows.iter().find(|r| r["kind"] == "outcome").unwrap();
+    assert_eq!(outcome["outcome"], "ok");
+    assert!(rows.windows(2).all(|w| w[1]["prev_hash"] == w[0]["hash"]));
+    let (ok, _, stderr) = home.run(&["audit", "export", "--format", "csv"]).await;
+    assert!(!ok && stderr.contains("only jsonl"));
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_acknowledged_call() {
+    let home = Home::new();
+    let mut moat = home.http_server(&[]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let client = moat.client(&moat.key).await;
+        tasks.push(tokio::spawn(async move {
+            let mut acked = 0u64;
+            // After the kill a call fails or hangs in reconnects; either ends the loop.
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), call(&client, "whoami", json!({}))).await
+            {
+                acked += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    moat.child.start_kill().unwrap();
+    moat.child.wait().await.unwrap();
+    let mut acknowledged = 0;
+    for t in tasks {
+        acknowledged += t.await.unwrap();
+    }
+    assert!(acknowledged > 10, "the clients made progress before the kill ({acknowledged})");
+    let url = format!("sqlite://{}", home.state_dir().join("moat.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE kind = 'call' AND tool = 'whoami' AND decision = 'allowed'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let outcomes: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE kind = 'outcome' AND tool = 'whoami' AND outcome = 'ok'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert!(recorded >= acknowledged as i64, "{recorded} records for {acknowledged} acknowledged calls");
+    assert!(outcomes >= acknowledged as i64, "every acknowledged call has its outcome: {outcomes} < {acknowledged}");
+    let (ok, out, _) = home.run(&["audit", "verify"]).await;
+    assert!(ok, "the chain survives a crash: {out}");
+}
