@@ -171,3 +171,61 @@ mod tests {
         assert_eq!(c.validate(ToolName::NodeInspect, json!({"node": "n-1"}).as_object()), Ok(()));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use moat_tools::ToolCall;
+    use proptest::prelude::*;
+
+    /// Arbitrary JSON, with keys drawn mostly from real argument names so valid inputs occur.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            "[a-z0-9-]{0,70}".prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(key(), inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(vec!["node", "limit", "principal", "tool", "decision", "since"]).prop_map(String::from),
+            1 => "[a-z_]{1,8}",
+        ]
+    }
+
+    fn args() -> impl Strategy<Value = JsonObject> {
+        prop::collection::btree_map(key(), json(), 0..5).prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever arrives, validation answers (never panics); what it accepts always decodes;
+        /// and a field the schema does not declare is always refused, by name.
+        #[test]
+        fn validation_is_total_sound_and_closed(tool in prop::sample::select(ToolName::ALL.to_vec()), args in args()) {
+            let catalog = Catalog::build();
+            let verdict = catalog.validate(tool, Some(&args));
+            if verdict.is_ok() {
+                prop_assert!(ToolCall::decode(tool, Some(args.clone())).is_ok(), "{tool} accepted {args:?} but it does not decode");
+            }
+            let declared = catalog.spec(tool).input_schema.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
+            if let Some(unknown) = args.keys().find(|k| !declared.contains_key(*k)) {
+                let errors = verdict.expect_err("unknown fields are refused");
+                let path = format!("/{unknown}");
+                let named = errors.iter().any(|v| v.path == path && v.message.contains("unknown field"));
+                prop_assert!(named, "{} not named in {:?}", unknown, errors);
+            }
+        }
+    }
+}

@@ -14,6 +14,8 @@ import threading
 
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 MOAT_BIN = os.environ.get("MOAT_BIN", "")
 MODES = ["legacy", "2026-07-28"]
@@ -36,6 +38,14 @@ def home():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def create_key(home, name, role):
+    out = subprocess.run(
+        [MOAT_BIN, "keys", "create", "--name", name, "--role", role],
+        env=private_env(home), capture_output=True, text=True, check=True,
+    )
+    return out.stdout.strip()
+
+
 @pytest.fixture
 def http_url(home):
     proc = subprocess.Popen(
@@ -55,7 +65,7 @@ def http_url(home):
     assert url, "moat did not report its URL"
     # Keep draining stderr so the server never blocks on a full pipe.
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    yield url
+    yield url, create_key(home, "py-agent", "agent")
     proc.terminate()
     assert proc.wait(timeout=15) == 0, "moat should exit 0 on SIGTERM"
 
@@ -67,7 +77,8 @@ def stdio_target(home):
 async def exercise(client, mode, transport):
     tools = await client.list_tools()
     names = [t.name for t in tools.tools]
-    assert names == ["whoami", "node_list", "node_inspect"], names
+    expected = ["whoami", "node_list", "node_inspect"] + (["audit_query"] if transport == "stdio" else [])
+    assert names == expected, names
     assert all(t.output_schema for t in tools.tools)
 
     result = await client.call_tool("whoami", {})
@@ -77,6 +88,8 @@ async def exercise(client, mode, transport):
     assert me["protocol_version"] == EXPECTED_VERSION[mode], me
     if transport == "stdio":
         assert (me["principal"], me["role"]) == ("operator", "cluster-admin"), me
+    else:
+        assert (me["principal"], me["role"]) == ("py-agent", "agent"), me
 
     with pytest.raises(MCPError) as bad:
         await client.call_tool("node_inspect", {"node": "Not A Label"})
@@ -109,8 +122,24 @@ async def test_stdio(home, mode):
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", MODES)
 async def test_http(http_url, mode):
-    async with Client(http_url, mode=mode) as client:
+    url, key = http_url
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {key}"})
+    async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:
         await exercise(client, mode, "http")
+        # An agent never sees cluster tools; calling one answers like an unknown tool.
+        with pytest.raises(MCPError) as hidden:
+            await client.call_tool("audit_query", {})
+        assert "unknown tool `audit_query`" in hidden.value.message
+
+
+@pytest.mark.anyio
+async def test_http_without_a_key_is_refused(http_url):
+    url, _ = http_url
+    with pytest.raises(Exception) as refused:
+        async with Client(url, mode="legacy") as client:
+            await client.list_tools()
+    # The SDK surfaces moat's 401 body: a JSON-RPC error that says what to do.
+    assert "no API key" in repr(refused.value) and "moat keys create" in repr(refused.value), repr(refused.value)
 
 
 @pytest.fixture
