@@ -7,7 +7,10 @@
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::state::now;
 
@@ -135,6 +138,8 @@ struct Job {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
+    stop: CancellationToken,
+    writer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl AuditLog {
@@ -142,8 +147,20 @@ impl AuditLog {
     pub async fn start(pool: SqlitePool) -> Result<AuditLog, sqlx::Error> {
         let head = chain_head(&pool).await?;
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(writer(pool, rx, head));
-        Ok(AuditLog { tx })
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(writer(pool, rx, head, stop.clone()));
+        Ok(AuditLog { tx, stop, writer: Arc::new(Mutex::new(Some(handle))) })
+    }
+
+    /// Commits what is queued, then stops the writer and releases its connection.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let handle = self.writer.lock().expect("the writer handle lock is never poisoned").take();
+        if let Some(handle) = handle
+            && let Err(e) = handle.await
+        {
+            tracing::error!(error = %e, "audit writer task failed");
+        }
     }
 
     /// Commits a call record; returns its sequence number once durable.
@@ -160,7 +177,8 @@ impl AuditLog {
         .await
     }
 
-    /// Appends how the call recorded as `seq` ended.
+    /// Appends how the call recorded as `seq` ended, without waiting for the commit: the call
+    /// itself was recorded before it ran, and a crash in between leaves it visibly without outcome.
     pub async fn record_outcome(
         &self,
         call: &CallRecord,
@@ -168,8 +186,9 @@ impl AuditLog {
         outcome: Outcome,
         error_code: Option<i64>,
         duration: std::time::Duration,
-    ) -> Result<i64, AuditError> {
-        self.append(Row {
+    ) -> Result<(), AuditError> {
+        let (done, _ignored) = oneshot::channel();
+        let row = Row {
             ts: now(),
             kind: "outcome",
             ref_seq: Some(seq),
@@ -177,8 +196,8 @@ impl AuditLog {
             outcome: Some(outcome.as_str()),
             error_code,
             duration_us: Some(duration.as_micros().min(i64::MAX as u128) as i64),
-        })
-        .await
+        };
+        self.tx.send(Job { row, done }).await.map_err(|_| AuditError::Stopped)
     }
 
     async fn append(&self, row: Row) -> Result<i64, AuditError> {
@@ -194,9 +213,24 @@ async fn chain_head(pool: &SqlitePool) -> Result<(i64, String), sqlx::Error> {
     Ok(last.unwrap_or((0, GENESIS.to_string())))
 }
 
-async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, mut head: (i64, String)) {
+async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, mut head: (i64, String), stop: CancellationToken) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    // A connection of its own: no pool hand-off on the hot path.
+    let mut conn = None;
+    let mut stopping = false;
+    loop {
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+            _ = stop.cancelled(), if !stopping => {
+                // Refuse new records, then drain what is queued before exiting.
+                rx.close();
+                stopping = true;
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
         let mut seq = head.0;
         let mut prev = head.1.clone();
         let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -230,7 +264,17 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, mut head: (i64, S
             assigned.push(seq);
         });
         // One statement is one implicit transaction: the whole batch commits or none of it does.
-        match builder.build().execute(&pool).await {
+        if conn.is_none() {
+            conn = pool.acquire().await.map_err(|e| tracing::error!(error = %e, "audit writer cannot get a connection")).ok();
+        }
+        let result = match conn.as_mut() {
+            Some(c) => builder.build().execute(&mut **c).await.map(|_| ()),
+            None => Err(sqlx::Error::PoolTimedOut),
+        };
+        if result.is_err() {
+            conn = None;
+        }
+        match result {
             Ok(_) => {
                 head = (seq, prev);
                 for (job, seq) in batch.drain(..).zip(assigned) {

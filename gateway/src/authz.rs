@@ -67,9 +67,15 @@ pub struct Bundle {
     /// The action hierarchy (tool actions `in` groups), needed by every request.
     actions: Entities,
     pub limiter: Limiter,
-    /// `may_ever_call` answers per (principal, role, tool); dropped with the bundle on reload.
-    listing: Mutex<HashMap<(String, Role, ToolName), bool>>,
+    /// Decisions already made under this bundle; dropped with it on reload. Cedar's answer
+    /// depends only on the principal, action and resource entities, all of which are in the key.
+    decisions: Mutex<HashMap<DecisionKey, bool>>,
 }
+
+type DecisionKey = (String, Role, ToolName, ResourceRef);
+
+/// Beyond this many cached decisions the cache starts over (bounded memory).
+const MAX_CACHED_DECISIONS: usize = 65_536;
 
 impl std::fmt::Debug for Bundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,7 +84,7 @@ impl std::fmt::Debug for Bundle {
 }
 
 /// What a call acts on, as the authorizer sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ResourceRef {
     pub kind: ResourceKind,
     pub id: String,
@@ -130,36 +136,36 @@ impl Bundle {
             policies,
             actions,
             limiter: Limiter::new(&limits),
-            listing: Mutex::default(),
+            decisions: Mutex::default(),
         })
     }
 
     /// Whether `principal` may call `tool` on `resource`.
     pub fn is_allowed(&self, principal: &Principal, tool: ToolName, resource: &ResourceRef) -> bool {
-        match self.decide(principal, tool, resource) {
+        let key = (principal.name.clone(), principal.role, tool, resource.clone());
+        if let Some(&known) = self.decisions.lock().expect("the decision cache lock is never poisoned").get(&key) {
+            return known;
+        }
+        let allowed = match self.decide(principal, tool, resource) {
             Ok(allowed) => allowed,
             Err(e) => {
                 // A request the schema rejects is a moat bug; deny, loudly.
                 tracing::error!(error = %e, %tool, "authorization request failed; denying");
                 false
             }
+        };
+        let mut cache = self.decisions.lock().expect("the decision cache lock is never poisoned");
+        if cache.len() >= MAX_CACHED_DECISIONS {
+            cache.clear();
         }
+        cache.insert(key, allowed);
+        allowed
     }
 
     /// Whether `principal` could call `tool` on some resource: tested against a resource it owns,
     /// the most any policy grants. Decides what `tools/list` shows.
     pub fn may_ever_call(&self, principal: &Principal, tool: ToolName) -> bool {
-        let key = (principal.name.clone(), principal.role, tool);
-        if let Some(&known) = self.listing.lock().expect("the listing cache lock is never poisoned").get(&key) {
-            return known;
-        }
-        let answer = self.probe(principal, tool);
-        self.listing.lock().expect("the listing cache lock is never poisoned").insert(key, answer);
-        answer
-    }
-
-    fn probe(&self, principal: &Principal, tool: ToolName) -> bool {
-        let kind = tool.spec().resource;
+        let kind = resource_kind(tool);
         let owned = ResourceRef { kind, id: "probe".into(), owner: Some(principal.name.clone()), labels: Vec::new() };
         self.is_allowed(principal, tool, &owned)
             || self.is_allowed(principal, tool, &ResourceRef { owner: None, ..owned.clone() })
@@ -201,6 +207,15 @@ impl Bundle {
         let response = Authorizer::new().is_authorized(&request, &self.policies, &entities);
         Ok(response.decision() == Decision::Allow)
     }
+}
+
+/// The resource kind a tool acts on, without building its whole spec (schemas) on the hot path.
+fn resource_kind(tool: ToolName) -> ResourceKind {
+    static KINDS: std::sync::OnceLock<HashMap<ToolName, ResourceKind>> = std::sync::OnceLock::new();
+    *KINDS
+        .get_or_init(|| moat_tools::catalog().into_iter().map(|s| (s.name, s.resource)).collect())
+        .get(&tool)
+        .expect("every tool is in the catalog")
 }
 
 fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {

@@ -37,6 +37,8 @@ pub struct Config {
     /// Cedar schema, policies and limits; the built-in set unless a directory is configured.
     pub policies: PolicySource,
     pub durability: Durability,
+    /// Benchmarks only: skip authentication, authorization, rate limits and audit.
+    pub insecure_no_pipeline: bool,
     /// Role of HTTP requests without a bearer key; None (the default) answers them 401.
     pub anonymous_role: Option<Role>,
     /// Authenticate stdio with this API key instead of as the operator (MOAT_API_KEY; never a flag).
@@ -128,6 +130,9 @@ pub struct ServeOverrides {
     /// Let HTTP requests without a bearer key in as principal `anonymous` with this role [default: refuse them]
     #[arg(long, env = "MOAT_ANONYMOUS_ROLE")]
     pub anonymous_role: Option<String>,
+    /// For benchmarks only: serve with no authentication, authorization, rate limits or audit
+    #[arg(long, hide = true)]
+    pub insecure_bench_no_pipeline: bool,
 }
 
 /// Resolves the configuration. `env` looks up XDG variables (injected for tests).
@@ -201,6 +206,7 @@ pub fn load(
         policies,
         durability,
         anonymous_role,
+        insecure_no_pipeline: serve.insecure_bench_no_pipeline,
         api_key: env("MOAT_API_KEY").filter(|k| !k.is_empty()),
     })
 }

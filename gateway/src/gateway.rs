@@ -45,6 +45,8 @@ pub struct Shared {
     pub prompts: Prompts,
     pub authz: Authz,
     pub audit: AuditLog,
+    /// Benchmarks only: validate and dispatch, nothing else (see `--insecure-bench-no-pipeline`).
+    pub no_pipeline: bool,
 }
 
 /// How a stdio connection's caller is identified.
@@ -122,6 +124,12 @@ impl Gateway {
 
     /// The whole tool-call pipeline, after authentication.
     async fn call(&self, request: CallToolRequestParams, ctx: &CallContext) -> Result<CallToolResult, ErrorData> {
+        if self.shared.no_pipeline {
+            let tool = ToolName::parse(&request.name).ok_or_else(|| unknown_tool(&request.name))?;
+            let call = ToolCall::decode(tool, request.arguments)
+                .map_err(|e| ErrorData::invalid_params(e.to_string(), None))?;
+            return respond(handlers::dispatch(&self.shared, ctx, call).await);
+        }
         let bundle = self.shared.authz.bundle();
         let mut record = CallRecord {
             principal: ctx.principal.name.clone(),

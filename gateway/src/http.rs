@@ -109,7 +109,8 @@ impl HttpServer {
             .with_max_request_body_bytes(config.max_body_bytes)
             .with_cancellation_token(shutdown.child_token());
         let pool = shared.state.pool().clone();
-        let anonymous = config.anonymous_role;
+        // The benchmark-only no-pipeline mode lets every request in as a cluster-admin.
+        let anonymous = if config.insecure_no_pipeline { Some(Role::ClusterAdmin) } else { config.anonymous_role };
         if let Some(role) = anonymous {
             tracing::warn!(role = role.as_str(), "HTTP requests without a bearer key are let in as `anonymous`");
         }

@@ -54,7 +54,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         prompts,
         authz,
         audit,
+        no_pipeline: config.insecure_no_pipeline,
     });
+    if config.insecure_no_pipeline {
+        tracing::warn!("--insecure-bench-no-pipeline: NO authentication, authorization, rate limits or audit");
+    }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
 
     let result = match config.http {
@@ -80,7 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => {
             tracing::info!("moat serving MCP on stdio");
-            let result = serve_stdio(shared, identity, config.max_body_bytes, shutdown.clone()).await;
+            let result = serve_stdio(shared.clone(), identity, config.max_body_bytes, shutdown.clone()).await;
             shutdown.cancel();
             result
         }
@@ -91,7 +95,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!(error = %e, "embedded node stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "embedded node task failed"),
     }
-    state.close().await;
+    shared.audit.shutdown().await;
+    if tokio::time::timeout(std::time::Duration::from_secs(5), state.close()).await.is_err() {
+        tracing::warn!("database connections still busy after 5 s; exiting anyway");
+    }
     tracing::info!("moat stopped");
     result
 }

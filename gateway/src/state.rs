@@ -98,7 +98,14 @@ impl State {
             .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(open_err)?;
+        // No ping before each acquire: it doubles every query's round trips to SQLite's worker
+        // thread, and a local file connection has nothing to go stale.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
         MIGRATOR.run(&pool).await.map_err(StateError::Migrate)?;
         Ok(State { pool, path: path.into() })
     }

