@@ -43,12 +43,16 @@ async fn run() {
         let full = sequential(FULL, http, version.clone(), n).await;
         let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
         for (name, s) in [("bare rmcp", &bare), (NONE.name(), &none), (FULL.name(), &full)] {
-            let vs_none = if name == FULL.name() { format!("{:+.0} µs", us(s.p50) - us(none.p50)) } else { "—".into() };
-            let vs_bare = if name == "bare rmcp" { "—".into() } else { format!("{:+.0} µs", us(s.p50) - us(bare.p50)) };
+            let vs_none =
+                if name == FULL.name() { format!("{:+.0} µs", us(s.p50) - us(none.p50)) } else { "—".into() };
+            let vs_bare =
+                if name == "bare rmcp" { "—".into() } else { format!("{:+.0} µs", us(s.p50) - us(bare.p50)) };
             println!("| {transport} | {name} | {:.0} | {:.0} | {vs_none} | {vs_bare} |", us(s.p50), us(s.p99));
         }
     }
-    println!("\nAudited calls per second, {CONCURRENCY} HTTP clients ({per_client} calls each; 2 audit records per call):\n");
+    println!(
+        "\nAudited calls per second, {CONCURRENCY} HTTP clients ({per_client} calls each; 2 audit records per call):\n"
+    );
     println!("| server | calls/s | audit records/s | p50 µs | p99 µs |");
     println!("|---|---|---|---|---|");
     for server in [NONE, FULL, FULL_POWER] {

@@ -7,12 +7,12 @@
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::oneshot;
 
-use crate::state::now;
+use crate::state::{Durability, now};
 
 /// The chain's anchor: the `prev_hash` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -134,38 +134,40 @@ struct Job {
     done: oneshot::Sender<Result<i64, AuditError>>,
 }
 
-/// Handle to the single audit writer.
+// Every message but the last is an Append; boxing it would allocate once more per record.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Append(Job),
+    /// Commit what is queued, then exit.
+    Stop,
+}
+
+/// Handle to the single audit writer: a thread owning its own SQLite connection.
+///
+/// Appends are the one database write on every call's path, so they bypass sqlx: its
+/// worker-thread hand-offs cost more than the commit itself (see BENCHMARKS.md).
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Job>,
-    stop: CancellationToken,
-    writer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    tx: std::sync::mpsc::Sender<Msg>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl AuditLog {
-    /// Starts the writer, continuing the chain from the last stored record.
-    pub async fn start(pool: SqlitePool) -> Result<AuditLog, sqlx::Error> {
-        let head = chain_head(&pool).await?;
-        let (tx, rx) = mpsc::channel(4096);
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(writer(pool, rx, head, stop.clone()));
-        Ok(AuditLog { tx, stop, writer: Arc::new(Mutex::new(Some(handle))) })
-    }
-
-    /// Commits what is queued, then stops the writer and releases its connection.
-    pub async fn shutdown(&self) {
-        self.stop.cancel();
-        let handle = self.writer.lock().expect("the writer handle lock is never poisoned").take();
-        if let Some(handle) = handle
-            && let Err(e) = handle.await
-        {
-            tracing::error!(error = %e, "audit writer task failed");
-        }
+    /// Starts the writer on the database at `path`, continuing the chain from its last record.
+    pub fn start(path: &Path, durability: Durability) -> Result<AuditLog, rusqlite::Error> {
+        let conn = crate::state::open_direct(path, durability)?;
+        let head = chain_head(&conn)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("moat-audit".into())
+            .spawn(move || writer(conn, rx, head))
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        Ok(AuditLog { tx, writer: Arc::new(Mutex::new(Some(handle))) })
     }
 
     /// Commits a call record; returns its sequence number once durable.
     pub async fn record_call(&self, call: &CallRecord) -> Result<i64, AuditError> {
-        self.append(Row {
+        let row = Row {
             ts: now(),
             kind: "call",
             ref_seq: None,
@@ -173,13 +175,15 @@ impl AuditLog {
             outcome: None,
             error_code: None,
             duration_us: None,
-        })
-        .await
+        };
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Msg::Append(Job { row, done })).map_err(|_| AuditError::Stopped)?;
+        wait.await.map_err(|_| AuditError::Stopped)?
     }
 
     /// Appends how the call recorded as `seq` ended, without waiting for the commit: the call
     /// itself was recorded before it ran, and a crash in between leaves it visibly without outcome.
-    pub async fn record_outcome(
+    pub fn record_outcome(
         &self,
         call: &CallRecord,
         seq: i64,
@@ -197,100 +201,105 @@ impl AuditLog {
             error_code,
             duration_us: Some(duration.as_micros().min(i64::MAX as u128) as i64),
         };
-        self.tx.send(Job { row, done }).await.map_err(|_| AuditError::Stopped)
+        self.tx.send(Msg::Append(Job { row, done })).map_err(|_| AuditError::Stopped)
     }
 
-    async fn append(&self, row: Row) -> Result<i64, AuditError> {
-        let (done, wait) = oneshot::channel();
-        self.tx.send(Job { row, done }).await.map_err(|_| AuditError::Stopped)?;
-        wait.await.map_err(|_| AuditError::Stopped)?
+    /// Commits what is queued, then stops the writer.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        let handle = self.writer.lock().expect("the writer handle lock is never poisoned").take();
+        if let Some(handle) = handle {
+            match tokio::task::spawn_blocking(move || handle.join()).await {
+                Ok(Ok(())) => {}
+                _ => tracing::error!("the audit writer thread panicked"),
+            }
+        }
     }
 }
 
-async fn chain_head(pool: &SqlitePool) -> Result<(i64, String), sqlx::Error> {
-    let last: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(pool).await?;
+fn chain_head(conn: &rusqlite::Connection) -> Result<(i64, String), rusqlite::Error> {
+    use rusqlite::OptionalExtension;
+    let last = conn
+        .query_row("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
     Ok(last.unwrap_or((0, GENESIS.to_string())))
 }
 
-async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, mut head: (i64, String), stop: CancellationToken) {
+const INSERT: &str = "INSERT INTO audit_log (seq, ts, kind, ref_seq, principal, role, transport, session, tool, \
+                      resource, decision, args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+
+fn writer(mut conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Msg>, mut head: (i64, String)) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    // A connection of its own: no pool hand-off on the hot path.
-    let mut conn = None;
     let mut stopping = false;
-    loop {
-        let received = tokio::select! {
-            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
-            _ = stop.cancelled(), if !stopping => {
-                // Refuse new records, then drain what is queued before exiting.
-                rx.close();
-                stopping = true;
-                continue;
+    while !stopping {
+        // Block for the first record, then take whatever else is queued: one commit for all.
+        match rx.recv() {
+            Ok(Msg::Append(job)) => batch.push(job),
+            Ok(Msg::Stop) | Err(_) => stopping = true,
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Append(job)) => batch.push(job),
+                Ok(Msg::Stop) => stopping = true,
+                Err(_) => break,
             }
-        };
-        if received == 0 {
-            break;
         }
-        let mut seq = head.0;
-        let mut prev = head.1.clone();
-        let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO audit_log (seq, ts, kind, ref_seq, principal, role, transport, session, tool, resource, \
-             decision, args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash) ",
-        );
-        let mut assigned = Vec::with_capacity(batch.len());
-        builder.push_values(batch.iter(), |mut b, job| {
-            seq += 1;
-            let hash = job.row.hash(&prev);
-            let r = &job.row;
-            b.push_bind(seq)
-                .push_bind(r.ts.clone())
-                .push_bind(r.kind)
-                .push_bind(r.ref_seq)
-                .push_bind(r.call.principal.clone())
-                .push_bind(r.call.role.clone())
-                .push_bind(r.call.transport.clone())
-                .push_bind(r.call.session.clone())
-                .push_bind(r.call.tool.clone())
-                .push_bind(r.call.resource.clone())
-                .push_bind(r.call.decision.as_str())
-                .push_bind(r.call.args_digest.clone())
-                .push_bind(r.call.args_shape.clone())
-                .push_bind(r.outcome)
-                .push_bind(r.error_code)
-                .push_bind(r.duration_us)
-                .push_bind(prev.clone())
-                .push_bind(hash.clone());
-            prev = hash;
-            assigned.push(seq);
-        });
-        // One statement is one implicit transaction: the whole batch commits or none of it does.
-        if conn.is_none() {
-            conn = pool.acquire().await.map_err(|e| tracing::error!(error = %e, "audit writer cannot get a connection")).ok();
+        if !batch.is_empty() {
+            commit(&mut conn, &mut head, &mut batch);
         }
-        let result = match conn.as_mut() {
-            Some(c) => builder.build().execute(&mut **c).await.map(|_| ()),
-            None => Err(sqlx::Error::PoolTimedOut),
-        };
-        if result.is_err() {
-            conn = None;
-        }
-        match result {
-            Ok(_) => {
-                head = (seq, prev);
-                for (job, seq) in batch.drain(..).zip(assigned) {
-                    let _ = job.done.send(Ok(seq));
-                }
+    }
+}
+
+fn commit(conn: &mut rusqlite::Connection, head: &mut (i64, String), batch: &mut Vec<Job>) {
+    let mut seq = head.0;
+    let mut prev = head.1.clone();
+    let result = (|| {
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(INSERT)?;
+            for job in batch.iter() {
+                seq += 1;
+                let hash = job.row.hash(&prev);
+                let r = &job.row;
+                stmt.execute(rusqlite::params![
+                    seq,
+                    r.ts,
+                    r.kind,
+                    r.ref_seq,
+                    r.call.principal,
+                    r.call.role,
+                    r.call.transport,
+                    r.call.session,
+                    r.call.tool,
+                    r.call.resource,
+                    r.call.decision.as_str(),
+                    r.call.args_digest,
+                    r.call.args_shape,
+                    r.outcome,
+                    r.error_code,
+                    r.duration_us,
+                    prev,
+                    hash,
+                ])?;
+                prev = hash;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "audit write failed; failing the calls it carried");
-                for job in batch.drain(..) {
-                    let _ = job.done.send(Err(AuditError::Write(e.to_string())));
-                }
-                // Re-read the head: nothing from this batch was committed.
-                match chain_head(&pool).await {
-                    Ok(h) => head = h,
-                    Err(e) => tracing::error!(error = %e, "cannot re-read the audit chain head"),
-                }
+        }
+        tx.commit()
+    })();
+    match result {
+        Ok(()) => {
+            let first = head.0 + 1;
+            *head = (seq, prev);
+            for (i, job) in batch.drain(..).enumerate() {
+                let _ = job.done.send(Ok(first + i as i64));
+            }
+        }
+        Err(e) => {
+            // The transaction rolled back: nothing of this batch exists, the head is unchanged.
+            tracing::error!(error = %e, "audit write failed; failing the calls it carried");
+            for job in batch.drain(..) {
+                let _ = job.done.send(Err(AuditError::Write(e.to_string())));
             }
         }
     }

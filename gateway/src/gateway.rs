@@ -45,6 +45,7 @@ pub struct Shared {
     pub prompts: Prompts,
     pub authz: Authz,
     pub audit: AuditLog,
+    pub keys: keys::KeyChecker,
     /// Benchmarks only: validate and dispatch, nothing else (see `--insecure-bench-no-pipeline`).
     pub no_pipeline: bool,
 }
@@ -92,9 +93,8 @@ impl Gateway {
         let (principal, session) = match (&self.stdio, parts) {
             (Some(StdioIdentity::Operator(p)), _) => (p.clone(), None),
             (Some(StdioIdentity::Key(key)), _) => {
-                let principal = keys::authenticate(self.shared.state.pool(), key)
-                    .await
-                    .map_err(|e| refused(format!("MOAT_API_KEY refused: {e}")))?;
+                let principal =
+                    self.shared.keys.check(key).map_err(|e| refused(format!("MOAT_API_KEY refused: {e}")))?;
                 (principal, None)
             }
             (None, Some(parts)) => {
@@ -200,7 +200,6 @@ impl Gateway {
         self.shared
             .audit
             .record_outcome(&record, seq, outcome, code, started.elapsed())
-            .await
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
         answer
     }

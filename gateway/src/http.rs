@@ -18,18 +18,17 @@ use rmcp::model::ErrorCode;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::json;
-use sqlx::SqlitePool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::gateway::{Gateway, Shared, UNAUTHENTICATED};
-use crate::keys::{self, AuthError};
+use crate::keys::AuthError;
 use crate::principal::{Principal, Role};
 
 /// Resolves `Authorization: Bearer <key>` to a principal (attached to the request for the
 /// MCP handler) or answers 401 with `WWW-Authenticate`. The key is checked against the
 /// database on every request, so revocation and expiry take effect at once.
-async fn bearer_auth(mut req: Request, next: Next, pool: SqlitePool, anonymous: Option<Role>) -> Response {
+async fn bearer_auth(mut req: Request, next: Next, shared: Arc<Shared>, anonymous: Option<Role>) -> Response {
     let token = req
         .headers()
         .get(AUTHORIZATION)
@@ -39,7 +38,7 @@ async fn bearer_auth(mut req: Request, next: Next, pool: SqlitePool, anonymous: 
     let result = match (token, anonymous) {
         (None, Some(role)) => Ok(Principal::anonymous(role)),
         (None, None) => Err(AuthError::Missing),
-        (Some(key), _) => keys::authenticate(&pool, key).await,
+        (Some(key), _) => shared.keys.check(key),
     };
     match result {
         Ok(principal) => {
@@ -108,7 +107,7 @@ impl HttpServer {
             .with_allowed_hosts(config.allowed_hosts.clone())
             .with_max_request_body_bytes(config.max_body_bytes)
             .with_cancellation_token(shutdown.child_token());
-        let pool = shared.state.pool().clone();
+        let checker = shared.clone();
         // The benchmark-only no-pipeline mode lets every request in as a cluster-admin.
         let anonymous = if config.insecure_no_pipeline { Some(Role::ClusterAdmin) } else { config.anonymous_role };
         if let Some(role) = anonymous {
@@ -124,7 +123,9 @@ impl HttpServer {
         let mcp = Router::new()
             .route_service("/mcp", mcp)
             .route_layer(axum::middleware::from_fn(move |req, next| jsonrpc_guard(req, next, limit)))
-            .route_layer(axum::middleware::from_fn(move |req, next| bearer_auth(req, next, pool.clone(), anonymous)));
+            .route_layer(axum::middleware::from_fn(move |req, next| {
+                bearer_auth(req, next, checker.clone(), anonymous)
+            }));
         let router = Router::new()
             .route(
                 "/healthz",

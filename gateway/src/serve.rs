@@ -26,15 +26,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Prompts::load(config.prompts_dir.as_deref()).context("prompts are invalid; fix the file named above")?;
     let authz = Authz::load(&config.policies).context("policies are invalid; fix the file named above")?;
     let state = State::open_with(&config.db_path(), config.durability).await?;
+    let key_checker = keys::KeyChecker::open(&config.db_path()).context("cannot open the key store")?;
     let identity = match &config.api_key {
         Some(key) => {
-            let principal = keys::authenticate(state.pool(), key).await.context("MOAT_API_KEY is not usable")?;
+            let principal = key_checker.check(key).context("MOAT_API_KEY is not usable")?;
             tracing::info!(principal = %principal.name, role = principal.role.as_str(), "stdio authenticated by API key");
             StdioIdentity::Key(key.clone())
         }
         None => StdioIdentity::Operator(Principal { name: config.operator.clone(), role: config.operator_role }),
     };
-    let audit = AuditLog::start(state.pool().clone()).await.context("cannot open the audit log")?;
+    let audit = AuditLog::start(&config.db_path(), config.durability).context("cannot open the audit log")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
@@ -54,6 +55,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         prompts,
         authz,
         audit,
+        keys: key_checker,
         no_pipeline: config.insecure_no_pipeline,
     });
     if config.insecure_no_pipeline {

@@ -201,6 +201,21 @@ impl State {
     }
 }
 
+/// A direct (rusqlite) connection to an already-migrated database, for the per-call hot
+/// paths (audit appends, key checks) where sqlx-sqlite's worker-thread hand-offs cost more
+/// than the query. Same SQLite library, same settings as the pool.
+pub fn open_direct(path: &Path, durability: Durability) -> Result<rusqlite::Connection, rusqlite::Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let synchronous = match durability {
+        Durability::Process => "NORMAL",
+        Durability::Power => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    Ok(conn)
+}
+
 /// RFC 3339 UTC with milliseconds, computed without a date crate.
 pub fn now() -> String {
     rfc3339_after(Duration::ZERO)

@@ -93,7 +93,11 @@ pub mod bare {
 #[derive(Clone, Copy, PartialEq)]
 pub enum Server {
     /// `moat serve` plus these arguments; `key_role` makes the client authenticate with a fresh key.
-    Moat { label: &'static str, args: &'static [&'static str], key_role: Option<&'static str> },
+    Moat {
+        label: &'static str,
+        args: &'static [&'static str],
+        key_role: Option<&'static str>,
+    },
     Bare,
 }
 
@@ -156,7 +160,11 @@ fn client_config(version: ProtocolVersion) -> ClientConfig {
     c
 }
 
-async fn http_client(url: &str, key: Option<&str>, version: ProtocolVersion) -> RunningService<RoleClient, ClientConfig> {
+async fn http_client(
+    url: &str,
+    key: Option<&str>,
+    version: ProtocolVersion,
+) -> RunningService<RoleClient, ClientConfig> {
     let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_string());
     if let Some(key) = key {
         config = config.auth_header(key.to_string());
