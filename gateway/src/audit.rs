@@ -134,35 +134,37 @@ struct Job {
     done: oneshot::Sender<Result<i64, AuditError>>,
 }
 
-// Every message but the last is an Append; boxing it would allocate once more per record.
-#[allow(clippy::large_enum_variant)]
-enum Msg {
-    Append(Job),
-    /// Commit what is queued, then exit.
-    Stop,
+/// Records waiting to be committed, and whether some task is committing now.
+#[derive(Default)]
+struct Pending {
+    jobs: Vec<Job>,
+    committing: bool,
 }
 
-/// Handle to the single audit writer: a thread owning its own SQLite connection.
+struct Inner {
+    pending: Mutex<Pending>,
+    /// The connection and the chain head (last seq, last hash); only the committing task holds it.
+    writer: Mutex<(rusqlite::Connection, (i64, String))>,
+}
+
+/// The audit log's single writer, as group commit without a dedicated thread: the task that
+/// finds nobody committing becomes the committer and writes every queued record in one
+/// transaction. Alone, a call commits its own record with no hand-off at all; under load,
+/// records that arrive during a commit share the next one.
 ///
-/// Appends are the one database write on every call's path, so they bypass sqlx: its
-/// worker-thread hand-offs cost more than the commit itself (see BENCHMARKS.md).
+/// Appends bypass sqlx: its hand-off to a worker thread per statement costs more than the
+/// commit itself (see BENCHMARKS.md).
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: std::sync::mpsc::Sender<Msg>,
-    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    inner: Arc<Inner>,
 }
 
 impl AuditLog {
-    /// Starts the writer on the database at `path`, continuing the chain from its last record.
+    /// Opens the writer on the database at `path`, continuing the chain from its last record.
     pub fn start(path: &Path, durability: Durability) -> Result<AuditLog, rusqlite::Error> {
         let conn = crate::state::open_direct(path, durability)?;
         let head = chain_head(&conn)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("moat-audit".into())
-            .spawn(move || writer(conn, rx, head))
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        Ok(AuditLog { tx, writer: Arc::new(Mutex::new(Some(handle))) })
+        Ok(AuditLog { inner: Arc::new(Inner { pending: Mutex::default(), writer: Mutex::new((conn, head)) }) })
     }
 
     /// Commits a call record; returns its sequence number once durable.
@@ -177,7 +179,9 @@ impl AuditLog {
             duration_us: None,
         };
         let (done, wait) = oneshot::channel();
-        self.tx.send(Msg::Append(Job { row, done })).map_err(|_| AuditError::Stopped)?;
+        if self.enqueue(Job { row, done }) {
+            self.commit_rounds(true);
+        }
         wait.await.map_err(|_| AuditError::Stopped)?
     }
 
@@ -190,7 +194,7 @@ impl AuditLog {
         outcome: Outcome,
         error_code: Option<i64>,
         duration: std::time::Duration,
-    ) -> Result<(), AuditError> {
+    ) {
         let (done, _ignored) = oneshot::channel();
         let row = Row {
             ts: now(),
@@ -201,19 +205,70 @@ impl AuditLog {
             error_code,
             duration_us: Some(duration.as_micros().min(i64::MAX as u128) as i64),
         };
-        self.tx.send(Msg::Append(Job { row, done })).map_err(|_| AuditError::Stopped)
+        if self.enqueue(Job { row, done }) {
+            // Commit in the background: the answer need not wait for its outcome record.
+            let log = self.clone();
+            tokio::spawn(async move { log.commit_rounds(false) });
+        }
     }
 
-    /// Commits what is queued, then stops the writer.
-    pub async fn shutdown(&self) {
-        let _ = self.tx.send(Msg::Stop);
-        let handle = self.writer.lock().expect("the writer handle lock is never poisoned").take();
-        if let Some(handle) = handle {
-            match tokio::task::spawn_blocking(move || handle.join()).await {
-                Ok(Ok(())) => {}
-                _ => tracing::error!("the audit writer thread panicked"),
+    /// Queues a job; true if the caller must now commit (nobody else is).
+    fn enqueue(&self, job: Job) -> bool {
+        let mut p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
+        p.jobs.push(job);
+        !std::mem::replace(&mut p.committing, true)
+    }
+
+    /// Commits queued records until the queue is empty. A call's own task stops after the first
+    /// round (which holds its record) and hands any newer records to a background task.
+    fn commit_rounds(&self, handing_over: bool) {
+        loop {
+            let mut batch = {
+                let mut p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
+                if p.jobs.is_empty() {
+                    p.committing = false;
+                    return;
+                }
+                let n = p.jobs.len().min(MAX_BATCH);
+                p.jobs.drain(..n).collect::<Vec<_>>()
+            };
+            let mut writer = self.inner.writer.lock().expect("the audit writer lock is never poisoned");
+            let (conn, head) = &mut *writer;
+            let is_multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if is_multi_thread {
+                // An fsync (--durability power) can take milliseconds; let other tasks move on.
+                tokio::task::block_in_place(|| commit(conn, head, &mut batch));
+            } else {
+                commit(conn, head, &mut batch);
+            }
+            drop(writer);
+            if handing_over {
+                let mut p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
+                if p.jobs.is_empty() {
+                    p.committing = false;
+                } else {
+                    drop(p);
+                    let log = self.clone();
+                    tokio::spawn(async move { log.commit_rounds(false) });
+                }
+                return;
             }
         }
+    }
+
+    /// Waits until every queued record is committed (at most 5 s).
+    pub async fn shutdown(&self) {
+        for _ in 0..500 {
+            {
+                let p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
+                if p.jobs.is_empty() && !p.committing {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tracing::error!("audit records still queued after 5 s at shutdown");
     }
 }
 
@@ -228,28 +283,6 @@ fn chain_head(conn: &rusqlite::Connection) -> Result<(i64, String), rusqlite::Er
 const INSERT: &str = "INSERT INTO audit_log (seq, ts, kind, ref_seq, principal, role, transport, session, tool, \
                       resource, decision, args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash) \
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
-
-fn writer(mut conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Msg>, mut head: (i64, String)) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut stopping = false;
-    while !stopping {
-        // Block for the first record, then take whatever else is queued: one commit for all.
-        match rx.recv() {
-            Ok(Msg::Append(job)) => batch.push(job),
-            Ok(Msg::Stop) | Err(_) => stopping = true,
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(Msg::Append(job)) => batch.push(job),
-                Ok(Msg::Stop) => stopping = true,
-                Err(_) => break,
-            }
-        }
-        if !batch.is_empty() {
-            commit(&mut conn, &mut head, &mut batch);
-        }
-    }
-}
 
 fn commit(conn: &mut rusqlite::Connection, head: &mut (i64, String), batch: &mut Vec<Job>) {
     let mut seq = head.0;
@@ -538,6 +571,51 @@ pub async fn export(pool: &SqlitePool, mut each: impl FnMut(Value)) -> Result<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(i: usize) -> CallRecord {
+        CallRecord {
+            principal: format!("p{}", i % 3),
+            role: "agent".into(),
+            transport: "stdio".into(),
+            session: None,
+            tool: "whoami".into(),
+            resource: None,
+            decision: Decision::Allowed,
+            args_digest: args_digest(None),
+            args_shape: args_shape(None),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_form_one_unbroken_chain_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moat.db");
+        let state = crate::state::State::open(&path).await.unwrap();
+        for round in 0..2 {
+            let log = AuditLog::start(&path, Durability::Process).unwrap();
+            let tasks: Vec<_> = (0..64)
+                .map(|i| {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let r = record(i);
+                        let seq = log.record_call(&r).await.unwrap();
+                        log.record_outcome(&r, seq, Outcome::Ok, None, std::time::Duration::from_micros(5));
+                        seq
+                    })
+                })
+                .collect();
+            let mut seqs: Vec<i64> = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+            log.shutdown().await;
+            seqs.sort();
+            seqs.dedup();
+            assert_eq!(seqs.len(), 64, "round {round}: every call got its own seq");
+            let report = verify(state.pool()).await.unwrap();
+            assert_eq!(report, VerifyReport { checked: 128 * (round + 1), problem: None });
+        }
+        let outcomes = query(state.pool(), &Filter { limit: 1000, ..Filter::default() }).await.unwrap();
+        assert_eq!(outcomes.len(), 128);
+        assert!(outcomes.iter().all(|r| r.outcome.as_deref() == Some("ok")));
+    }
 
     #[test]
     fn digest_ignores_key_order_and_shape_hides_values() {
