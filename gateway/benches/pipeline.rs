@@ -35,8 +35,10 @@ async fn run() {
     let per_client = env_usize("MOAT_BENCH_CONC_N", 300);
     let version = ProtocolVersion::V_2025_11_25;
     println!("Latency, sequential calls ({n} each, protocol {version}):\n");
-    println!("| transport | server | p50 µs | p99 µs | p50 added vs no pipeline | p50 added vs bare |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| transport | server | p50 µs | p99 µs | p50 added vs no pipeline | p50 added vs bare | inside moat p50 µs |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (transport, http) in [("stdio", false), ("http", true)] {
         let bare = sequential(Server::Bare, http, version.clone(), n).await;
         let none = sequential(NONE, http, version.clone(), n).await;
@@ -47,7 +49,12 @@ async fn run() {
                 if name == FULL.name() { format!("{:+.0} µs", us(s.p50) - us(none.p50)) } else { "—".into() };
             let vs_bare =
                 if name == "bare rmcp" { "—".into() } else { format!("{:+.0} µs", us(s.p50) - us(bare.p50)) };
-            println!("| {transport} | {name} | {:.0} | {:.0} | {vs_none} | {vs_bare} |", us(s.p50), us(s.p99));
+            let inside = s.server_p50.map_or("—".into(), |d| format!("{:.1}", us(d)));
+            println!(
+                "| {transport} | {name} | {:.0} | {:.0} | {vs_none} | {vs_bare} | {inside} |",
+                us(s.p50),
+                us(s.p99)
+            );
         }
     }
     println!(

@@ -87,38 +87,66 @@ impl Row {
     /// The hashed content: everything but `seq`, so a moved row breaks the chain's links
     /// (reported as reordered) while a changed field breaks its own hash (reported as edited).
     fn hash(&self, prev_hash: &str) -> String {
+        use Field::{Int, Text};
+        let c = &self.call;
         row_hash(
             prev_hash,
-            &json!([
-                self.ts,
-                self.kind,
-                self.ref_seq,
-                self.call.principal,
-                self.call.role,
-                self.call.transport,
-                self.call.session,
-                self.call.tool,
-                self.call.resource,
-                self.call.decision.as_str(),
-                self.call.args_digest,
-                self.call.args_shape,
-                self.outcome,
-                self.error_code,
-                self.duration_us,
-            ]),
+            &[
+                Text(Some(&self.ts)),
+                Text(Some(self.kind)),
+                Int(self.ref_seq),
+                Text(Some(&c.principal)),
+                Text(Some(&c.role)),
+                Text(Some(&c.transport)),
+                Text(c.session.as_deref()),
+                Text(Some(&c.tool)),
+                Text(c.resource.as_deref()),
+                Text(Some(c.decision.as_str())),
+                Text(Some(&c.args_digest)),
+                Text(Some(&c.args_shape)),
+                Text(self.outcome),
+                Int(self.error_code),
+                Int(self.duration_us),
+            ],
         )
     }
 }
 
-fn row_hash(prev_hash: &str, content: &Value) -> String {
+/// One hashed field. Each is tagged and length-prefixed, so no two records hash alike by
+/// shifting text between fields, and an absent value differs from an empty one.
+enum Field<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+}
+
+fn row_hash(prev_hash: &str, fields: &[Field<'_>]) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
-    h.update(content.to_string().as_bytes());
+    for field in fields {
+        match field {
+            Field::Text(None) | Field::Int(None) => h.update([0u8]),
+            Field::Text(Some(text)) => {
+                h.update([1u8]);
+                h.update((text.len() as u64).to_le_bytes());
+                h.update(text.as_bytes());
+            }
+            Field::Int(Some(n)) => {
+                h.update([2u8]);
+                h.update(n.to_le_bytes());
+            }
+        }
+    }
     hex(&h.finalize())
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -139,12 +167,19 @@ struct Job {
 struct Pending {
     jobs: Vec<Job>,
     committing: bool,
+    /// A delayed commit of queued outcomes is scheduled.
+    flush_scheduled: bool,
 }
+
+/// How long an outcome may wait to share the next call's commit before it is committed alone.
+const OUTCOME_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 struct Inner {
     pending: Mutex<Pending>,
     /// The connection and the chain head (last seq, last hash); only the committing task holds it.
     writer: Mutex<(rusqlite::Connection, (i64, String))>,
+    /// Whether a commit waits for an fsync (milliseconds) rather than a WAL append (microseconds).
+    fsync: bool,
 }
 
 /// The audit log's single writer, as group commit without a dedicated thread: the task that
@@ -164,7 +199,8 @@ impl AuditLog {
     pub fn start(path: &Path, durability: Durability) -> Result<AuditLog, rusqlite::Error> {
         let conn = crate::state::open_direct(path, durability)?;
         let head = chain_head(&conn)?;
-        Ok(AuditLog { inner: Arc::new(Inner { pending: Mutex::default(), writer: Mutex::new((conn, head)) }) })
+        let fsync = durability == Durability::Power;
+        Ok(AuditLog { inner: Arc::new(Inner { pending: Mutex::default(), writer: Mutex::new((conn, head)), fsync }) })
     }
 
     /// Commits a call record; returns its sequence number once durable.
@@ -205,10 +241,24 @@ impl AuditLog {
             error_code,
             duration_us: Some(duration.as_micros().min(i64::MAX as u128) as i64),
         };
-        if self.enqueue(Job { row, done }) {
-            // Commit in the background: the answer need not wait for its outcome record.
+        // The answer need not wait for its outcome record: it rides along with the next commit
+        // (usually the next call's own record), or is committed alone after a short linger.
+        let mut p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
+        p.jobs.push(Job { row, done });
+        if !p.committing && !std::mem::replace(&mut p.flush_scheduled, true) {
+            drop(p);
             let log = self.clone();
-            tokio::spawn(async move { log.commit_rounds(false) });
+            tokio::spawn(async move {
+                tokio::time::sleep(OUTCOME_LINGER).await;
+                let must_commit = {
+                    let mut p = log.inner.pending.lock().expect("the audit queue lock is never poisoned");
+                    p.flush_scheduled = false;
+                    !p.jobs.is_empty() && !std::mem::replace(&mut p.committing, true)
+                };
+                if must_commit {
+                    log.commit_rounds(false);
+                }
+            });
         }
     }
 
@@ -236,8 +286,9 @@ impl AuditLog {
             let (conn, head) = &mut *writer;
             let is_multi_thread = tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-            if is_multi_thread {
-                // An fsync (--durability power) can take milliseconds; let other tasks move on.
+            if self.inner.fsync && is_multi_thread {
+                // An fsync can take milliseconds; let this worker's other tasks move elsewhere.
+                // (A WAL append takes microseconds: cheaper than handing the worker off.)
                 tokio::task::block_in_place(|| commit(conn, head, &mut batch));
             } else {
                 commit(conn, head, &mut batch);
@@ -262,7 +313,7 @@ impl AuditLog {
         for _ in 0..500 {
             {
                 let p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
-                if p.jobs.is_empty() && !p.committing {
+                if p.jobs.is_empty() && !p.committing && !p.flush_scheduled {
                     return;
                 }
             }
@@ -426,24 +477,28 @@ struct StoredRow {
 }
 
 impl StoredRow {
-    fn content(&self) -> Value {
-        json!([
-            self.ts,
-            self.kind,
-            self.ref_seq,
-            self.principal,
-            self.role,
-            self.transport,
-            self.session,
-            self.tool,
-            self.resource,
-            self.decision,
-            self.args_digest,
-            self.args_shape,
-            self.outcome,
-            self.error_code,
-            self.duration_us,
-        ])
+    fn hash_with(&self, prev_hash: &str) -> String {
+        use Field::{Int, Text};
+        row_hash(
+            prev_hash,
+            &[
+                Text(Some(&self.ts)),
+                Text(Some(&self.kind)),
+                Int(self.ref_seq),
+                Text(Some(&self.principal)),
+                Text(Some(&self.role)),
+                Text(Some(&self.transport)),
+                Text(self.session.as_deref()),
+                Text(Some(&self.tool)),
+                Text(self.resource.as_deref()),
+                Text(Some(&self.decision)),
+                Text(Some(&self.args_digest)),
+                Text(Some(&self.args_shape)),
+                Text(self.outcome.as_deref()),
+                Int(self.error_code),
+                Int(self.duration_us),
+            ],
+        )
     }
 }
 
@@ -458,7 +513,7 @@ pub async fn verify(pool: &SqlitePool) -> Result<VerifyReport, sqlx::Error> {
     let (mut last_seq, mut last_hash, mut checked) = (0i64, GENESIS.to_string(), 0u64);
     while let Some(r) = rows.try_next().await? {
         let (seq, prev_hash, hash) = (r.seq, r.prev_hash.clone(), r.hash.clone());
-        let problem = if row_hash(&prev_hash, &r.content()) != hash {
+        let problem = if r.hash_with(&prev_hash) != hash {
             Some(ChainProblem::Edited { seq })
         } else if seq != last_seq + 1 {
             Some(ChainProblem::Missing { after: last_seq, next: seq })

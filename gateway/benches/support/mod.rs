@@ -148,6 +148,8 @@ impl Server {
 
 pub struct Connection {
     pub client: RunningService<RoleClient, ClientConfig>,
+    /// moat's stderr on stdio runs: its per-call debug lines carry the server-side time.
+    server_log: Option<std::path::PathBuf>,
     url: Option<String>,
     key: Option<String>,
     _server: Option<tokio::process::Child>,
@@ -179,10 +181,19 @@ pub async fn connect(server: Server, http: bool, version: ProtocolVersion) -> Co
     let mut cmd = server.command(home.path(), http);
     if !http {
         // On stdio moat serves the local operator, as Claude Code and Claude Desktop run it.
-        cmd.stderr(Stdio::null());
+        let server_log = matches!(server, Server::Moat { .. }).then(|| home.path().join("server.log"));
+        match &server_log {
+            Some(path) => {
+                cmd.env("MOAT_LOG", "warn,moat_gateway::gateway=debug");
+                cmd.stderr(std::fs::File::create(path).expect("log file"));
+            }
+            None => {
+                cmd.stderr(Stdio::null());
+            }
+        }
         let transport = TokioChildProcess::new(cmd).expect("spawn server");
         let client = client_config(version).serve(transport).await.expect("MCP initialize over stdio");
-        return Connection { client, url: None, key, _server: None, _home: home };
+        return Connection { client, server_log, url: None, key, _server: None, _home: home };
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn server");
@@ -195,7 +206,7 @@ pub async fn connect(server: Server, http: bool, version: ProtocolVersion) -> Co
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let client = http_client(&url, key.as_deref(), version).await;
-    Connection { client, url: Some(url), key, _server: Some(child), _home: home }
+    Connection { client, server_log: None, url: Some(url), key, _server: Some(child), _home: home }
 }
 
 pub async fn whoami(client: &RunningService<RoleClient, ClientConfig>) -> Duration {
@@ -210,12 +221,14 @@ pub struct Stats {
     pub p50: Duration,
     pub p99: Duration,
     pub per_sec: f64,
+    /// Inside moat, from `tools/call` arriving to its answer being ready (stdio runs of moat only).
+    pub server_p50: Option<Duration>,
 }
 
 fn stats(mut samples: Vec<Duration>, wall: Duration) -> Stats {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    Stats { p50: at(0.50), p99: at(0.99), per_sec: samples.len() as f64 / wall.as_secs_f64() }
+    Stats { p50: at(0.50), p99: at(0.99), per_sec: samples.len() as f64 / wall.as_secs_f64(), server_p50: None }
 }
 
 pub async fn sequential(server: Server, http: bool, version: ProtocolVersion, n: usize) -> Stats {
@@ -228,7 +241,31 @@ pub async fn sequential(server: Server, http: bool, version: ProtocolVersion, n:
     for _ in 0..n {
         samples.push(whoami(&conn.client).await);
     }
-    stats(samples, started.elapsed())
+    let mut result = stats(samples, started.elapsed());
+    if let Some(path) = &conn.server_log {
+        // Give the server a moment to flush its last lines, then skip the warm-up calls.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let mut inside: Vec<Duration> = log.lines().filter_map(elapsed_of).skip(n / 10).collect();
+        inside.sort();
+        result.server_p50 = inside.get(inside.len() / 2).copied();
+    }
+    result
+}
+
+/// Parses `elapsed=12.3µs` (tracing's Debug of a Duration) from a log line.
+fn elapsed_of(line: &str) -> Option<Duration> {
+    let rest = line.split("elapsed=").nth(1)?.split_whitespace().next()?;
+    let (number, unit) = rest.split_at(rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?);
+    let value: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "ns" => value / 1e9,
+        "µs" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
 }
 
 /// 16 clients, each with its own connection (and, on stdio, its own server process).
@@ -242,7 +279,7 @@ pub async fn concurrent(server: Server, http: bool, version: ProtocolVersion, pe
         for _ in 1..CONCURRENCY {
             let client = http_client(&url, key.as_deref(), version.clone()).await;
             let home = tempfile::tempdir().expect("temp dir");
-            conns.push(Connection { client, url: None, key: None, _server: None, _home: home });
+            conns.push(Connection { client, server_log: None, url: None, key: None, _server: None, _home: home });
         }
     } else {
         for _ in 0..CONCURRENCY {
