@@ -182,16 +182,14 @@ pub async fn connect(server: Server, http: bool, version: ProtocolVersion) -> Co
     if !http {
         // On stdio moat serves the local operator, as Claude Code and Claude Desktop run it.
         let server_log = matches!(server, Server::Moat { .. }).then(|| home.path().join("server.log"));
-        match &server_log {
+        let stderr: Stdio = match &server_log {
             Some(path) => {
                 cmd.env("MOAT_LOG", "warn,moat_gateway::gateway=debug");
-                cmd.stderr(std::fs::File::create(path).expect("log file"));
+                std::fs::File::create(path).expect("log file").into()
             }
-            None => {
-                cmd.stderr(Stdio::null());
-            }
-        }
-        let transport = TokioChildProcess::new(cmd).expect("spawn server");
+            None => Stdio::null(),
+        };
+        let (transport, _) = TokioChildProcess::builder(cmd).stderr(stderr).spawn().expect("spawn server");
         let client = client_config(version).serve(transport).await.expect("MCP initialize over stdio");
         return Connection { client, server_log, url: None, key, _server: None, _home: home };
     }
