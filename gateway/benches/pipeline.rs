@@ -24,10 +24,7 @@ const FULL_POWER: Server = Server::Moat {
 };
 
 fn main() {
-    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    if !support::run_bare_if_asked(&rt) {
-        rt.block_on(run());
-    }
+    support::main(run);
 }
 
 async fn run() {

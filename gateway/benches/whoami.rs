@@ -19,10 +19,7 @@ use support::{CONCURRENCY, Server, concurrent, env_usize, sequential};
 const MOAT: Server = Server::Moat { label: "moat", args: &[], key_role: Some("cluster-admin") };
 
 fn main() {
-    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    if !support::run_bare_if_asked(&rt) {
-        rt.block_on(run());
-    }
+    support::main(run);
 }
 
 async fn run() {

@@ -19,14 +19,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 pub const CONCURRENCY: usize = 16;
 
-/// Runs the bare server when this bench binary was re-executed as one; returns false otherwise.
-pub fn run_bare_if_asked(rt: &tokio::runtime::Runtime) -> bool {
+/// A bench binary's `main`: serves as the bare server when re-executed as one, else runs `bench`.
+pub fn main<F: std::future::Future<Output = ()>>(bench: impl FnOnce() -> F) {
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
     match std::env::args().nth(1).as_deref() {
         Some("--bare-stdio") => rt.block_on(bare::stdio()),
         Some("--bare-http") => rt.block_on(bare::http()),
-        _ => return false,
+        _ => rt.block_on(bench()),
     }
-    true
 }
 
 /// The same tool on the plainest rmcp server: no pipeline, no state, no node.
