@@ -136,7 +136,7 @@ impl Gateway {
             role: ctx.principal.role.as_str().to_string(),
             transport: ctx.transport.as_str().to_string(),
             session: ctx.session.clone(),
-            tool: request.name.to_string(),
+            tool: bounded(&request.name),
             resource: None,
             decision: Decision::Denied,
             args_digest: audit::args_digest(request.arguments.as_ref()),
@@ -164,6 +164,7 @@ impl Gateway {
             ErrorData::internal_error(format!("{e}: this is a moat bug, please report it"), None)
         })?;
         let spec = self.shared.catalog.spec(tool);
+        // Nodes and the cluster have no owner; owned kinds (VMs, workspaces) bring their owner here.
         let resource = match call.resource_id() {
             Some(id) => ResourceRef { kind: spec.resource, id: id.to_string(), owner: None, labels: Vec::new() },
             None => ResourceRef::cluster(),
@@ -216,8 +217,17 @@ fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorDat
     }
 }
 
+/// A caller-supplied name as moat repeats it (in errors and the audit log): at most 128 characters.
+fn bounded(name: &str) -> String {
+    match name.char_indices().nth(128) {
+        Some((cut, _)) => format!("{}…", &name[..cut]),
+        None => name.to_string(),
+    }
+}
+
 /// The answer for a tool that does not exist, and for one the caller may never call.
 fn unknown_tool(name: &str) -> ErrorData {
+    let name = bounded(name);
     ErrorData::new(
         ErrorCode::INVALID_PARAMS,
         format!("unknown tool `{name}`; tools/list shows the tools you can call"),
@@ -371,5 +381,19 @@ impl ServerHandler for Gateway {
             meta: None,
         };
         Ok(ReadResourceResult::new(vec![contents]).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_names_are_bounded() {
+        assert_eq!(bounded("whoami"), "whoami");
+        let long = "é".repeat(300);
+        let shown = bounded(&long);
+        assert_eq!(shown.chars().count(), 129, "128 characters and an ellipsis");
+        assert!(unknown_tool(&long).message.len() < 400);
     }
 }
