@@ -601,6 +601,11 @@ pub async fn query(pool: &SqlitePool, filter: &Filter) -> Result<Vec<moat_tools:
         .collect())
 }
 
+/// How many records the log holds, and the time of the newest.
+pub async fn summary(pool: &SqlitePool) -> Result<(i64, Option<String>), sqlx::Error> {
+    sqlx::query_as("SELECT COUNT(*), MAX(ts) FROM audit_log").fetch_one(pool).await
+}
+
 /// Every stored row in sequence order as JSON objects, hashes included, for `moat audit export`.
 pub async fn export(pool: &SqlitePool, mut each: impl FnMut(Value)) -> Result<u64, sqlx::Error> {
     use futures::TryStreamExt;

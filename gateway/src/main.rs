@@ -140,6 +140,15 @@ async fn main() -> anyhow::Result<()> {
             println!("config:          {}{found}", config.config_path.display());
             println!("database:        {}", state.path().display());
             println!("schema version:  {}", state.schema_version().await?);
+            let now = moat_gateway::state::now();
+            let active = keys::list(state.pool())
+                .await?
+                .iter()
+                .filter(|k| k.revoked_at.is_none() && k.expires_at.as_ref().is_none_or(|at| *at > now))
+                .count();
+            println!("active API keys: {active}");
+            let (records, last) = audit::summary(state.pool()).await?;
+            println!("audit records:   {records}{}", last.map(|ts| format!(" (last {ts})")).unwrap_or_default());
             let nodes = state.nodes().await?;
             println!("nodes:           {}", nodes.len());
             for n in nodes {

@@ -48,8 +48,7 @@ async fn session_clients_get_a_session_and_whoami_shows_it() {
         .post(&moat.url)
         .bearer_auth(&moat.key)
         .header(ACCEPT, ACCEPT_BOTH)
-        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}))
+        .json(&common::initialize_request())
         .send()
         .await
         .unwrap();
@@ -141,8 +140,7 @@ async fn foreign_host_headers_are_refused() {
         .bearer_auth(&moat.key)
         .header(HOST, format!("moat.internal:{}", moat.port()))
         .header(ACCEPT, ACCEPT_BOTH)
-        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}))
+        .json(&common::initialize_request())
         .send()
         .await
         .unwrap();

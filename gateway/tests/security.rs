@@ -87,11 +87,7 @@ async fn post_ping(url: &str, key: Option<&str>, host: Option<&str>) -> reqwest:
     if let Some(host) = host {
         req = req.header(HOST, host);
     }
-    req.json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}))
-        .send()
-        .await
-        .unwrap()
+    req.json(&common::initialize_request()).send().await.unwrap()
 }
 
 #[tokio::test]

@@ -172,6 +172,9 @@ async fn status_reports_paths_schema_and_nodes() {
     assert!(stdout.contains("not present; defaults in use"), "{stdout}");
     assert!(stdout.contains(&home.state_dir().join("moat.db").display().to_string()), "{stdout}");
     assert!(stdout.contains("schema version:  2"), "{stdout}");
+    assert!(stdout.contains("active API keys: 0"), "{stdout}");
+    // node_list's call record and its outcome.
+    assert!(stdout.contains("audit records:   2 (last 20"), "{stdout}");
     let local = stdout.lines().find(|l| l.trim_start().starts_with("local ")).expect("local node listed");
     assert!(!local.contains("last seen never"), "the node_list call recorded contact: {local}");
 }

@@ -172,6 +172,12 @@ pub async fn wait_for_field(child: &mut Child, marker: &str, field: &str) -> (St
     (value, log)
 }
 
+/// A 2025-11-25 `initialize` request, for tests that speak raw HTTP.
+pub fn initialize_request() -> Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
+}
+
 /// Calls a tool, returning the result (tool-level errors included) or the JSON-RPC error.
 pub async fn call(
     client: &RunningService<RoleClient, ()>,
