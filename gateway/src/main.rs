@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Serve MCP: stdio by default, Streamable HTTP at /mcp with --http. Stops on SIGINT/SIGTERM.
     Serve(ServeOverrides),
-    /// Print version, config and database paths, schema version and the known nodes.
+    /// Print version, config and database paths, schema version, API keys, audit size and known nodes.
     Status,
     /// Manage the nodes this gateway routes to.
     #[command(subcommand)]

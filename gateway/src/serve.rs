@@ -71,6 +71,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let bound = server.local_addr()?;
             // Scripts and tests read this line to find the port when --http used port 0.
             tracing::info!(url = %format!("http://{bound}/mcp"), "moat listening");
+            let has_keys = keys::list(state.pool()).await.map(|k| k.iter().any(|k| k.revoked_at.is_none()));
+            if config.anonymous_role.is_none() && !config.insecure_no_pipeline && matches!(has_keys, Ok(false)) {
+                tracing::warn!(
+                    "no API keys exist, so every HTTP request will get 401: create one with \
+                     `moat keys create --name NAME --role ROLE`"
+                );
+            }
             let stdio_task = config.stdio_with_http.then(|| {
                 let shared = shared.clone();
                 let identity = identity.clone();
