@@ -176,8 +176,8 @@ const OUTCOME_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 struct Inner {
     pending: Mutex<Pending>,
-    /// The connection and the chain head (last seq, last hash); only the committing task holds it.
-    writer: Mutex<(rusqlite::Connection, (i64, String))>,
+    /// The connection; only the committing task holds it.
+    writer: Mutex<rusqlite::Connection>,
     /// Whether a commit waits for an fsync (milliseconds) rather than a WAL append (microseconds).
     fsync: bool,
 }
@@ -198,9 +198,10 @@ impl AuditLog {
     /// Opens the writer on the database at `path`, continuing the chain from its last record.
     pub fn start(path: &Path, durability: Durability) -> Result<AuditLog, rusqlite::Error> {
         let conn = crate::state::open_direct(path, durability)?;
-        let head = chain_head(&conn)?;
+        // Fail at start, not at the first call, if the audit table is missing or unreadable.
+        chain_head(&conn)?;
         let fsync = durability == Durability::Power;
-        Ok(AuditLog { inner: Arc::new(Inner { pending: Mutex::default(), writer: Mutex::new((conn, head)), fsync }) })
+        Ok(AuditLog { inner: Arc::new(Inner { pending: Mutex::default(), writer: Mutex::new(conn), fsync }) })
     }
 
     /// Commits a call record; returns its sequence number once durable.
@@ -282,18 +283,17 @@ impl AuditLog {
                 let n = p.jobs.len().min(MAX_BATCH);
                 p.jobs.drain(..n).collect::<Vec<_>>()
             };
-            let mut writer = self.inner.writer.lock().expect("the audit writer lock is never poisoned");
-            let (conn, head) = &mut *writer;
+            let mut conn = self.inner.writer.lock().expect("the audit writer lock is never poisoned");
             let is_multi_thread = tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             if self.inner.fsync && is_multi_thread {
                 // An fsync can take milliseconds; let this worker's other tasks move elsewhere.
                 // (A WAL append takes microseconds: cheaper than handing the worker off.)
-                tokio::task::block_in_place(|| commit(conn, head, &mut batch));
+                tokio::task::block_in_place(|| commit(&mut conn, &mut batch));
             } else {
-                commit(conn, head, &mut batch);
+                commit(&mut conn, &mut batch);
             }
-            drop(writer);
+            drop(conn);
             if handing_over {
                 let mut p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
                 if p.jobs.is_empty() {
@@ -335,11 +335,14 @@ const INSERT: &str = "INSERT INTO audit_log (seq, ts, kind, ref_seq, principal, 
                       resource, decision, args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash) \
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
 
-fn commit(conn: &mut rusqlite::Connection, head: &mut (i64, String), batch: &mut Vec<Job>) {
-    let mut seq = head.0;
-    let mut prev = head.1.clone();
+fn commit(conn: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
+    let mut seq = 0;
+    let mut prev = String::new();
     let result = (|| {
-        let tx = conn.transaction()?;
+        // IMMEDIATE takes SQLite's write lock first, and the chain head is read under it: another
+        // gateway process on the same database (two stdio clients, say) may have appended since.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        (seq, prev) = chain_head(&tx)?;
         {
             let mut stmt = tx.prepare_cached(INSERT)?;
             for job in batch.iter() {
@@ -373,14 +376,13 @@ fn commit(conn: &mut rusqlite::Connection, head: &mut (i64, String), batch: &mut
     })();
     match result {
         Ok(()) => {
-            let first = head.0 + 1;
-            *head = (seq, prev);
+            let first = seq - batch.len() as i64 + 1;
             for (i, job) in batch.drain(..).enumerate() {
                 let _ = job.done.send(Ok(first + i as i64));
             }
         }
         Err(e) => {
-            // The transaction rolled back: nothing of this batch exists, the head is unchanged.
+            // The transaction rolled back: nothing of this batch exists.
             tracing::error!(error = %e, "audit write failed; failing the calls it carried");
             for job in batch.drain(..) {
                 let _ = job.done.send(Err(AuditError::Write(e.to_string())));

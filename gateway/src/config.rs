@@ -50,8 +50,10 @@ impl Config {
         self.state_dir.join("moat.db")
     }
 
+    /// This process's embedded node socket. Per process, because several gateways (say, two
+    /// stdio clients) may share one state directory and each runs its own embedded node.
     pub fn node_socket(&self) -> PathBuf {
-        self.state_dir.join("node.sock")
+        self.state_dir.join("run").join(format!("node-{}.sock", std::process::id()))
     }
 }
 

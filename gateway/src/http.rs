@@ -51,9 +51,12 @@ async fn bearer_auth(mut req: Request, next: Next, shared: Arc<Shared>, anonymou
             jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::INTERNAL_ERROR.0, message)
         }
         Err(e) => {
-            let code = if matches!(e, AuthError::Missing) { "invalid_request" } else { "invalid_token" };
             let mut response = jsonrpc_error(StatusCode::UNAUTHORIZED, UNAUTHENTICATED, e.to_string());
-            let challenge = format!("Bearer realm=\"moat\", error=\"{code}\", error_description=\"{e}\"");
+            // RFC 6750 §3.1: no error code when the request carried no credentials at all.
+            let challenge = match e {
+                AuthError::Missing => "Bearer realm=\"moat\"".to_string(),
+                _ => format!("Bearer realm=\"moat\", error=\"invalid_token\", error_description=\"{e}\""),
+            };
             if let Ok(value) = HeaderValue::from_str(&challenge) {
                 response.headers_mut().insert(WWW_AUTHENTICATE, value);
             }

@@ -45,9 +45,24 @@ impl NodeAddress {
 #[derive(Debug, Default)]
 pub struct NodeConnector {
     channels: Mutex<HashMap<String, Channel>>,
+    /// This process's embedded node (name, address): always dialled directly, whatever the
+    /// registry says, since other gateway processes on the same state directory run their own.
+    embedded: Option<(String, String)>,
 }
 
 impl NodeConnector {
+    pub fn with_embedded(name: &str, address: &str) -> NodeConnector {
+        NodeConnector { embedded: Some((name.to_string(), address.to_string())), ..NodeConnector::default() }
+    }
+
+    /// Where to reach the node registered as `name` at `registered`.
+    pub fn address_of<'a>(&'a self, name: &str, registered: &'a str) -> &'a str {
+        match &self.embedded {
+            Some((embedded, address)) if embedded == name => address,
+            _ => registered,
+        }
+    }
+
     /// A client for the node at `address`; connection happens lazily on first use.
     pub fn client(&self, address: &str) -> Result<NodeServiceClient<Channel>, String> {
         let mut channels = self.channels.lock().expect("the channel cache lock is never poisoned");

@@ -11,13 +11,14 @@ use crate::trans;
 
 /// Asks one node for its facts and records the outcome.
 pub async fn refresh(state: &State, connector: &NodeConnector, row: &NodeRow) -> Result<NodeDetail, StateError> {
-    let answer = match connector.client(&row.address) {
+    let address = connector.address_of(&row.name, &row.address);
+    let answer = match connector.client(address) {
         Ok(mut client) => client.get_node_info(GetNodeInfoRequest {}).await.map_err(|s| describe_status(&s)),
         Err(e) => Err(e),
     };
     match answer {
         Ok(response) => {
-            let mut detail = trans::node_detail(&row.name, &row.address, response.into_inner(), String::new());
+            let mut detail = trans::node_detail(&row.name, address, response.into_inner(), String::new());
             let json = serde_json::to_string(&detail).expect("tool output types serialize");
             detail.last_seen = Some(state.node_seen(&row.name, &json).await?);
             Ok(detail)

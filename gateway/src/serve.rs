@@ -43,6 +43,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.node_storage_root)
         .with_context(|| format!("cannot create node storage root {}", config.node_storage_root.display()))?;
     let socket = config.node_socket();
+    remove_stale_sockets(socket.parent().expect("the socket path has a directory"));
     let listener = Listener::bind(&ListenAddr::Unix(socket.clone())).await?;
     let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone());
     let node_task = tokio::spawn(moat_node::serve(listener, api, shutdown.clone().cancelled_owned()));
@@ -50,7 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shared = Arc::new(Shared {
         state: state.clone(),
-        nodes: NodeConnector::default(),
+        nodes: NodeConnector::with_embedded(&config.node_name, &format!("unix:{}", socket.display())),
         catalog: Catalog::build(),
         prompts,
         authz,
@@ -110,6 +111,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("moat stopped");
     result
+}
+
+/// Removes `node-<pid>.sock` files left by gateway processes that no longer run.
+fn remove_stale_sockets(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix("node-").and_then(|n| n.strip_suffix(".sock")).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Serves one stdio connection until EOF or shutdown.

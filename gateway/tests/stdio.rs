@@ -189,3 +189,23 @@ async fn broken_prompt_files_stop_startup_with_the_reason() {
     assert!(!ok);
     assert!(stderr.contains("bad.md") && stderr.contains("declares no argument `who`"), "{stderr}");
 }
+
+#[tokio::test]
+async fn two_gateways_on_one_state_directory_share_one_audit_chain() {
+    // Claude Code and Claude Desktop may each start `moat serve` on the same machine.
+    let home = Home::new();
+    let first = home.stdio_client(&[]).await;
+    let second = home.stdio_client(&[]).await;
+    for _ in 0..20 {
+        let (a, b) = tokio::join!(call_ok(&first, "whoami", json!({})), call_ok(&second, "node_list", json!({})));
+        assert_eq!(a["transport"], "stdio");
+        assert_eq!(b["nodes"][0]["reachable"], true, "{b}");
+    }
+    first.cancel().await.unwrap();
+    // The second gateway still reaches its own embedded node after the first one left.
+    let list = call_ok(&second, "node_list", json!({})).await;
+    assert_eq!(list["nodes"][0]["reachable"], true, "{list}");
+    second.cancel().await.unwrap();
+    let (ok, out, _) = home.run(&["audit", "verify"]).await;
+    assert!(ok && out.contains("audit log intact: 82 records verified"), "{out}");
+}
