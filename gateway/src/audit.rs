@@ -176,8 +176,9 @@ const OUTCOME_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 struct Inner {
     pending: Mutex<Pending>,
-    /// The connection; only the committing task holds it.
-    writer: Mutex<rusqlite::Connection>,
+    /// The connection and the chain head as this process last saw it (seq, hash); only the
+    /// committing task holds it.
+    writer: Mutex<(rusqlite::Connection, (i64, String))>,
     /// Whether a commit waits for an fsync (milliseconds) rather than a WAL append (microseconds).
     fsync: bool,
 }
@@ -198,10 +199,9 @@ impl AuditLog {
     /// Opens the writer on the database at `path`, continuing the chain from its last record.
     pub fn start(path: &Path, durability: Durability) -> Result<AuditLog, rusqlite::Error> {
         let conn = crate::state::open_direct(path, durability)?;
-        // Fail at start, not at the first call, if the audit table is missing or unreadable.
-        chain_head(&conn)?;
+        let head = chain_head(&conn)?;
         let fsync = durability == Durability::Power;
-        Ok(AuditLog { inner: Arc::new(Inner { pending: Mutex::default(), writer: Mutex::new(conn), fsync }) })
+        Ok(AuditLog { inner: Arc::new(Inner { pending: Mutex::default(), writer: Mutex::new((conn, head)), fsync }) })
     }
 
     /// Commits a call record; returns its sequence number once durable.
@@ -283,17 +283,18 @@ impl AuditLog {
                 let n = p.jobs.len().min(MAX_BATCH);
                 p.jobs.drain(..n).collect::<Vec<_>>()
             };
-            let mut conn = self.inner.writer.lock().expect("the audit writer lock is never poisoned");
+            let mut writer = self.inner.writer.lock().expect("the audit writer lock is never poisoned");
+            let (conn, head) = &mut *writer;
             let is_multi_thread = tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             if self.inner.fsync && is_multi_thread {
                 // An fsync can take milliseconds; let this worker's other tasks move elsewhere.
                 // (A WAL append takes microseconds: cheaper than handing the worker off.)
-                tokio::task::block_in_place(|| commit(&mut conn, &mut batch));
+                tokio::task::block_in_place(|| commit(conn, head, &mut batch));
             } else {
-                commit(&mut conn, &mut batch);
+                commit(conn, head, &mut batch);
             }
-            drop(conn);
+            drop(writer);
             if handing_over {
                 let mut p = self.inner.pending.lock().expect("the audit queue lock is never poisoned");
                 if p.jobs.is_empty() {
@@ -335,48 +336,33 @@ const INSERT: &str = "INSERT INTO audit_log (seq, ts, kind, ref_seq, principal, 
                       resource, decision, args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash) \
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
 
-fn commit(conn: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
-    let mut seq = 0;
-    let mut prev = String::new();
-    let result = (|| {
-        // IMMEDIATE takes SQLite's write lock first, and the chain head is read under it: another
-        // gateway process on the same database (two stdio clients, say) may have appended since.
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        (seq, prev) = chain_head(&tx)?;
-        {
-            let mut stmt = tx.prepare_cached(INSERT)?;
-            for job in batch.iter() {
-                seq += 1;
-                let hash = job.row.hash(&prev);
-                let r = &job.row;
-                stmt.execute(rusqlite::params![
-                    seq,
-                    r.ts,
-                    r.kind,
-                    r.ref_seq,
-                    r.call.principal,
-                    r.call.role,
-                    r.call.transport,
-                    r.call.session,
-                    r.call.tool,
-                    r.call.resource,
-                    r.call.decision.as_str(),
-                    r.call.args_digest,
-                    r.call.args_shape,
-                    r.outcome,
-                    r.error_code,
-                    r.duration_us,
-                    prev,
-                    hash,
-                ])?;
-                prev = hash;
+/// Appends `batch` after `head` in one transaction and answers each job.
+///
+/// `head` is this process's view of the chain's end. Another gateway process on the same
+/// database (two stdio clients, say) may have appended since: then the first row's `seq`
+/// collides with the primary key, and the batch is rebuilt on the fresh head. The common
+/// case costs no extra read.
+fn commit(conn: &mut rusqlite::Connection, head: &mut (i64, String), batch: &mut Vec<Job>) {
+    let mut result = append(conn, head, batch);
+    for _ in 0..3 {
+        match &result {
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                match chain_head(conn) {
+                    Ok(fresh) => *head = fresh,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                result = append(conn, head, batch);
             }
+            _ => break,
         }
-        tx.commit()
-    })();
+    }
     match result {
-        Ok(()) => {
-            let first = seq - batch.len() as i64 + 1;
+        Ok(new_head) => {
+            let first = head.0 + 1;
+            *head = new_head;
             for (i, job) in batch.drain(..).enumerate() {
                 let _ = job.done.send(Ok(first + i as i64));
             }
@@ -387,8 +373,52 @@ fn commit(conn: &mut rusqlite::Connection, batch: &mut Vec<Job>) {
             for job in batch.drain(..) {
                 let _ = job.done.send(Err(AuditError::Write(e.to_string())));
             }
+            if let Ok(fresh) = chain_head(conn) {
+                *head = fresh;
+            }
         }
     }
+}
+
+/// Inserts `batch` after `head`; returns the new head once committed.
+fn append(
+    conn: &mut rusqlite::Connection,
+    head: &(i64, String),
+    batch: &[Job],
+) -> Result<(i64, String), rusqlite::Error> {
+    let (mut seq, mut prev) = head.clone();
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(INSERT)?;
+        for job in batch {
+            seq += 1;
+            let hash = job.row.hash(&prev);
+            let r = &job.row;
+            stmt.execute(rusqlite::params![
+                seq,
+                r.ts,
+                r.kind,
+                r.ref_seq,
+                r.call.principal,
+                r.call.role,
+                r.call.transport,
+                r.call.session,
+                r.call.tool,
+                r.call.resource,
+                r.call.decision.as_str(),
+                r.call.args_digest,
+                r.call.args_shape,
+                r.outcome,
+                r.error_code,
+                r.duration_us,
+                prev,
+                hash,
+            ])?;
+            prev = hash;
+        }
+    }
+    tx.commit()?;
+    Ok((seq, prev))
 }
 
 /// SHA-256 of the arguments as canonical JSON (object keys sorted at every level).
