@@ -84,26 +84,68 @@ struct Row {
 }
 
 impl Row {
-    /// The hashed content: everything but `seq`, so a moved row breaks the chain's links
-    /// (reported as reordered) while a changed field breaks its own hash (reported as edited).
+    fn hash(&self, prev_hash: &str) -> String {
+        let c = &self.call;
+        Hashed {
+            ts: &self.ts,
+            kind: self.kind,
+            ref_seq: self.ref_seq,
+            principal: &c.principal,
+            role: &c.role,
+            transport: &c.transport,
+            session: c.session.as_deref(),
+            tool: &c.tool,
+            resource: c.resource.as_deref(),
+            decision: c.decision.as_str(),
+            args_digest: &c.args_digest,
+            args_shape: &c.args_shape,
+            outcome: self.outcome,
+            error_code: self.error_code,
+            duration_us: self.duration_us,
+        }
+        .hash(prev_hash)
+    }
+}
+
+/// The hashed content of a record, built by field name from a new row (append) or a stored
+/// one (verify), so both hash identically. Everything but `seq`: a moved row breaks the
+/// chain's links (reported as reordered) while a changed field breaks its own hash (edited).
+struct Hashed<'a> {
+    ts: &'a str,
+    kind: &'a str,
+    ref_seq: Option<i64>,
+    principal: &'a str,
+    role: &'a str,
+    transport: &'a str,
+    session: Option<&'a str>,
+    tool: &'a str,
+    resource: Option<&'a str>,
+    decision: &'a str,
+    args_digest: &'a str,
+    args_shape: &'a str,
+    outcome: Option<&'a str>,
+    error_code: Option<i64>,
+    duration_us: Option<i64>,
+}
+
+impl Hashed<'_> {
     fn hash(&self, prev_hash: &str) -> String {
         use Field::{Int, Text};
-        let c = &self.call;
         row_hash(
             prev_hash,
             &[
-                Text(Some(&self.ts)),
+                Text(Some(self.ts)),
                 Text(Some(self.kind)),
                 Int(self.ref_seq),
-                Text(Some(&c.principal)),
-                Text(Some(&c.role)),
-                Text(Some(&c.transport)),
-                Text(c.session.as_deref()),
-                Text(Some(&c.tool)),
-                Text(c.resource.as_deref()),
-                Text(Some(c.decision.as_str())),
-                Text(Some(&c.args_digest)),
-                Text(Some(&c.args_shape)),
+                Text(Some(self.principal)),
+                Text(Some(self.role)),
+                Text(Some(self.transport)),
+                Text(self.session),
+                Text(Some(self.tool)),
+                Text(self.resource),
+                Text(Some(self.decision)),
+                Text(Some(self.args_digest)),
+                Text(Some(self.args_shape)),
                 Text(self.outcome),
                 Int(self.error_code),
                 Int(self.duration_us),
@@ -510,27 +552,24 @@ struct StoredRow {
 
 impl StoredRow {
     fn hash_with(&self, prev_hash: &str) -> String {
-        use Field::{Int, Text};
-        row_hash(
-            prev_hash,
-            &[
-                Text(Some(&self.ts)),
-                Text(Some(&self.kind)),
-                Int(self.ref_seq),
-                Text(Some(&self.principal)),
-                Text(Some(&self.role)),
-                Text(Some(&self.transport)),
-                Text(self.session.as_deref()),
-                Text(Some(&self.tool)),
-                Text(self.resource.as_deref()),
-                Text(Some(&self.decision)),
-                Text(Some(&self.args_digest)),
-                Text(Some(&self.args_shape)),
-                Text(self.outcome.as_deref()),
-                Int(self.error_code),
-                Int(self.duration_us),
-            ],
-        )
+        Hashed {
+            ts: &self.ts,
+            kind: &self.kind,
+            ref_seq: self.ref_seq,
+            principal: &self.principal,
+            role: &self.role,
+            transport: &self.transport,
+            session: self.session.as_deref(),
+            tool: &self.tool,
+            resource: self.resource.as_deref(),
+            decision: &self.decision,
+            args_digest: &self.args_digest,
+            args_shape: &self.args_shape,
+            outcome: self.outcome.as_deref(),
+            error_code: self.error_code,
+            duration_us: self.duration_us,
+        }
+        .hash(prev_hash)
     }
 }
 
