@@ -52,6 +52,12 @@ impl Config {
 
     /// This process's embedded node socket. Per process, because several gateways (say, two
     /// stdio clients) may share one state directory and each runs its own embedded node.
+    /// Guest images (`<images>/<name>/vmlinux`, `initramfs.cpio.gz`) for the embedded node;
+    /// `moat image build` writes the default image, `base`, here.
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
     pub fn node_socket(&self) -> PathBuf {
         self.state_dir.join("run").join(format!("node-{}.sock", std::process::id()))
     }

@@ -45,7 +45,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let socket = config.node_socket();
     remove_stale_sockets(socket.parent().expect("the socket path has a directory"));
     let listener = Listener::bind(&ListenAddr::Unix(socket.clone())).await?;
-    let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone());
+    let vms = moat_node::vm::VmManager::for_host(
+        &config.node_name,
+        &config.node_storage_root,
+        config.images_dir(),
+        "qemu-system-x86_64",
+        None,
+    )
+    .with_context(|| format!("cannot open the embedded node's VMs in {}", config.node_storage_root.display()))?;
+    let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone(), vms);
     let node_task = tokio::spawn(moat_node::serve(listener, api, shutdown.clone().cancelled_owned()));
     state.upsert_node(&config.node_name, &format!("unix:{}", socket.display())).await?;
 

@@ -16,7 +16,15 @@ async fn remote_node_over_tcp_then_unreachable() {
     let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())).await.unwrap();
     let addr = listener.local_addr().to_string();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(moat_node::serve(listener, moat_node::NodeApi::new("far-1", storage.path()), async {
+    let vms = moat_node::vm::VmManager::for_host(
+        "far-1",
+        storage.path(),
+        storage.path().join("images"),
+        "qemu-system-x86_64",
+        None,
+    )
+    .unwrap();
+    let node = tokio::spawn(moat_node::serve(listener, moat_node::NodeApi::new("far-1", storage.path(), vms), async {
         let _ = stop_rx.await;
     }));
 

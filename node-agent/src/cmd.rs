@@ -68,6 +68,32 @@ pub async fn run<S: AsRef<OsStr>>(argv: &[S], timeout: Duration) -> Result<Outpu
     }
 }
 
+/// Starts a long-running program (a VMM) that must outlive moat-node: it gets its own process
+/// group, so a Ctrl-C or SIGTERM aimed at moat-node's group does not reach it, and it is not
+/// killed when its handle drops. stdout and stderr go to `log` (appended), stdin is closed.
+pub fn spawn_detached<S: AsRef<OsStr>>(argv: &[S], log: &std::path::Path) -> Result<tokio::process::Child, CmdError> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(CmdError::Spawn {
+            program: String::new(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty argv"),
+        });
+    };
+    let shown = program.as_ref().to_string_lossy().into_owned();
+    let spawn_err = |source| CmdError::Spawn { program: shown.clone(), source };
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(spawn_err)?;
+    let err = out.try_clone().map_err(spawn_err)?;
+    #[allow(clippy::disallowed_methods)] // this is the one sanctioned place
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(err).process_group(0).kill_on_drop(false);
+    let child = command.spawn().map_err(spawn_err)?;
+    tracing::info!(
+        argv = ?argv.iter().map(|a| a.as_ref().to_string_lossy()).collect::<Vec<_>>(),
+        pid = child.id(),
+        "started detached process"
+    );
+    Ok(child)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

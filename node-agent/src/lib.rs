@@ -5,7 +5,8 @@
 //! Module map: [`api`] is the tonic service (thin: decode, call, encode);
 //! [`probe`] reads host facts; [`kvm`] decides whether KVM can actually run
 //! guests; [`cmd`] is the only place that runs external programs;
-//! [`server`] binds listeners and shuts down gracefully; [`trans`] is the one
+//! [`server`] binds listeners and shuts down gracefully; [`vm`] runs VMs
+//! (their directories, VMM processes and states); [`trans`] is the one
 //! module converting domain types to proto types.
 
 pub mod api;
@@ -14,6 +15,7 @@ pub mod kvm;
 pub mod probe;
 pub mod server;
 mod trans;
+pub mod vm;
 
 pub use api::NodeApi;
 pub use server::{ListenAddr, NodeServerError, serve};

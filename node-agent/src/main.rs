@@ -26,7 +26,37 @@ enum Command {
         /// Directory for VM and workspace data; its filesystem decides how workspaces are made.
         #[arg(long, env = "MOAT_NODE_STORAGE_ROOT", default_value = "/var/lib/moat-node")]
         storage_root: PathBuf,
+        #[command(flatten)]
+        vm: VmArgs,
     },
+}
+
+/// Where VMs live and what runs them.
+#[derive(clap::Args)]
+struct VmArgs {
+    /// Guest images, one directory per image (IMAGES/base/vmlinux, initramfs.cpio.gz).
+    /// Default: STORAGE_ROOT/images.
+    #[arg(long, env = "MOAT_NODE_IMAGES")]
+    images: Option<PathBuf>,
+    /// The QEMU binary: a path, or a name looked up in PATH.
+    #[arg(long, env = "MOAT_NODE_QEMU", default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Acceleration: auto uses KVM when it can create a VM here, TCG otherwise.
+    #[arg(long, env = "MOAT_NODE_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    accel: String,
+}
+
+impl VmArgs {
+    fn manager(&self, name: &str, storage_root: &std::path::Path) -> anyhow::Result<moat_node::vm::VmManager> {
+        let forced = match self.accel.as_str() {
+            "kvm" => Some(moat_node::vm::Accel::Kvm),
+            "tcg" => Some(moat_node::vm::Accel::Tcg),
+            _ => None,
+        };
+        let images = self.images.clone().unwrap_or_else(|| storage_root.join("images"));
+        moat_node::vm::VmManager::for_host(name, storage_root, images, &self.qemu, forced)
+            .with_context(|| format!("cannot open the VM directory {}", storage_root.join("vms").display()))
+    }
 }
 
 #[tokio::main]
@@ -37,13 +67,14 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Serve { listen, name, storage_root } => {
+        Command::Serve { listen, name, storage_root, vm } => {
             std::fs::create_dir_all(&storage_root)
                 .with_context(|| format!("cannot create storage root {}", storage_root.display()))?;
             let listener = Listener::bind(&listen).await?;
             // Tests and scripts read this line to learn the port when --listen used port 0.
             tracing::info!(node = %name, listen = %listener.local_addr(), "moat-node listening");
-            let api = moat_node::NodeApi::new(name, storage_root);
+            let vms = vm.manager(&name, &storage_root)?;
+            let api = moat_node::NodeApi::new(name, storage_root, vms);
             moat_node::serve(listener, api, shutdown_signal()).await?;
             tracing::info!("moat-node stopped");
             Ok(())

@@ -3,9 +3,15 @@
 use moat_proto::node::v1 as pb;
 
 use crate::probe::HostInfo;
+use crate::vm::{Runtime, VmManager, VmView};
 
-pub(crate) fn node_info(info: HostInfo) -> pb::NodeInfo {
+pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
     let is_btrfs = info.storage.is_btrfs();
+    let (runtime, accel, runtime_detail) = match vms.runtime() {
+        Runtime::Ready(vmm) => (vmm.kind().to_string(), vmm.accel().as_str().to_string(), String::new()),
+        Runtime::Missing(detail) => (String::new(), String::new(), detail.clone()),
+    };
+    let defined = vms.list();
     pb::NodeInfo {
         name: info.name,
         hostname: info.hostname,
@@ -33,5 +39,29 @@ pub(crate) fn node_info(info: HostInfo) -> pb::NodeInfo {
             total_bytes: info.storage.total_bytes,
             available_bytes: info.storage.available_bytes,
         }),
+        runtime,
+        accel,
+        runtime_detail,
+        allocated_vcpus: defined.iter().map(|v| v.config.vcpus).sum(),
+        allocated_memory_mib: defined.iter().map(|v| v.config.memory_mib).sum(),
+        vm_count: defined.len() as u32,
+    }
+}
+
+pub(crate) fn vm(view: VmView) -> pb::Vm {
+    pb::Vm {
+        spec: Some(pb::VmSpec {
+            id: view.config.id,
+            name: view.config.name,
+            vcpus: view.config.vcpus,
+            memory_mib: view.config.memory_mib,
+            image: view.config.image,
+        }),
+        state: view.status.state.as_str().to_string(),
+        reason: view.status.reason,
+        vmm: view.vmm.to_string(),
+        accel: view.accel.to_string(),
+        pid: view.status.pid,
+        started_at: view.status.started_at,
     }
 }

@@ -1,7 +1,8 @@
 //! Generated gRPC types for the gateway ↔ node contract (`proto/moat/node/v1`).
 //!
-//! This crate holds no logic: only what `tonic-prost-build` generates, so the
-//! gateway and every node agent compile against the same definitions.
+//! This crate holds what `tonic-prost-build` generates, so the gateway and
+//! every node agent compile against the same definitions, and the one wire
+//! format both write by hand: [`time`].
 
 /// `moat.node.v1`: the node agent's API.
 pub mod node {
@@ -9,3 +10,5 @@ pub mod node {
         tonic::include_proto!("moat.node.v1");
     }
 }
+
+pub mod time;

@@ -1,25 +1,32 @@
 //! The tonic `NodeService`: decode the request, call the module that does the
 //! work, encode the answer. Node errors become `tonic::Status` in exactly one
-//! place, [`status_of`].
+//! place each, [`probe_status`] and [`vm_status`].
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use moat_proto::node::v1::{GetNodeInfoRequest, NodeInfo, node_service_server::NodeService};
+use moat_proto::node::v1::{self as pb, GetNodeInfoRequest, NodeInfo, node_service_server::NodeService};
 use tonic::{Request, Response, Status};
 
 use crate::probe::{self, ProbeError};
 use crate::trans;
+use crate::vm::{VmError, VmManager};
 
 /// Node identity and configuration the service needs to answer.
 #[derive(Debug, Clone)]
 pub struct NodeApi {
     name: String,
     storage_root: PathBuf,
+    vms: VmManager,
 }
 
 impl NodeApi {
-    pub fn new(name: impl Into<String>, storage_root: impl Into<PathBuf>) -> Self {
-        Self { name: name.into(), storage_root: storage_root.into() }
+    pub fn new(name: impl Into<String>, storage_root: impl Into<PathBuf>, vms: VmManager) -> Self {
+        Self { name: name.into(), storage_root: storage_root.into(), vms }
+    }
+
+    pub fn vms(&self) -> &VmManager {
+        &self.vms
     }
 
     pub fn into_service(self) -> moat_proto::node::v1::node_service_server::NodeServiceServer<Self> {
@@ -30,12 +37,58 @@ impl NodeApi {
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn get_node_info(&self, _request: Request<GetNodeInfoRequest>) -> Result<Response<NodeInfo>, Status> {
-        let info = probe::host_info(&self.name, &self.storage_root).await.map_err(status_of)?;
-        Ok(Response::new(trans::node_info(info)))
+        let info = probe::host_info(&self.name, &self.storage_root).await.map_err(probe_status)?;
+        Ok(Response::new(trans::node_info(info, &self.vms)))
+    }
+
+    async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let spec = request.spec.ok_or_else(|| Status::invalid_argument("CreateVm needs a spec"))?;
+        let view = self
+            .vms
+            .create(&spec.id, &spec.name, spec.vcpus, spec.memory_mib, &spec.image, request.start)
+            .await
+            .map_err(vm_status)?;
+        Ok(Response::new(trans::vm(view)))
+    }
+
+    async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let view = self.vms.start(&request.into_inner().id).await.map_err(vm_status)?;
+        Ok(Response::new(trans::vm(view)))
+    }
+
+    async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let timeout = match request.timeout_s {
+            0 => crate::vm::DEFAULT_STOP_TIMEOUT,
+            s => Duration::from_secs(u64::from(s)),
+        };
+        let view = self.vms.stop(&request.id, request.force, timeout).await.map_err(vm_status)?;
+        Ok(Response::new(trans::vm(view)))
+    }
+
+    async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        self.vms.delete(&request.into_inner().id).await.map_err(vm_status)?;
+        Ok(Response::new(pb::DeleteVmResponse {}))
+    }
+
+    async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let view = self.vms.get(&request.into_inner().id).map_err(vm_status)?;
+        Ok(Response::new(trans::vm(view)))
+    }
+
+    async fn list_vms(&self, _request: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        Ok(Response::new(pb::ListVmsResponse { vms: self.vms.list().into_iter().map(trans::vm).collect() }))
+    }
+
+    async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<pb::VmLogsResponse>, Status> {
+        let request = request.into_inner();
+        let (text, truncated) = self.vms.logs(&request.id, request.tail_bytes).map_err(vm_status)?;
+        Ok(Response::new(pb::VmLogsResponse { text, truncated }))
     }
 }
 
-fn status_of(err: ProbeError) -> Status {
+fn probe_status(err: ProbeError) -> Status {
     // Keep the cause chain in the message: the gateway shows it to an operator.
     let message = error_chain(&err);
     match err {
@@ -44,7 +97,22 @@ fn status_of(err: ProbeError) -> Status {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+fn vm_status(err: VmError) -> Status {
+    let message = error_chain(&err);
+    match err {
+        VmError::NotFound(_) => Status::not_found(message),
+        VmError::Exists(_) => Status::already_exists(message),
+        VmError::Invalid(_) => Status::invalid_argument(message),
+        VmError::NoRuntime { .. } | VmError::NoImage { .. } | VmError::WrongState { .. } => {
+            Status::failed_precondition(message)
+        }
+        VmError::Vmm { .. } => Status::aborted(message),
+        VmError::Io { .. } => Status::internal(message),
+    }
+}
+
+/// `err: cause: cause's cause`, the form operators read in logs and tool errors.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -1,0 +1,628 @@
+//! VMs on this node: their directories, their VMM processes and their state
+//! machine. Lifecycle operations on one VM are serialized; a monitor task per
+//! running VM notices when its VMM exits and records whether that was a stop,
+//! a guest power-off or a crash (with the reason). On start the manager
+//! re-adopts VMs whose VMM is still running instead of killing them.
+
+pub mod dir;
+pub mod qemu;
+pub mod qmp;
+pub mod vmm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use dir::{VmConfig, VmDir, VmState, VmStatus};
+pub use vmm::{Accel, Runtime, Vmm, VmmError};
+
+/// How long a graceful stop waits for the guest before killing the VMM, unless the caller says.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Console bytes `logs` returns unless asked for fewer.
+pub const DEFAULT_LOG_TAIL: u64 = 64 * 1024;
+const MAX_LOG_TAIL: u64 = 1024 * 1024;
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("no vm with id `{0}` on this node")]
+    NotFound(String),
+    #[error("a vm with id `{0}` already exists on this node")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no VM runtime on node {node}: {detail}")]
+    NoRuntime { node: String, detail: String },
+    #[error(
+        "image `{image}` is not on node {node}: expected {dir}/vmlinux and initramfs.cpio.gz; build it with `moat image build --out {dir}`"
+    )]
+    NoImage { node: String, image: String, dir: String },
+    #[error("vm {id} is {state}; cannot {action} it now")]
+    WrongState { id: String, state: &'static str, action: &'static str },
+    #[error("vm {id}: {source}{log}")]
+    Vmm {
+        id: String,
+        #[source]
+        source: VmmError,
+        /// The VMM's last output lines, prefixed with a separator, or empty.
+        log: String,
+    },
+    #[error("vm {id}: {what}")]
+    Io {
+        id: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One VM as the node reports it.
+#[derive(Debug, Clone)]
+pub struct VmView {
+    pub config: VmConfig,
+    pub status: VmStatus,
+    pub vmm: &'static str,
+    pub accel: &'static str,
+}
+
+/// Where moat-node keeps VMs and finds images, and which VMM it uses.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    pub node: String,
+    pub vms_root: PathBuf,
+    pub images_root: PathBuf,
+    pub runtime: Runtime,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmManager {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: VmSettings,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+}
+
+#[derive(Debug)]
+struct Vm {
+    dir: VmDir,
+    config: VmConfig,
+    status: Mutex<VmStatus>,
+    /// Serializes lifecycle operations on this VM.
+    op: tokio::sync::Mutex<()>,
+    /// Counts VMM exits; the monitor bumps it after recording the new state.
+    exits: watch::Sender<u64>,
+}
+
+enum Process {
+    Child(tokio::process::Child),
+    /// A VMM started by an earlier moat-node: not our child, so no exit status.
+    Adopted(u32),
+}
+
+enum Exit {
+    Status(std::io::Result<std::process::ExitStatus>),
+    Unknown,
+}
+
+impl Vm {
+    fn status(&self) -> VmStatus {
+        self.status.lock().expect("vm status lock is never poisoned").clone()
+    }
+
+    fn set_status(&self, status: VmStatus) -> Result<(), VmError> {
+        let mut current = self.status.lock().expect("vm status lock is never poisoned");
+        self.dir.write_status(&status).map_err(|source| VmError::Io {
+            id: self.config.id.clone(),
+            what: "cannot record its state".into(),
+            source,
+        })?;
+        *current = status;
+        Ok(())
+    }
+
+    fn set_state(&self, state: VmState, reason: impl Into<String>) -> Result<(), VmError> {
+        let mut status = self.status();
+        status.state = state;
+        status.reason = reason.into();
+        if !state.has_process() {
+            status.pid = 0;
+        }
+        self.set_status(status)
+    }
+}
+
+fn valid_token(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+impl VmManager {
+    /// Loads every VM under `vms_root`, re-adopting those whose VMM still runs.
+    pub fn open(settings: VmSettings) -> std::io::Result<VmManager> {
+        std::fs::create_dir_all(&settings.vms_root)?;
+        let manager = VmManager { inner: Arc::new(Inner { settings, vms: Mutex::new(HashMap::new()) }) };
+        for entry in std::fs::read_dir(&manager.inner.settings.vms_root)? {
+            let path = entry?.path();
+            let Some(id) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+            if path.is_dir() {
+                manager.load(&id);
+            }
+        }
+        Ok(manager)
+    }
+
+    fn load(&self, id: &str) {
+        let dir = VmDir::new(&self.inner.settings.vms_root, id);
+        let (Ok(config), status) = (dir.read_config(), dir.read_status()) else {
+            // A create that died before writing its config: nothing was acknowledged.
+            tracing::warn!(vm = id, "removing a half-created VM directory");
+            let _ = std::fs::remove_dir_all(dir.path());
+            return;
+        };
+        let mut status = status.unwrap_or_else(|_| VmStatus::new(VmState::Stopped, ""));
+        if matches!(status.state, VmState::Creating | VmState::Deleting) {
+            tracing::warn!(vm = id, state = status.state.as_str(), "finishing an interrupted create/delete");
+            let _ = std::fs::remove_dir_all(dir.path());
+            return;
+        }
+        let mut adopted = None;
+        if status.state.has_process() {
+            let alive = dir.read_pid().filter(|&pid| match &self.inner.settings.runtime {
+                Runtime::Ready(vmm) => vmm.owns(pid, &dir),
+                Runtime::Missing(_) => false,
+            });
+            match alive {
+                Some(pid) => {
+                    tracing::info!(vm = id, pid, "re-adopting a running VM");
+                    status.state = VmState::Running;
+                    status.pid = pid;
+                    adopted = Some(pid);
+                }
+                None => {
+                    let was = status.state;
+                    status.state = if was == VmState::Stopping { VmState::Stopped } else { VmState::Crashed };
+                    status.reason = match console_panic(&dir, status.console_start) {
+                        Some(line) => format!("guest kernel panic: {line}"),
+                        None => "the VMM exited while moat-node was not running".into(),
+                    };
+                    status.pid = 0;
+                    dir.clear_pid();
+                }
+            }
+            let _ = dir.write_status(&status);
+        }
+        let vm = Arc::new(Vm {
+            dir,
+            config,
+            status: Mutex::new(status),
+            op: tokio::sync::Mutex::new(()),
+            exits: watch::Sender::new(0),
+        });
+        self.inner.vms.lock().expect("vm map lock is never poisoned").insert(id.to_string(), vm.clone());
+        if let Some(pid) = adopted {
+            self.spawn_monitor(vm, Process::Adopted(pid));
+        }
+    }
+
+    /// The manager for this host: QEMU found as `qemu` (path or name in PATH), KVM when it
+    /// can create a VM here unless `forced`, VMs under `storage_root/vms`.
+    pub fn for_host(
+        node: &str,
+        storage_root: &Path,
+        images_root: PathBuf,
+        qemu: &str,
+        forced: Option<Accel>,
+    ) -> std::io::Result<VmManager> {
+        let kvm_usable = crate::kvm::probe(Path::new("/dev/kvm"), Path::new("/sys/module")).usable;
+        let runtime = Runtime::detect(qemu, kvm_usable, forced);
+        if let Runtime::Missing(detail) = &runtime {
+            tracing::warn!(node, "no VM runtime: {detail}");
+        }
+        VmManager::open(VmSettings { node: node.to_string(), vms_root: storage_root.join("vms"), images_root, runtime })
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner.settings.runtime
+    }
+
+    fn vm(&self, id: &str) -> Result<Arc<Vm>, VmError> {
+        self.inner
+            .vms
+            .lock()
+            .expect("vm map lock is never poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| VmError::NotFound(id.into()))
+    }
+
+    fn view(&self, vm: &Vm) -> VmView {
+        let (vmm, accel) = match &self.inner.settings.runtime {
+            Runtime::Ready(v) => (v.kind(), v.accel().as_str()),
+            Runtime::Missing(_) => ("", ""),
+        };
+        VmView { config: vm.config.clone(), status: vm.status(), vmm, accel }
+    }
+
+    fn vmm(&self) -> Result<Arc<dyn Vmm>, VmError> {
+        match &self.inner.settings.runtime {
+            Runtime::Ready(vmm) => Ok(vmm.clone()),
+            Runtime::Missing(detail) => {
+                Err(VmError::NoRuntime { node: self.inner.settings.node.clone(), detail: detail.clone() })
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<VmView, VmError> {
+        Ok(self.view(&*self.vm(id)?))
+    }
+
+    pub fn list(&self) -> Vec<VmView> {
+        let vms: Vec<Arc<Vm>> =
+            self.inner.vms.lock().expect("vm map lock is never poisoned").values().cloned().collect();
+        let mut views: Vec<VmView> = vms.iter().map(|vm| self.view(vm)).collect();
+        views.sort_by(|a, b| a.config.id.cmp(&b.config.id));
+        views
+    }
+
+    /// Creates the VM's directory and config; starts it when `start`. Any failure removes
+    /// everything this call made.
+    pub async fn create(
+        &self,
+        id: &str,
+        name: &str,
+        vcpus: u32,
+        memory_mib: u64,
+        image: &str,
+        start: bool,
+    ) -> Result<VmView, VmError> {
+        if !valid_token(id, 64) {
+            return Err(VmError::Invalid(format!("vm id `{id}` must be 1-64 lowercase letters, digits or '-'")));
+        }
+        if !valid_token(name, 63) {
+            return Err(VmError::Invalid(format!("vm name `{name}` must be a DNS label")));
+        }
+        let image = if image.is_empty() { "base" } else { image };
+        if !valid_token(image, 63) {
+            return Err(VmError::Invalid(format!("image `{image}` must be 1-63 lowercase letters, digits or '-'")));
+        }
+        if vcpus == 0 || memory_mib < 64 {
+            return Err(VmError::Invalid("a vm needs at least 1 vCPU and 64 MiB of memory".into()));
+        }
+        self.vmm()?;
+        let image_dir = self.inner.settings.images_root.join(image);
+        let (kernel, initrd) = (image_dir.join("vmlinux"), image_dir.join("initramfs.cpio.gz"));
+        if !kernel.is_file() || !initrd.is_file() {
+            return Err(VmError::NoImage {
+                node: self.inner.settings.node.clone(),
+                image: image.into(),
+                dir: image_dir.display().to_string(),
+            });
+        }
+        let dir = VmDir::new(&self.inner.settings.vms_root, id);
+        match std::fs::create_dir(dir.path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(VmError::Exists(id.into())),
+            Err(source) => {
+                return Err(VmError::Io { id: id.into(), what: "cannot create its directory".into(), source });
+            }
+        }
+        let config = VmConfig {
+            id: id.into(),
+            name: name.into(),
+            vcpus,
+            memory_mib,
+            image: image.into(),
+            kernel,
+            initrd,
+            cmdline: "console=ttyS0 panic=-1".into(),
+            created_at: moat_proto::time::now(),
+        };
+        let written = dir
+            .write_status(&VmStatus::new(VmState::Creating, ""))
+            .and_then(|()| dir.write_config(&config))
+            .and_then(|()| dir.write_status(&VmStatus::new(VmState::Stopped, "created")));
+        if let Err(source) = written {
+            let _ = std::fs::remove_dir_all(dir.path());
+            return Err(VmError::Io { id: id.into(), what: "cannot write its config".into(), source });
+        }
+        let vm = Arc::new(Vm {
+            dir,
+            config,
+            status: Mutex::new(VmStatus::new(VmState::Stopped, "created")),
+            op: tokio::sync::Mutex::new(()),
+            exits: watch::Sender::new(0),
+        });
+        self.inner.vms.lock().expect("vm map lock is never poisoned").insert(id.into(), vm.clone());
+        tracing::info!(vm = id, name, vcpus, memory_mib, image, "created vm");
+        if start && let Err(e) = self.start(id).await {
+            self.inner.vms.lock().expect("vm map lock is never poisoned").remove(id);
+            let _ = std::fs::remove_dir_all(vm.dir.path());
+            tracing::warn!(vm = id, error = %e, "create rolled back: the vm did not start");
+            return Err(e);
+        }
+        Ok(self.view(&vm))
+    }
+
+    /// Starts a stopped or crashed VM and returns once its VMM runs the guest. Starting a
+    /// running VM is a no-op.
+    pub async fn start(&self, id: &str) -> Result<VmView, VmError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        let before = vm.status();
+        match before.state {
+            VmState::Running | VmState::Starting => return Ok(self.view(&vm)),
+            VmState::Stopped | VmState::Crashed => {}
+            other => return Err(VmError::WrongState { id: id.into(), state: other.as_str(), action: "start" }),
+        }
+        let vmm = self.vmm()?;
+        let console_start = std::fs::metadata(vm.dir.console_log()).map(|m| m.len()).unwrap_or(0);
+        vm.set_status(VmStatus {
+            state: VmState::Starting,
+            reason: String::new(),
+            pid: 0,
+            started_at: String::new(),
+            console_start,
+        })?;
+        let child = match vmm.launch(&vm.dir, &vm.config) {
+            Ok(child) => child,
+            Err(source) => {
+                let log = vmm_log_tail(&vm.dir);
+                let _ = vm.set_state(before.state, format!("start failed: {source}"));
+                return Err(VmError::Vmm { id: id.into(), source, log });
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let _ = vm.dir.write_pid(pid);
+        {
+            let mut status = vm.status();
+            status.pid = pid;
+            vm.set_status(status)?;
+        }
+        let mut exits = vm.exits.subscribe();
+        self.spawn_monitor(vm.clone(), Process::Child(child));
+        let running = tokio::select! {
+            ready = vmm.wait_running(&vm.dir) => ready,
+            _ = exits.changed() => Err(VmmError::NotReady { vmm: vmm.kind(), detail: "it exited while starting".into() }),
+        };
+        match running {
+            Ok(()) => {
+                let mut status = vm.status();
+                if status.state == VmState::Starting {
+                    status.state = VmState::Running;
+                    status.started_at = moat_proto::time::now();
+                    vm.set_status(status)?;
+                }
+                tracing::info!(vm = id, pid, "vm running");
+                Ok(self.view(&vm))
+            }
+            Err(source) => {
+                if vm.status().state.has_process() {
+                    kill_and_wait(&vm, pid, &mut exits).await;
+                }
+                let log = vmm_log_tail(&vm.dir);
+                let _ = vm.set_state(VmState::Crashed, format!("start failed: {source}"));
+                Err(VmError::Vmm { id: id.into(), source, log })
+            }
+        }
+    }
+
+    /// Stops a VM: ACPI power-down, then SIGKILL after `timeout` (or at once when `force`).
+    /// Stopping a stopped or crashed VM is a no-op.
+    pub async fn stop(&self, id: &str, force: bool, timeout: Duration) -> Result<VmView, VmError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        self.stop_locked(&vm, force, timeout).await?;
+        Ok(self.view(&vm))
+    }
+
+    async fn stop_locked(&self, vm: &Arc<Vm>, force: bool, timeout: Duration) -> Result<(), VmError> {
+        let status = vm.status();
+        if !status.state.has_process() {
+            return Ok(());
+        }
+        let mut exits = vm.exits.subscribe();
+        if force {
+            vm.set_state(VmState::Stopping, "stopped: killed on request (force)")?;
+        } else {
+            vm.set_state(VmState::Stopping, "stopped: the guest powered off on request")?;
+            let asked = match self.vmm() {
+                Ok(vmm) => vmm.request_shutdown(&vm.dir).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match asked {
+                Ok(()) => {
+                    if tokio::time::timeout(timeout, exits.changed()).await.is_ok() {
+                        return Ok(());
+                    }
+                    let secs = timeout.as_secs();
+                    vm.set_state(
+                        VmState::Stopping,
+                        format!("stopped: killed after the guest ignored power-off for {secs} s"),
+                    )?;
+                }
+                Err(e) => {
+                    vm.set_state(
+                        VmState::Stopping,
+                        format!("stopped: killed because power-off could not be requested ({e})"),
+                    )?;
+                }
+            }
+        }
+        kill_and_wait(vm, status.pid, &mut exits).await;
+        Ok(())
+    }
+
+    /// Stops the VM if it runs, then removes its directory and everything in it.
+    pub async fn delete(&self, id: &str) -> Result<(), VmError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        self.stop_locked(&vm, true, Duration::ZERO).await?;
+        let before = vm.status();
+        vm.set_state(VmState::Deleting, "")?;
+        if let Err(source) = std::fs::remove_dir_all(vm.dir.path()) {
+            let _ = vm.set_state(before.state, before.reason);
+            return Err(VmError::Io { id: id.into(), what: "cannot remove its directory".into(), source });
+        }
+        self.inner.vms.lock().expect("vm map lock is never poisoned").remove(id);
+        tracing::info!(vm = id, "deleted vm");
+        Ok(())
+    }
+
+    /// The last `tail` bytes of the VM's console (default 64 KiB, at most 1 MiB).
+    pub fn logs(&self, id: &str, tail: u64) -> Result<(String, bool), VmError> {
+        let vm = self.vm(id)?;
+        let tail = if tail == 0 { DEFAULT_LOG_TAIL } else { tail.min(MAX_LOG_TAIL) };
+        vm.dir.console_tail(tail).map_err(|source| VmError::Io {
+            id: id.into(),
+            what: "cannot read its console".into(),
+            source,
+        })
+    }
+
+    fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {
+        tokio::spawn(async move {
+            let exited = async {
+                match process {
+                    Process::Child(mut child) => Exit::Status(child.wait().await),
+                    Process::Adopted(pid) => {
+                        wait_for_exit(pid).await;
+                        Exit::Unknown
+                    }
+                }
+            };
+            tokio::pin!(exited);
+            let mut rotate = tokio::time::interval(Duration::from_secs(2));
+            let exit = loop {
+                tokio::select! {
+                    exit = &mut exited => break exit,
+                    _ = rotate.tick() => {
+                        if let Err(e) = vm.dir.rotate_console() {
+                            tracing::warn!(vm = %vm.config.id, error = %e, "cannot rotate the console log");
+                        }
+                    }
+                }
+            };
+            record_exit(&vm, exit);
+            vm.exits.send_modify(|n| *n += 1);
+        });
+    }
+}
+
+/// Decides what a VMM exit means and records it.
+fn record_exit(vm: &Vm, exit: Exit) {
+    let status = vm.status();
+    let (state, reason) = if matches!(status.state, VmState::Stopping | VmState::Deleting) {
+        (VmState::Stopped, status.reason.clone())
+    } else if let Some(line) = console_panic(&vm.dir, status.console_start) {
+        (VmState::Crashed, format!("guest kernel panic: {line}"))
+    } else {
+        match exit {
+            Exit::Status(Ok(s)) if s.success() => (VmState::Stopped, "the guest powered off".to_string()),
+            Exit::Status(Ok(s)) => {
+                use std::os::unix::process::ExitStatusExt;
+                let how = match (s.code(), s.signal()) {
+                    (_, Some(sig)) => format!("was killed by signal {sig}{}", signal_name(sig)),
+                    (Some(code), _) => format!("exited with status {code}"),
+                    _ => "exited".into(),
+                };
+                (VmState::Crashed, format!("the VMM (pid {}) {how}{}", status.pid, vmm_log_tail(&vm.dir)))
+            }
+            Exit::Status(Err(e)) => (VmState::Crashed, format!("cannot wait for the VMM: {e}")),
+            Exit::Unknown if console_powered_off(&vm.dir, status.console_start) => {
+                (VmState::Stopped, "the guest powered off".to_string())
+            }
+            Exit::Unknown => (
+                VmState::Crashed,
+                format!("the VMM (pid {}) exited; its exit status is unknown since it was re-adopted", status.pid),
+            ),
+        }
+    };
+    vm.dir.clear_pid();
+    if state == VmState::Crashed {
+        tracing::warn!(vm = %vm.config.id, reason = %reason, "vm crashed");
+    } else {
+        tracing::info!(vm = %vm.config.id, reason = %reason, "vm stopped");
+    }
+    if let Err(e) = vm.set_state(state, reason) {
+        tracing::error!(vm = %vm.config.id, error = %e, "cannot record the vm's exit");
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGABRT => " (SIGABRT)",
+        _ => "",
+    }
+}
+
+/// Console output of the current boot (from `start` bytes in), bounded.
+fn console_since(dir: &VmDir, start: u64) -> String {
+    let Ok(len) = std::fs::metadata(dir.console_log()).map(|m| m.len()) else { return String::new() };
+    // Rotation may have shortened the file; then all of it belongs to this boot.
+    let from = if start <= len { start } else { 0 };
+    dir.console_tail((len - from).min(256 * 1024)).map(|(text, _)| text).unwrap_or_default()
+}
+
+fn console_panic(dir: &VmDir, start: u64) -> Option<String> {
+    console_since(dir, start).lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().to_string())
+}
+
+fn console_powered_off(dir: &VmDir, start: u64) -> bool {
+    console_since(dir, start).contains("reboot: Power down")
+}
+
+/// The VMM's last few output lines, as "; qemu said: ..." or empty.
+fn vmm_log_tail(dir: &VmDir) -> String {
+    let Ok(text) = std::fs::read_to_string(dir.vmm_log()) else { return String::new() };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!("; the VMM said: {}", lines[lines.len().saturating_sub(3)..].join(" | "))
+}
+
+async fn kill_and_wait(vm: &Vm, pid: u32, exits: &mut watch::Receiver<u64>) {
+    if pid != 0 {
+        // SAFETY: kill(2) with a pid we started (and still monitor) and a constant signal.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    if tokio::time::timeout(KILL_WAIT, exits.changed()).await.is_err() {
+        tracing::error!(vm = %vm.config.id, pid, "the VMM did not exit after SIGKILL");
+    }
+}
+
+/// Resolves when process `pid` (not our child) exits, via a pidfd.
+async fn wait_for_exit(pid: u32) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return; // ESRCH: already gone.
+    }
+    // SAFETY: `fd` is a fresh descriptor this function owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: `owned` is a valid open pidfd, moved into the AsyncFd and closed only when it drops.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
+    match registered {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => {
+            // Fall back to polling.
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

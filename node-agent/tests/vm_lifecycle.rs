@@ -1,0 +1,146 @@
+//! The VM lifecycle on a real QEMU (TCG) booting moat's base image: create and start,
+//! console output, graceful stop through ACPI, restart, a killed VMM recorded as crashed,
+//! re-adoption by a second manager over the same directory (a moat-node restart), delete.
+//! Needs the image from `service-vms/base/build.sh target/ci/guest-image` (or $MOAT_GUEST_IMAGE).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use moat_node::vm::{Runtime, VmManager, VmSettings, VmState};
+
+fn image_dir() -> PathBuf {
+    std::env::var_os("MOAT_GUEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ci/guest-image"))
+}
+
+/// Kills every VMM the test started, whatever happened.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten() {
+            if let Some(pid) =
+                std::fs::read_to_string(entry.path().join("vmm.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a pid this test's VMs recorded.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn manager(root: &Path) -> VmManager {
+    let images = root.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let base = images.join("base");
+    if !base.exists() {
+        std::os::unix::fs::symlink(image_dir().canonicalize().expect("guest image built"), &base).unwrap();
+    }
+    VmManager::open(VmSettings {
+        node: "t1".into(),
+        vms_root: root.join("vms"),
+        images_root: images,
+        runtime: Runtime::detect("qemu-system-x86_64", false, None),
+    })
+    .unwrap()
+}
+
+async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn qemu_vm_lifecycle_crash_and_readoption() {
+    assert!(
+        image_dir().join("vmlinux").exists(),
+        "build the guest image first: service-vms/base/build.sh {}",
+        image_dir().display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(tmp.path().to_path_buf());
+    let vms = manager(tmp.path());
+
+    let view = vms.create("vm-a1", "alpha", 1, 256, "", true).await.unwrap();
+    assert_eq!(view.status.state, VmState::Running);
+    assert_eq!((view.vmm, view.accel), ("qemu", "tcg"));
+    let ready = |vms: &VmManager| vms.logs("vm-a1", 0).unwrap().0.contains("moat-init: ready");
+    until("the guest to boot", Duration::from_secs(120), || ready(&vms)).await;
+    let (console, _) = vms.logs("vm-a1", 0).unwrap();
+    assert!(console.contains("Linux version"), "the kernel's boot is on the console:\n{console}");
+
+    // Graceful stop: the power button reaches the guest, which powers off.
+    let stopped = vms.stop("vm-a1", false, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(stopped.status.state, VmState::Stopped, "{:?}", stopped.status);
+    assert!(stopped.status.reason.contains("powered off on request"), "{}", stopped.status.reason);
+    assert!(vms.logs("vm-a1", 0).unwrap().0.contains("power button"));
+
+    // Start again, then kill the VMM behind the node's back: crashed, with the signal.
+    let again = vms.start("vm-a1").await.unwrap();
+    assert_eq!(again.status.state, VmState::Running);
+    let pid = again.status.pid as i32;
+    // SAFETY: kill(2) on the QEMU this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    until("the crash to be noticed", Duration::from_secs(10), || {
+        vms.get("vm-a1").unwrap().status.state == VmState::Crashed
+    })
+    .await;
+    let crashed = vms.get("vm-a1").unwrap();
+    assert!(crashed.status.reason.contains("signal 9"), "{}", crashed.status.reason);
+
+    // A restarted node (a second manager on the same directory) adopts a running VM.
+    vms.start("vm-a1").await.unwrap();
+    let pid = vms.get("vm-a1").unwrap().status.pid;
+    drop(vms);
+    let vms = manager(tmp.path());
+    let adopted = vms.get("vm-a1").unwrap();
+    assert_eq!((adopted.status.state, adopted.status.pid), (VmState::Running, pid), "re-adopted, not restarted");
+    // SAFETY: kill(2) on the QEMU this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    until("the adopted VM's crash to be noticed", Duration::from_secs(10), || {
+        vms.get("vm-a1").unwrap().status.state == VmState::Crashed
+    })
+    .await;
+
+    vms.delete("vm-a1").await.unwrap();
+    assert!(!tmp.path().join("vms/vm-a1").exists());
+    assert!(vms.list().is_empty());
+}
+
+#[tokio::test]
+async fn failed_creates_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(tmp.path().to_path_buf());
+    let vms = manager(tmp.path());
+    let err = vms.create("vm-b1", "beta", 1, 256, "nosuch", false).await.unwrap_err().to_string();
+    assert!(err.contains("image `nosuch` is not on node t1") && err.contains("moat image build"), "{err}");
+    assert!(!tmp.path().join("vms/vm-b1").exists());
+
+    let missing = VmManager::open(VmSettings {
+        node: "t2".into(),
+        vms_root: tmp.path().join("vms"),
+        images_root: tmp.path().join("images"),
+        runtime: Runtime::detect("/nonexistent/qemu-system-x86_64", false, None),
+    })
+    .unwrap();
+    let err = missing.create("vm-b2", "beta", 1, 256, "", true).await.unwrap_err().to_string();
+    assert!(err.starts_with("no VM runtime on node t2") && err.contains("qemu-system-x86"), "{err}");
+    assert!(!tmp.path().join("vms/vm-b2").exists());
+
+    // QEMU refuses the VM (more memory than it can map): the create rolls back.
+    let err = vms.create("vm-b3", "beta", 1, 1 << 40, "", true).await.unwrap_err().to_string();
+    assert!(err.contains("vm vm-b3"), "{err}");
+    assert!(!tmp.path().join("vms/vm-b3").exists(), "a failed start rolls back the create");
+    assert!(vms.list().is_empty());
+
+    vms.create("vm-b4", "beta", 1, 256, "", false).await.unwrap();
+    let err = vms.create("vm-b4", "beta", 1, 256, "", false).await.unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(vms.get("vm-b4").unwrap().status.state, VmState::Stopped);
+    assert!(vms.create("../x", "beta", 1, 256, "", false).await.is_err(), "ids cannot escape the vms directory");
+}
