@@ -41,6 +41,9 @@ pub struct Config {
     pub insecure_no_pipeline: bool,
     /// Role of HTTP requests without a bearer key; None (the default) answers them 401.
     pub anonymous_role: Option<Role>,
+    /// How often the gateway asks each node for its facts and VM states; three misses in a
+    /// row mark the node unreachable.
+    pub heartbeat: std::time::Duration,
     /// Authenticate stdio with this API key instead of as the operator (MOAT_API_KEY; never a flag).
     pub api_key: Option<String>,
 }
@@ -78,6 +81,7 @@ struct FileConfig {
     policies_dir: Option<PathBuf>,
     durability: Option<String>,
     anonymous_role: Option<String>,
+    heartbeat_ms: Option<u64>,
     node: Option<FileNode>,
 }
 
@@ -138,6 +142,9 @@ pub struct ServeOverrides {
     /// Let HTTP requests without a bearer key in as principal `anonymous` with this role [default: refuse them]
     #[arg(long, env = "MOAT_ANONYMOUS_ROLE")]
     pub anonymous_role: Option<String>,
+    /// Milliseconds between node heartbeats (facts and VM states) [default: 5000]
+    #[arg(long, env = "MOAT_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
     /// For benchmarks only: serve with no authentication, authorization, rate limits or audit
     #[arg(long, hide = true)]
     pub insecure_bench_no_pipeline: bool,
@@ -214,6 +221,7 @@ pub fn load(
         policies,
         durability,
         anonymous_role,
+        heartbeat: std::time::Duration::from_millis(serve.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(5000).max(100)),
         insecure_no_pipeline: serve.insecure_bench_no_pipeline,
         api_key: env("MOAT_API_KEY").filter(|k| !k.is_empty()),
     })

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use moat_tools::{ToolCall, ToolName};
+use moat_tools::{ResourceKind, ToolCall, ToolName};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, ErrorData,
     GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, ListPromptsResult, ListResourcesResult,
@@ -29,6 +29,7 @@ use crate::node_client::NodeConnector;
 use crate::principal::{Principal, Transport};
 use crate::prompts::Prompts;
 use crate::state::State;
+use crate::vms;
 
 /// JSON-RPC error code for a refused API key (stdio; HTTP answers 401 before MCP).
 pub const UNAUTHENTICATED: i32 = -32001;
@@ -122,6 +123,30 @@ impl Gateway {
         self.shared.audit.record_call(record).await.map_err(|e| ErrorData::internal_error(e.to_string(), None))
     }
 
+    /// What the authorizer judges: nodes and the cluster have no owner; a new VM is owned by
+    /// its creator; an existing VM brings its owner and labels from the database.
+    async fn resource_of(
+        &self,
+        call: &ToolCall,
+        kind: ResourceKind,
+        ctx: &CallContext,
+    ) -> Result<ResourceRef, ErrorData> {
+        let Some(id) = call.resource_id() else { return Ok(ResourceRef::cluster()) };
+        match (kind, call) {
+            (ResourceKind::Vm, ToolCall::VmCreate(input)) => Ok(ResourceRef {
+                kind,
+                id: id.to_string(),
+                owner: Some(ctx.principal.name.clone()),
+                labels: input.labels.iter().flatten().map(|(k, v)| format!("{k}={}", v.0)).collect(),
+            }),
+            (ResourceKind::Vm, _) => vms::resource(&self.shared.state, &ctx.principal.name, id).await.map_err(|e| {
+                tracing::error!(error = %e, "resolving a VM for authorization failed");
+                ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
+            }),
+            _ => Ok(ResourceRef { kind, id: id.to_string(), owner: None, labels: Vec::new() }),
+        }
+    }
+
     /// The whole tool-call pipeline, after authentication.
     async fn call(&self, request: CallToolRequestParams, ctx: &CallContext) -> Result<CallToolResult, ErrorData> {
         if self.shared.no_pipeline {
@@ -164,11 +189,7 @@ impl Gateway {
             ErrorData::internal_error(format!("{e}: this is a moat bug, please report it"), None)
         })?;
         let spec = self.shared.catalog.spec(tool);
-        // Nodes and the cluster have no owner; owned kinds (VMs, workspaces) bring their owner here.
-        let resource = match call.resource_id() {
-            Some(id) => ResourceRef { kind: spec.resource, id: id.to_string(), owner: None, labels: Vec::new() },
-            None => ResourceRef::cluster(),
-        };
+        let resource = self.resource_of(&call, spec.resource, ctx).await?;
         record.resource = Some(format!("{}/{}", resource.kind.as_str(), resource.id));
         if !bundle.is_allowed(&ctx.principal, tool, &resource) {
             self.audit(&record).await?;
@@ -207,7 +228,7 @@ impl Gateway {
 fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorData> {
     match outcome {
         Ok(value) => Ok(CallToolResult::structured(value)),
-        Err(ToolError::NotFound(message) | ToolError::Invalid(message)) => {
+        Err(ToolError::NotFound(message) | ToolError::Invalid(message) | ToolError::Node(message)) => {
             Ok(CallToolResult::error(vec![ContentBlock::text(message)]))
         }
         Err(ToolError::Internal(source)) => {

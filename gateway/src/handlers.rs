@@ -9,6 +9,7 @@ use crate::gateway::{CallContext, Shared};
 use crate::nodes;
 use crate::state::StateError;
 use crate::trans;
+use crate::vms;
 
 /// How a tool call can fail once it has been decoded and allowed.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,10 @@ pub enum ToolError {
     /// Well-formed arguments the tool still cannot use (e.g. a malformed time); they can fix the call.
     #[error("{0}")]
     Invalid(String),
+    /// A node refused or failed the work (no runtime, VMM error, unreachable); the message
+    /// says what happened and whether anything changed.
+    #[error("{0}")]
+    Node(String),
     /// moat itself failed; not the caller's doing.
     #[error("internal error")]
     Internal(#[source] StateError),
@@ -70,6 +75,15 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
             let records = audit::query(shared.state.pool(), &filter).await.map_err(StateError::Query)?;
             Ok(to_value(AuditQueryOutput { records }))
         }
+        ToolCall::VmCreate(input) => vms::create(shared, ctx, input).await,
+        ToolCall::VmStart(input) => vms::start(shared, ctx, &input.vm).await,
+        ToolCall::VmStop(input) => {
+            vms::stop(shared, ctx, &input.vm, input.force.unwrap_or(false), input.timeout_s).await
+        }
+        ToolCall::VmDelete(input) => vms::delete(shared, ctx, &input.vm).await,
+        ToolCall::VmList(input) => vms::list(shared, ctx, input).await,
+        ToolCall::VmInspect(input) => vms::inspect(shared, ctx, &input.vm).await,
+        ToolCall::VmLogs(input) => vms::logs(shared, ctx, &input.vm, input.tail).await,
     }
 }
 
@@ -86,6 +100,6 @@ pub fn looks_like_rfc3339(s: &str) -> bool {
         && [0..4, 5..7, 8..10, 11..13, 14..16, 17..19].into_iter().all(|r| b[r].iter().all(u8::is_ascii_digit))
 }
 
-fn to_value<T: serde::Serialize>(output: T) -> Value {
+pub fn to_value<T: serde::Serialize>(output: T) -> Value {
     serde_json::to_value(output).expect("tool output types serialize to JSON")
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use moat_gateway::authz::PolicySource;
 use moat_gateway::config::{self, Overrides, ServeOverrides};
 use moat_gateway::node_client::NodeAddress;
+use moat_gateway::pki::Pki;
 use moat_gateway::principal::Role;
 use moat_gateway::state::State;
 use moat_gateway::{audit, keys};
@@ -45,6 +46,41 @@ enum Command {
     /// Check Cedar policies and limits.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The private CA for gateway ↔ node mutual TLS (in <state-dir>/pki).
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Guest images for VMs.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the node CA, the gateway client CA and the gateway's certificate; does nothing
+    /// if they exist.
+    Init,
+    /// Issue the gateway a new client certificate. Nodes keep accepting it (they trust the CA);
+    /// send the running gateway SIGHUP to use it for new connections. Renew a node's own
+    /// certificate with `moat node enroll NAME --out DIR` and SIGHUP to that moat-node.
+    Rotate,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the default guest image (Debian's kernel, busybox initramfs) into
+    /// <state-dir>/images/base, or --out DIR. Idempotent: an up-to-date image is left alone.
+    /// Needs root, apt-get, busybox-static, cpio and xz-utils.
+    Build {
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// A static moat-guest binary to include in the image.
+        #[arg(long)]
+        guest: Option<std::path::PathBuf>,
+        /// The image recipe directory [default: service-vms/base next to the moat binary's source, or
+        /// /usr/share/moat/service-vms/base]
+        #[arg(long, env = "MOAT_IMAGE_RECIPE")]
+        recipe: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,12 +137,29 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// Register a node agent reachable at ADDRESS (http://HOST:PORT or unix:/PATH).
+    /// Register a node agent reachable at ADDRESS without issuing a certificate: unix:/PATH, an
+    /// https:// node already enrolled, or http://127.0.0.1:PORT with --insecure-loopback.
     Add {
         /// DNS label, e.g. n1
         name: String,
         #[arg(long)]
         address: String,
+        /// Accept a plain-text http:// address on this host (development only).
+        #[arg(long)]
+        insecure_loopback: bool,
+    },
+    /// Issue node NAME a certificate bundle in --out DIR (node.pem, node.key, client-ca.pem)
+    /// and register it at --address https://HOST:PORT. Run again to renew the certificate;
+    /// then SIGHUP that moat-node. Start the node with `moat-node serve --certs DIR`.
+    Enroll {
+        /// DNS label, e.g. n1; the certificate's CN and DNS name
+        name: String,
+        /// https://HOST:PORT where the node listens
+        #[arg(long)]
+        address: String,
+        /// Where to write the bundle
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Forget a node.
     Remove { name: String },
@@ -258,13 +311,34 @@ async fn main() -> anyhow::Result<()> {
             let config = config::load(&cli.common, &ServeOverrides::default(), env)?;
             let state = State::open(&config.db_path()).await?;
             match cmd {
-                NodeCommand::Add { name, address } => {
+                NodeCommand::Add { name, address, insecure_loopback } => {
                     config::validate_node_name(&name)?;
-                    NodeAddress::parse(&address).map_err(anyhow::Error::msg)?;
+                    let parsed = NodeAddress::parse(&address).map_err(anyhow::Error::msg)?;
+                    parsed.check_plaintext_allowed(insecure_loopback).map_err(anyhow::Error::msg)?;
                     state.add_node(&name, &address).await?;
                     println!("added node {name} at {address}");
                 }
+                NodeCommand::Enroll { name, address, out } => {
+                    config::validate_node_name(&name)?;
+                    if !matches!(NodeAddress::parse(&address), Ok(NodeAddress::Tls { .. })) {
+                        anyhow::bail!("--address must be https://HOST:PORT: enrolled nodes speak mutual TLS");
+                    }
+                    let pki = Pki::at(&config.state_dir);
+                    let bundle = pki.issue_node(&name)?;
+                    bundle.write(&out).with_context(|| format!("cannot write the bundle to {}", out.display()))?;
+                    state.upsert_node(&name, &address).await?;
+                    println!("enrolled node {name} at {address}; its certificate bundle is in {}", out.display());
+                    println!("on the node: moat-node serve --name {name} --listen 0.0.0.0:PORT --certs DIR");
+                }
                 NodeCommand::Remove { name } => {
+                    let placed = state.vms_on(&name).await?;
+                    if !placed.is_empty() {
+                        anyhow::bail!(
+                            "node {name} still has {} VMs ({}); delete them first (vm_delete)",
+                            placed.len(),
+                            placed.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+                        );
+                    }
                     state.remove_node(&name).await.with_context(|| format!("cannot remove node {name}"))?;
                     println!("removed node {name}");
                 }
@@ -275,6 +349,38 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Pki(cmd) => {
+            let config = config::load(&cli.common, &ServeOverrides::default(), env)?;
+            let pki = Pki::at(&config.state_dir);
+            match cmd {
+                PkiCommand::Init => {
+                    if pki.init()? {
+                        println!(
+                            "created the node CA, the gateway client CA and the gateway certificate in {}",
+                            pki.dir().display()
+                        );
+                    } else {
+                        println!("PKI already present in {}; nothing changed", pki.dir().display());
+                    }
+                }
+                PkiCommand::Rotate => {
+                    if !pki.exists() {
+                        anyhow::bail!("no PKI in {}: run `moat pki init` first", pki.dir().display());
+                    }
+                    pki.rotate_gateway()?;
+                    println!(
+                        "issued a new gateway certificate in {}; send the running gateway SIGHUP to use it",
+                        pki.dir().display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Image(ImageCommand::Build { out, guest, recipe }) => {
+            let config = config::load(&cli.common, &ServeOverrides::default(), env)?;
+            let out = out.unwrap_or_else(|| config.images_dir().join("base"));
+            moat_gateway::image::build(recipe.as_deref(), &out, guest.as_deref())
         }
     }
 }

@@ -1,19 +1,26 @@
 //! The node registry seen live: asks each registered node for its facts,
 //! records who answered, and falls back to the last known facts (marked
-//! unreachable, with the reason) for nodes that do not.
+//! unreachable, with the reason) for nodes that do not. The [`heartbeat`]
+//! does the same in the background and carries VM states back.
 
 use moat_proto::node::v1::GetNodeInfoRequest;
 use moat_tools::NodeDetail;
 
-use crate::node_client::NodeConnector;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Shared;
+use crate::node_client::{CALL_TIMEOUT, NodeConnector};
 use crate::state::{NodeRow, State, StateError};
 use crate::trans;
 
 /// Asks one node for its facts and records the outcome.
 pub async fn refresh(state: &State, connector: &NodeConnector, row: &NodeRow) -> Result<NodeDetail, StateError> {
     let address = connector.address_of(&row.name, &row.address);
-    let answer = match connector.client(address) {
-        Ok(mut client) => client.get_node_info(GetNodeInfoRequest {}).await.map_err(|s| describe_status(&s)),
+    let answer = match connector.client(&row.name, address) {
+        Ok(mut client) => client
+            .get_node_info(crate::node_client::request(GetNodeInfoRequest {}, CALL_TIMEOUT))
+            .await
+            .map_err(|s| describe_status(&s)),
         Err(e) => Err(e),
     };
     match answer {
@@ -61,6 +68,13 @@ fn unreachable(row: &NodeRow, error: String) -> NodeDetail {
                 kvm: None,
                 vmms: Vec::new(),
                 storage: None,
+                runtime: None,
+                accel: None,
+                runtime_detail: None,
+                images: Vec::new(),
+                vm_count: None,
+                allocated_vcpus: None,
+                allocated_memory_mib: None,
             }
         });
     detail.address = row.address.clone();
@@ -70,7 +84,7 @@ fn unreachable(row: &NodeRow, error: String) -> NodeDetail {
     detail
 }
 
-fn describe_status(status: &tonic::Status) -> String {
+pub fn describe_status(status: &tonic::Status) -> String {
     use std::error::Error as _;
     let mut message = format!("node did not answer: {} ({:?})", status.message(), status.code());
     let mut source = status.source();
@@ -80,4 +94,74 @@ fn describe_status(status: &tonic::Status) -> String {
         source = cause.source();
     }
     message
+}
+
+/// Heartbeats missed in a row after which a node counts as unreachable.
+pub const MISSED_HEARTBEATS_UNREACHABLE: i64 = 3;
+
+/// Every `every`, asks each node for its facts and VM states and records them: VM crashes
+/// reach the database (and `vm_list`) within one interval, and a node that misses
+/// [`MISSED_HEARTBEATS_UNREACHABLE`] beats in a row is logged unreachable until it answers.
+pub async fn heartbeat(shared: std::sync::Arc<Shared>, every: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let rows = match shared.state.nodes().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat: cannot read the node registry");
+                continue;
+            }
+        };
+        futures::future::join_all(rows.iter().map(|row| beat(&shared, row))).await;
+    }
+}
+
+async fn beat(shared: &Shared, row: &NodeRow) {
+    let address = shared.nodes.address_of(&row.name, &row.address);
+    let answer = async {
+        let mut client = shared.nodes.client(&row.name, address)?;
+        let info = client
+            .get_node_info(crate::node_client::request(GetNodeInfoRequest {}, CALL_TIMEOUT))
+            .await
+            .map_err(|s| describe_status(&s))?
+            .into_inner();
+        let vms = client
+            .list_vms(crate::node_client::request(moat_proto::node::v1::ListVmsRequest {}, CALL_TIMEOUT))
+            .await
+            .map_err(|s| describe_status(&s))?
+            .into_inner()
+            .vms;
+        Ok::<_, String>((info, vms))
+    }
+    .await;
+    let recorded = match answer {
+        Ok((info, vms)) => {
+            if row.missed_heartbeats >= MISSED_HEARTBEATS_UNREACHABLE {
+                tracing::info!(node = %row.name, "node is reachable again");
+            }
+            let detail = trans::node_detail(&row.name, address, info, String::new());
+            let json = serde_json::to_string(&detail).expect("tool output types serialize");
+            match shared.state.node_seen(&row.name, &json).await {
+                Ok(_) => crate::vms::sync_node(&shared.state, &row.name, &vms).await,
+                Err(e) => Err(e),
+            }
+        }
+        Err(error) => match shared.state.heartbeat_missed(&row.name, &error).await {
+            Ok(missed) => {
+                if missed == MISSED_HEARTBEATS_UNREACHABLE {
+                    tracing::warn!(node = %row.name, %error, "node unreachable: {missed} heartbeats missed");
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(node = %row.name, error = %e, "heartbeat: cannot record the node's state");
+    }
 }

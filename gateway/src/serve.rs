@@ -59,7 +59,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shared = Arc::new(Shared {
         state: state.clone(),
-        nodes: NodeConnector::with_embedded(&config.node_name, &format!("unix:{}", socket.display())),
+        nodes: NodeConnector::new(
+            crate::pki::Pki::at(&config.state_dir),
+            Some((&config.node_name, &format!("unix:{}", socket.display()))),
+        ),
         catalog: Catalog::build(),
         prompts,
         authz,
@@ -71,6 +74,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("--insecure-bench-no-pipeline: NO authentication, authorization, rate limits or audit");
     }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
+    tokio::spawn(crate::nodes::heartbeat(shared.clone(), config.heartbeat, shutdown.clone()));
+    if let Err(missing) = crate::image::check(&config.images_dir().join("base")) {
+        tracing::warn!("{missing}");
+    }
 
     let result = match config.http {
         Some(addr) => {
@@ -179,6 +186,9 @@ async fn reload_on_sighup(shared: Arc<Shared>, shutdown: CancellationToken) {
             Ok(()) => tracing::info!(source = %shared.authz.bundle().source, "policies reloaded"),
             Err(e) => tracing::error!(error = %e, "policy reload refused; the previous policies stay in force"),
         }
+        // A rotated gateway certificate is used from the next connection to each node on.
+        shared.nodes.reload();
+        tracing::info!("node connections will use the current gateway certificate");
     }
 }
 

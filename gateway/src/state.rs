@@ -44,6 +44,8 @@ pub struct NodeRow {
     pub last_seen: Option<String>,
     pub last_info: Option<String>,
     pub last_error: Option<String>,
+    /// Heartbeats missed in a row; three or more mean unreachable.
+    pub missed_heartbeats: i64,
 }
 
 /// What a committed write survives.
@@ -178,12 +180,14 @@ impl State {
     /// Records a successful contact: when, and what the node said.
     pub async fn node_seen(&self, name: &str, info_json: &str) -> Result<String, StateError> {
         let at = now();
-        sqlx::query("UPDATE nodes SET last_seen = ?, last_info = ?, last_error = NULL WHERE name = ?")
-            .bind(&at)
-            .bind(info_json)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE nodes SET last_seen = ?, last_info = ?, last_error = NULL, missed_heartbeats = 0 WHERE name = ?",
+        )
+        .bind(&at)
+        .bind(info_json)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
         Ok(at)
     }
 
@@ -232,7 +236,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/moat.db");
         let state = State::open(&path).await.unwrap();
-        assert_eq!(state.schema_version().await.unwrap(), 2);
+        assert_eq!(state.schema_version().await.unwrap(), 3);
         state.add_node("n1", "http://127.0.0.1:7443").await.unwrap();
         assert!(matches!(state.add_node("n1", "x").await, Err(StateError::DuplicateNode(_))));
         state.upsert_node("local", "unix:/tmp/a.sock").await.unwrap();

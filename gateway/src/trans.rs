@@ -1,7 +1,9 @@
 //! The one place the gateway converts node proto types into tool output types.
 
 use moat_proto::node::v1 as pb;
-use moat_tools::{KvmState, NodeDetail, NodeSummary, StorageState, VmmState};
+use moat_tools::{KvmState, NodeDetail, NodeSummary, StorageState, VmInfo, VmStateName, VmmState};
+
+use crate::vm_store::VmRow;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -37,6 +39,13 @@ pub fn node_detail(name: &str, address: &str, info: pb::NodeInfo, last_seen: Str
             total_mib: s.total_bytes / MIB,
             available_mib: s.available_bytes / MIB,
         }),
+        runtime: (!info.runtime.is_empty()).then_some(info.runtime),
+        accel: (!info.accel.is_empty()).then_some(info.accel),
+        runtime_detail: (!info.runtime_detail.is_empty()).then_some(info.runtime_detail),
+        images: info.images,
+        vm_count: Some(info.vm_count),
+        allocated_vcpus: Some(info.allocated_vcpus),
+        allocated_memory_mib: Some(info.allocated_memory_mib),
     }
 }
 
@@ -52,5 +61,31 @@ pub fn node_summary(d: &NodeDetail) -> NodeSummary {
         memory_total_mib: d.memory_total_mib,
         kvm_usable: d.kvm.as_ref().map(|k| k.usable),
         vmms: d.vmms.iter().filter(|v| v.installed).map(|v| v.kind.clone()).collect(),
+        runtime: d.runtime.clone(),
+        accel: d.accel.clone(),
+        vm_count: d.vm_count,
+        allocated_vcpus: d.allocated_vcpus,
+        allocated_memory_mib: d.allocated_memory_mib,
+    }
+}
+
+/// A stored VM as tools show it; `stale` says why the state may be old.
+pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
+    VmInfo {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        owner: row.owner.clone(),
+        node: row.node.clone(),
+        state: VmStateName::parse(&row.state).unwrap_or(VmStateName::Crashed),
+        reason: (!row.reason.is_empty()).then(|| row.reason.clone()),
+        vcpus: row.vcpus as u32,
+        memory_mib: row.memory_mib as u64,
+        image: row.image.clone(),
+        labels: row.labels(),
+        vmm: (!row.vmm.is_empty()).then(|| row.vmm.clone()),
+        accel: (!row.accel.is_empty()).then(|| row.accel.clone()),
+        created_at: row.created_at.clone(),
+        started_at: row.started_at.clone(),
+        stale,
     }
 }

@@ -1,5 +1,5 @@
-//! A gateway routing to a second node agent over real gRPC/TCP: registration
-//! with `moat node add`, live facts while it answers, last-known facts marked
+//! A gateway routing to a second node agent over plain gRPC/TCP on loopback
+//! (development mode; mTLS is in vms.rs): registration with `moat node add`, live facts while it answers, last-known facts marked
 //! unreachable (with the reason) once it stops.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
@@ -29,12 +29,17 @@ async fn remote_node_over_tcp_then_unreachable() {
     }));
 
     let address = format!("http://{addr}");
-    let (ok, stdout, stderr) = home.run(&["node", "add", "far-1", "--address", &address]).await;
-    assert!(ok && stdout.contains("added node far-1"), "{stdout}{stderr}");
     let (ok, _, stderr) = home.run(&["node", "add", "far-1", "--address", &address]).await;
+    assert!(!ok && stderr.contains("plain-text node address") && stderr.contains("--insecure-loopback"), "{stderr}");
+    let (ok, stdout, stderr) = home.run(&["node", "add", "far-1", "--address", &address, "--insecure-loopback"]).await;
+    assert!(ok && stdout.contains("added node far-1"), "{stdout}{stderr}");
+    let (ok, _, stderr) = home.run(&["node", "add", "far-1", "--address", &address, "--insecure-loopback"]).await;
     assert!(!ok && stderr.contains("already exists"), "{stderr}");
     let (ok, _, stderr) = home.run(&["node", "add", "far-2", "--address", "10.0.0.1:7443"]).await;
-    assert!(!ok && stderr.contains("http://HOST:PORT"), "{stderr}");
+    assert!(!ok && stderr.contains("https://HOST:PORT"), "{stderr}");
+    let (ok, _, stderr) =
+        home.run(&["node", "add", "far-2", "--address", "http://10.0.0.1:7443", "--insecure-loopback"]).await;
+    assert!(!ok && stderr.contains("refused"), "only loopback may be plain text: {stderr}");
 
     let client = home.stdio_client(&[]).await;
     let list = call_ok(&client, "node_list", json!({})).await;

@@ -5,7 +5,7 @@
 //! Module map: [`api`] is the tonic service (thin: decode, call, encode);
 //! [`probe`] reads host facts; [`kvm`] decides whether KVM can actually run
 //! guests; [`cmd`] is the only place that runs external programs;
-//! [`server`] binds listeners and shuts down gracefully; [`vm`] runs VMs
+//! [`server`] binds listeners (mTLS via [`tls`]) and shuts down gracefully; [`vm`] runs VMs
 //! (their directories, VMM processes and states); [`trans`] is the one
 //! module converting domain types to proto types.
 
@@ -14,6 +14,7 @@ pub mod cmd;
 pub mod kvm;
 pub mod probe;
 pub mod server;
+pub mod tls;
 mod trans;
 pub mod vm;
 

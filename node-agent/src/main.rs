@@ -26,6 +26,14 @@ enum Command {
         /// Directory for VM and workspace data; its filesystem decides how workspaces are made.
         #[arg(long, env = "MOAT_NODE_STORAGE_ROOT", default_value = "/var/lib/moat-node")]
         storage_root: PathBuf,
+        /// Directory with node.pem, node.key and client-ca.pem from `moat node enroll`: serve
+        /// gRPC over mutual TLS. Re-read on SIGHUP, so a renewed certificate needs no restart.
+        #[arg(long, env = "MOAT_NODE_CERTS")]
+        certs: Option<PathBuf>,
+        /// Serve plain-text gRPC on a loopback address without --certs. Development only: anyone
+        /// on this host can then drive the node.
+        #[arg(long, env = "MOAT_NODE_INSECURE_LOOPBACK")]
+        insecure_loopback: bool,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -67,17 +75,47 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Serve { listen, name, storage_root, vm } => {
+        Command::Serve { listen, name, storage_root, certs, insecure_loopback, vm } => {
             std::fs::create_dir_all(&storage_root)
                 .with_context(|| format!("cannot create storage root {}", storage_root.display()))?;
-            let listener = Listener::bind(&listen).await?;
+            // VMs first: re-adopt what still runs before taking calls about it.
+            let vms = vm.manager(&name, &storage_root)?;
+            let listener = match (&listen, certs) {
+                (ListenAddr::Tcp(addr), Some(dir)) => {
+                    let tls = moat_node::tls::ServerTls::load(&dir)
+                        .with_context(|| format!("cannot load the node certificate from {}", dir.display()))?;
+                    tokio::spawn(reload_on_sighup(tls.clone()));
+                    Listener::bind_tls(*addr, tls).await?
+                }
+                (ListenAddr::Tcp(addr), None) if !(insecure_loopback && addr.ip().is_loopback()) => {
+                    anyhow::bail!(
+                        "refusing to serve gRPC over plain TCP on {addr}: pass --certs DIR (from `moat node \
+                         enroll {name} --out DIR` on the gateway host), or for development on this host only, \
+                         --insecure-loopback with a loopback address"
+                    );
+                }
+                (ListenAddr::Unix(_), Some(_)) => {
+                    anyhow::bail!("--certs is for TCP; a unix: socket is guarded by its file permissions")
+                }
+                _ => Listener::bind(&listen).await?,
+            };
             // Tests and scripts read this line to learn the port when --listen used port 0.
             tracing::info!(node = %name, listen = %listener.local_addr(), "moat-node listening");
-            let vms = vm.manager(&name, &storage_root)?;
             let api = moat_node::NodeApi::new(name, storage_root, vms);
             moat_node::serve(listener, api, shutdown_signal()).await?;
             tracing::info!("moat-node stopped");
             Ok(())
+        }
+    }
+}
+
+async fn reload_on_sighup(tls: moat_node::tls::ServerTls) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("reloaded the node certificate"),
+            Err(e) => tracing::error!(error = %e, "cannot reload the node certificate; keeping the old one"),
         }
     }
 }

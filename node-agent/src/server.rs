@@ -10,6 +10,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::NodeApi;
+use crate::tls::{ServerTls, TlsStream};
 
 /// Where a node listens: `127.0.0.1:7443` or `unix:/run/moat/node.sock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,8 @@ pub enum NodeServerError {
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpIncoming, SocketAddr),
+    /// TCP with mutual TLS: the production listener.
+    Tls(tokio::net::TcpListener, ServerTls, SocketAddr),
     Unix(tokio::net::UnixListener, PathBuf),
 }
 
@@ -91,9 +94,18 @@ impl Listener {
         }
     }
 
+    /// Binds a TCP listener whose connections must complete an mTLS handshake.
+    pub async fn bind_tls(addr: SocketAddr, tls: ServerTls) -> Result<Listener, NodeServerError> {
+        let listen = ListenAddr::Tcp(addr);
+        let bind_err = |source| NodeServerError::Bind { addr: listen.clone(), source };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
+        Ok(Listener::Tls(listener, tls, local))
+    }
+
     pub fn local_addr(&self) -> ListenAddr {
         match self {
-            Listener::Tcp(_, a) => ListenAddr::Tcp(*a),
+            Listener::Tcp(_, a) | Listener::Tls(_, _, a) => ListenAddr::Tcp(*a),
             Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
         }
     }
@@ -109,6 +121,9 @@ pub async fn serve(
     let router = Server::builder().add_service(api.into_service());
     let result = match listener {
         Listener::Tcp(incoming, _) => router.serve_with_incoming_shutdown(incoming, shutdown).await,
+        Listener::Tls(listener, tls, _) => {
+            router.serve_with_incoming_shutdown(tls_incoming(listener, tls), shutdown).await
+        }
         Listener::Unix(listener, ref path) => {
             let result = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown).await;
             let _ = std::fs::remove_file(path);
@@ -116,6 +131,41 @@ pub async fn serve(
         }
     };
     result.map_err(|source| NodeServerError::Serve { addr, source })
+}
+
+/// Accepted connections after their handshake. Handshakes run off the accept loop, so one
+/// slow or hostile client cannot hold up others; failed ones are logged and dropped.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: ServerTls,
+) -> impl tokio_stream::Stream<Item = Result<TlsStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (tls, sender) = (tls.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tls.accept(stream).await {
+                    Ok(stream) => {
+                        let _ = sender.send(Ok(stream)).await;
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "refused a connection: TLS handshake failed"),
+                }
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 #[cfg(test)]

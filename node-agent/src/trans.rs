@@ -45,6 +45,7 @@ pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
         allocated_vcpus: defined.iter().map(|v| v.config.vcpus).sum(),
         allocated_memory_mib: defined.iter().map(|v| v.config.memory_mib).sum(),
         vm_count: defined.len() as u32,
+        images: vms.images(),
     }
 }
 

@@ -13,10 +13,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::{Endpoint, Uri};
 
 /// Starts `moat-node serve --listen LISTEN` and returns it with the address it logged.
-async fn start(listen: &str, name: &str, root: &std::path::Path) -> (tokio::process::Child, String) {
+async fn start(listen: &str, name: &str, root: &std::path::Path, extra: &[&str]) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_moat-node"))
         .args(["serve", "--listen", listen, "--name", name, "--storage-root"])
         .arg(root)
+        .args(extra)
         .env("MOAT_LOG", "info")
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
@@ -48,7 +49,7 @@ async fn stop(mut child: tokio::process::Child) {
 #[tokio::test]
 async fn serves_node_info_over_tcp() {
     let root = tempfile::tempdir().unwrap();
-    let (child, addr) = start("127.0.0.1:0", "tcp-node", root.path()).await;
+    let (child, addr) = start("127.0.0.1:0", "tcp-node", root.path(), &["--insecure-loopback"]).await;
     let mut client = NodeServiceClient::connect(format!("http://{addr}")).await.unwrap();
     let info = client.get_node_info(GetNodeInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.name, "tcp-node");
@@ -69,7 +70,7 @@ async fn serves_node_info_over_tcp() {
 async fn serves_over_a_unix_socket_and_removes_it_on_exit() {
     let root = tempfile::tempdir().unwrap();
     let socket = root.path().join("run/node.sock");
-    let (child, addr) = start(&format!("unix:{}", socket.display()), "uds-node", root.path()).await;
+    let (child, addr) = start(&format!("unix:{}", socket.display()), "uds-node", root.path(), &[]).await;
     assert_eq!(addr, format!("unix:{}", socket.display()));
     let path = socket.clone();
     let channel = Endpoint::from_static("http://moat-node.local")
@@ -94,4 +95,22 @@ async fn refuses_bad_listen_addresses() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HOST:PORT"));
+}
+
+#[tokio::test]
+async fn refuses_plain_tcp_unless_loopback_development() {
+    let root = tempfile::tempdir().unwrap();
+    for args in [vec!["127.0.0.1:0"], vec!["0.0.0.0:0", "--insecure-loopback"]] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_moat-node"))
+            .args(["serve", "--storage-root"])
+            .arg(root.path())
+            .arg("--listen")
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must be refused");
+        assert!(stderr.contains("refusing to serve gRPC over plain TCP") && stderr.contains("--certs"), "{stderr}");
+    }
 }

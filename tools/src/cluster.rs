@@ -56,6 +56,14 @@ pub struct NodeSummary {
     pub kvm_usable: Option<bool>,
     /// Installed VMMs, e.g. ["qemu"].
     pub vmms: Vec<String>,
+    /// The VMM new VMs run under here ("qemu"), or null when the node has none.
+    pub runtime: Option<String>,
+    /// "kvm" or "tcg" (software emulation, several times slower).
+    pub accel: Option<String>,
+    /// VMs defined on the node and the vCPUs and memory they are allocated.
+    pub vm_count: Option<u32>,
+    pub allocated_vcpus: Option<u32>,
+    pub allocated_memory_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -91,6 +99,19 @@ pub struct NodeDetail {
     pub kvm: Option<KvmState>,
     pub vmms: Vec<VmmState>,
     pub storage: Option<StorageState>,
+    /// The VMM new VMs run under here ("qemu"), or null when the node has none.
+    pub runtime: Option<String>,
+    /// "kvm" or "tcg" (software emulation, several times slower).
+    pub accel: Option<String>,
+    /// Why the node cannot run VMs, in words an operator can act on.
+    pub runtime_detail: Option<String>,
+    /// Guest images the node can boot, e.g. ["base"].
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// VMs defined on the node and the vCPUs and memory they are allocated (running or not).
+    pub vm_count: Option<u32>,
+    pub allocated_vcpus: Option<u32>,
+    pub allocated_memory_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

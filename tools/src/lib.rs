@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod vm;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -17,6 +18,10 @@ pub use audit::{AuditQueryInput, AuditQueryOutput, AuditRecord};
 pub use cluster::{
     KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary,
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
+};
+pub use vm::{
+    LabelValue, VmCreateInput, VmDeleteOutput, VmInfo, VmListInput, VmListOutput, VmLogsInput, VmLogsOutput, VmOutput,
+    VmRefInput, VmStateName, VmStopInput,
 };
 
 /// A JSON object, as MCP carries tool schemas and arguments.
@@ -29,12 +34,30 @@ pub enum ToolName {
     NodeList,
     NodeInspect,
     AuditQuery,
+    VmCreate,
+    VmStart,
+    VmStop,
+    VmDelete,
+    VmList,
+    VmInspect,
+    VmLogs,
 }
 
 impl ToolName {
     /// All tools, in the order `tools/list` shows them.
-    pub const ALL: &'static [ToolName] =
-        &[ToolName::Whoami, ToolName::NodeList, ToolName::NodeInspect, ToolName::AuditQuery];
+    pub const ALL: &'static [ToolName] = &[
+        ToolName::Whoami,
+        ToolName::NodeList,
+        ToolName::NodeInspect,
+        ToolName::AuditQuery,
+        ToolName::VmCreate,
+        ToolName::VmStart,
+        ToolName::VmStop,
+        ToolName::VmDelete,
+        ToolName::VmList,
+        ToolName::VmInspect,
+        ToolName::VmLogs,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +65,13 @@ impl ToolName {
             ToolName::NodeList => "node_list",
             ToolName::NodeInspect => "node_inspect",
             ToolName::AuditQuery => "audit_query",
+            ToolName::VmCreate => "vm_create",
+            ToolName::VmStart => "vm_start",
+            ToolName::VmStop => "vm_stop",
+            ToolName::VmDelete => "vm_delete",
+            ToolName::VmList => "vm_list",
+            ToolName::VmInspect => "vm_inspect",
+            ToolName::VmLogs => "vm_logs",
         }
     }
 
@@ -60,6 +90,13 @@ impl ToolName {
             ToolName::NodeList => cluster::node_list_spec(),
             ToolName::NodeInspect => cluster::node_inspect_spec(),
             ToolName::AuditQuery => audit::audit_query_spec(),
+            ToolName::VmCreate => vm::vm_create_spec(),
+            ToolName::VmStart => vm::vm_start_spec(),
+            ToolName::VmStop => vm::vm_stop_spec(),
+            ToolName::VmDelete => vm::vm_delete_spec(),
+            ToolName::VmList => vm::vm_list_spec(),
+            ToolName::VmInspect => vm::vm_inspect_spec(),
+            ToolName::VmLogs => vm::vm_logs_spec(),
         }
     }
 }
@@ -128,6 +165,8 @@ pub enum ResourceKind {
     Cluster,
     /// One node, named by the call's `node` argument.
     Node,
+    /// One VM, named by the call's `vm` argument (or `name`, when creating it); owned.
+    Vm,
 }
 
 impl ResourceKind {
@@ -135,6 +174,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Cluster => "cluster",
             ResourceKind::Node => "node",
+            ResourceKind::Vm => "vm",
         }
     }
 }
@@ -181,6 +221,13 @@ pub enum ToolCall {
     NodeList(NodeListInput),
     NodeInspect(NodeInspectInput),
     AuditQuery(AuditQueryInput),
+    VmCreate(VmCreateInput),
+    VmStart(VmRefInput),
+    VmStop(VmStopInput),
+    VmDelete(VmRefInput),
+    VmList(VmListInput),
+    VmInspect(VmRefInput),
+    VmLogs(VmLogsInput),
 }
 
 impl ToolCall {
@@ -195,6 +242,13 @@ impl ToolCall {
             ToolName::NodeList => ToolCall::NodeList(typed(name, args)?),
             ToolName::NodeInspect => ToolCall::NodeInspect(typed(name, args)?),
             ToolName::AuditQuery => ToolCall::AuditQuery(typed(name, args)?),
+            ToolName::VmCreate => ToolCall::VmCreate(typed(name, args)?),
+            ToolName::VmStart => ToolCall::VmStart(typed(name, args)?),
+            ToolName::VmStop => ToolCall::VmStop(typed(name, args)?),
+            ToolName::VmDelete => ToolCall::VmDelete(typed(name, args)?),
+            ToolName::VmList => ToolCall::VmList(typed(name, args)?),
+            ToolName::VmInspect => ToolCall::VmInspect(typed(name, args)?),
+            ToolName::VmLogs => ToolCall::VmLogs(typed(name, args)?),
         })
     }
 
@@ -204,14 +258,25 @@ impl ToolCall {
             ToolCall::NodeList(_) => ToolName::NodeList,
             ToolCall::NodeInspect(_) => ToolName::NodeInspect,
             ToolCall::AuditQuery(_) => ToolName::AuditQuery,
+            ToolCall::VmCreate(_) => ToolName::VmCreate,
+            ToolCall::VmStart(_) => ToolName::VmStart,
+            ToolCall::VmStop(_) => ToolName::VmStop,
+            ToolCall::VmDelete(_) => ToolName::VmDelete,
+            ToolCall::VmList(_) => ToolName::VmList,
+            ToolCall::VmInspect(_) => ToolName::VmInspect,
+            ToolCall::VmLogs(_) => ToolName::VmLogs,
         }
     }
 
-    /// The id of the resource this call acts on (e.g. the node name), if it names one.
+    /// The resource this call names (a node name, a VM id or name, a new VM's name), if any.
     pub fn resource_id(&self) -> Option<&str> {
         match self {
-            ToolCall::Whoami(_) | ToolCall::NodeList(_) | ToolCall::AuditQuery(_) => None,
+            ToolCall::Whoami(_) | ToolCall::NodeList(_) | ToolCall::AuditQuery(_) | ToolCall::VmList(_) => None,
             ToolCall::NodeInspect(input) => Some(&input.node),
+            ToolCall::VmCreate(input) => Some(&input.name),
+            ToolCall::VmStart(input) | ToolCall::VmDelete(input) | ToolCall::VmInspect(input) => Some(&input.vm),
+            ToolCall::VmStop(input) => Some(&input.vm),
+            ToolCall::VmLogs(input) => Some(&input.vm),
         }
     }
 }

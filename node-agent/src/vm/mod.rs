@@ -229,11 +229,37 @@ impl VmManager {
         VmManager::open(VmSettings { node: node.to_string(), vms_root: storage_root.join("vms"), images_root, runtime })
     }
 
+    /// Images this node can boot: directories under the image root with a kernel and initramfs.
+    pub fn images(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.inner.settings.images_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("vmlinux").is_file() && e.path().join("initramfs.cpio.gz").is_file())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_token(n, 63))
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn runtime(&self) -> &Runtime {
         &self.inner.settings.runtime
     }
 
     fn vm(&self, id: &str) -> Result<Arc<Vm>, VmError> {
+        if let Some(vm) = self.inner.vms.lock().expect("vm map lock is never poisoned").get(id) {
+            return Ok(vm.clone());
+        }
+        // Created by another process on the same storage root (two gateways' embedded nodes).
+        // Only settled VMs: one that process is still creating or deleting is not ours to touch.
+        let dir = VmDir::new(&self.inner.settings.vms_root, id);
+        if valid_token(id, 64)
+            && dir.read_config().is_ok()
+            && dir.read_status().is_ok_and(|s| !matches!(s.state, VmState::Creating | VmState::Deleting))
+        {
+            self.load(id);
+        }
         self.inner
             .vms
             .lock()
@@ -242,7 +268,6 @@ impl VmManager {
             .cloned()
             .ok_or_else(|| VmError::NotFound(id.into()))
     }
-
     fn view(&self, vm: &Vm) -> VmView {
         let (vmm, accel) = match &self.inner.settings.runtime {
             Runtime::Ready(v) => (v.kind(), v.accel().as_str()),

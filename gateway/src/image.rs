@@ -1,0 +1,58 @@
+//! `moat image build`: the default guest image, built by the recipe in
+//! `service-vms/base` (embedded in the binary, so it works from any
+//! directory). The recipe is idempotent: an up-to-date image is left alone.
+//! moat never builds or downloads images on its own: `moat serve` only says
+//! what is missing.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+const BUILD_SH: &str = include_str!("../../service-vms/base/build.sh");
+const INIT: &str = include_str!("../../service-vms/base/init");
+const MODULES: &str = include_str!("../../service-vms/base/modules");
+
+/// Runs the recipe (`recipe/build.sh`, or the embedded copy) to build the image into `out`.
+pub fn build(recipe: Option<&Path>, out: &Path, guest: Option<&Path>) -> anyhow::Result<()> {
+    let staged;
+    let dir = match recipe {
+        Some(dir) => dir,
+        None => {
+            staged = tempfile::tempdir().context("cannot stage the image recipe")?;
+            for (name, text, mode) in
+                [("build.sh", BUILD_SH, 0o755), ("init", INIT, 0o755), ("modules", MODULES, 0o644)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let path = staged.path().join(name);
+                std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            }
+            staged.path()
+        }
+    };
+    let script = dir.join("build.sh");
+    // The operator runs this in the foreground; its output is the progress report.
+    #[allow(clippy::disallowed_methods)]
+    let mut command = std::process::Command::new("bash");
+    command.arg(&script).arg(out);
+    if let Some(guest) = guest {
+        command.arg(guest);
+    }
+    let status = command.status().with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        anyhow::bail!("building the image into {} failed ({status}); the output above says why", out.display());
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds a bootable image; if not, what to run.
+pub fn check(dir: &Path) -> Result<(), String> {
+    if dir.join("vmlinux").is_file() && dir.join("initramfs.cpio.gz").is_file() {
+        return Ok(());
+    }
+    Err(format!(
+        "no guest image in {}: VMs cannot start until you run `moat image build` (as root; it downloads \
+         Debian's kernel package with apt-get)",
+        dir.display()
+    ))
+}
