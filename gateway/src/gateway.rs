@@ -193,8 +193,13 @@ impl Gateway {
         record.resource = Some(format!("{}/{}", resource.kind.as_str(), resource.id));
         if !bundle.is_allowed(&ctx.principal, tool, &resource) {
             self.audit(&record).await?;
-            // Do not confirm that someone else's resource exists.
-            let message = format!("no {} named `{}`", resource.kind.as_str(), resource.id);
+            // Do not confirm that someone else's resource exists: answer exactly as for a missing
+            // one, in the caller's own words (never the id a name resolved to).
+            let named = call.resource_id().unwrap_or(&resource.id);
+            let message = match resource.kind {
+                ResourceKind::Vm => vms::not_found(named),
+                kind => format!("no {} named `{named}`", kind.as_str()),
+            };
             return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
         }
         let _permit = match bundle.limiter.admit(&ctx.principal, spec.class) {

@@ -70,10 +70,15 @@ pub fn vm_resource(row: &VmRow) -> ResourceRef {
     }
 }
 
+/// The answer for a VM that does not exist, and for one the caller may not see.
+pub fn not_found(arg: &str) -> String {
+    format!("no vm named `{arg}`; vm_list shows your VMs")
+}
+
 async fn row_for(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<VmRow, ToolError> {
     match resolve(&shared.state, &ctx.principal.name, arg).await? {
         Resolved::One(row) => Ok(*row),
-        Resolved::Missing => Err(ToolError::NotFound(format!("no vm named `{arg}`; vm_list shows your VMs"))),
+        Resolved::Missing => Err(ToolError::NotFound(not_found(arg))),
         Resolved::Ambiguous(ids) => {
             Err(ToolError::Invalid(format!("several VMs are named `{arg}` (ids {}); pass the id", ids.join(", "))))
         }

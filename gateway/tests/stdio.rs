@@ -19,12 +19,14 @@ async fn lists_tools_and_answers_whoami() {
     let client = home.stdio_client(&[]).await;
     let tools = client.list_all_tools().await.unwrap();
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
-    assert_eq!(names, ["whoami", "node_list", "node_inspect", "audit_query"], "the operator is a cluster-admin");
+    let all: Vec<&str> = moat_tools::ToolName::ALL.iter().map(|t| t.as_str()).collect();
+    assert_eq!(names, all, "the operator is a cluster-admin: every tool, in catalog order");
     for tool in &tools {
         assert!(tool.output_schema.is_some(), "{} has an outputSchema", tool.name);
         assert_eq!(tool.input_schema.get("additionalProperties"), Some(&Value::Bool(false)));
         let hints = tool.annotations.as_ref().expect("annotations");
-        assert_eq!(hints.read_only_hint, Some(true), "{}", tool.name);
+        let read_only = ["whoami", "node_list", "node_inspect", "audit_query", "vm_list", "vm_inspect", "vm_logs"];
+        assert_eq!(hints.read_only_hint, Some(read_only.contains(&tool.name.as_ref())), "{}", tool.name);
     }
 
     let me = call_ok(&client, "whoami", json!({})).await;
@@ -171,7 +173,7 @@ async fn status_reports_paths_schema_and_nodes() {
     assert!(stdout.contains(&home.path().join(".config/moat/moat.toml").display().to_string()), "{stdout}");
     assert!(stdout.contains("not present; defaults in use"), "{stdout}");
     assert!(stdout.contains(&home.state_dir().join("moat.db").display().to_string()), "{stdout}");
-    assert!(stdout.contains("schema version:  2"), "{stdout}");
+    assert!(stdout.contains("schema version:  3"), "{stdout}");
     assert!(stdout.contains("active API keys: 0"), "{stdout}");
     // node_list's call record and its outcome.
     assert!(stdout.contains("audit records:   2 (last 20"), "{stdout}");

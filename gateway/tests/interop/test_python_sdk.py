@@ -77,7 +77,9 @@ def stdio_target(home):
 async def exercise(client, mode, transport):
     tools = await client.list_tools()
     names = [t.name for t in tools.tools]
-    expected = ["whoami", "node_list", "node_inspect"] + (["audit_query"] if transport == "stdio" else [])
+    vm_tools = ["vm_create", "vm_start", "vm_stop", "vm_delete", "vm_list", "vm_inspect", "vm_logs"]
+    # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log).
+    expected = ["whoami", "node_list", "node_inspect"] + (["audit_query"] if transport == "stdio" else []) + vm_tools
     assert names == expected, names
     assert all(t.output_schema for t in tools.tools)
 
@@ -90,6 +92,11 @@ async def exercise(client, mode, transport):
         assert (me["principal"], me["role"]) == ("operator", "cluster-admin"), me
     else:
         assert (me["principal"], me["role"]) == ("py-agent", "agent"), me
+
+    listed = await client.call_tool("vm_list", {})
+    assert not listed.is_error and listed.structured_content == {"vms": []}, listed
+    missing = await client.call_tool("vm_inspect", {"vm": "ghost"})
+    assert missing.is_error and "no vm named `ghost`" in missing.content[0].text, missing
 
     with pytest.raises(MCPError) as bad:
         await client.call_tool("node_inspect", {"node": "Not A Label"})

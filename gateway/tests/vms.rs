@@ -1,0 +1,353 @@
+//! End to end: MCP clients drive real VMs through the gateway and a separately started
+//! `moat-node` over mutual TLS, with QEMU (TCG) booting moat's base image.
+//! Needs the image (`service-vms/base/build.sh target/ci/guest-image`, or $MOAT_GUEST_IMAGE)
+//! and the `moat-node` binary next to `moat` (cargo builds both).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code spawns binaries
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Home, MOAT, call, call_err, call_ok};
+use rmcp::RoleClient;
+use rmcp::service::RunningService;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+type Client = RunningService<RoleClient, ()>;
+
+fn guest_image() -> PathBuf {
+    std::env::var_os("MOAT_GUEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ci/guest-image"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `moat-node` process enrolled with the gateway in `home`; its VMs are killed on drop.
+struct Node {
+    name: String,
+    root: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Enrolls `name` at a free port and starts it with `extra` arguments.
+    async fn enroll_and_start(home: &Home, tmp: &Path, name: &str, extra: &[&str]) -> Node {
+        let port = free_port();
+        let certs = tmp.join(format!("{name}-certs"));
+        let address = format!("https://127.0.0.1:{port}");
+        let (ok, out, err) =
+            home.run(&["node", "enroll", name, "--address", &address, "--out", certs.to_str().unwrap()]).await;
+        assert!(ok && out.contains(&format!("enrolled node {name}")), "{out}{err}");
+        let root = tmp.join(name);
+        let mut args: Vec<String> =
+            ["serve", "--name", name, "--listen", &format!("127.0.0.1:{port}"), "--certs"].map(String::from).into();
+        args.push(certs.display().to_string());
+        args.extend(["--storage-root".to_string(), root.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut node = Node { name: name.into(), root, args, child: None };
+        node.start().await;
+        node
+    }
+
+    async fn start(&mut self) {
+        let binary = Path::new(MOAT).with_file_name("moat-node");
+        assert!(binary.exists(), "no {}: build it with `cargo build -p moat-node`", binary.display());
+        let mut child = Command::new(binary)
+            .args(&self.args)
+            .env("MOAT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        common::wait_for_field(&mut child, "moat-node listening", "listen=").await;
+        self.child = Some(child);
+    }
+
+    /// SIGTERM and wait: what a service manager does on restart.
+    async fn stop(&mut self) {
+        let mut child = self.child.take().expect("node running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "moat-node {} exited {status}", self.name);
+    }
+
+    fn vmm_pid(&self, id: &str) -> i32 {
+        std::fs::read_to_string(self.root.join("vms").join(id).join("vmm.pid")).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(self.root.join("vms")).into_iter().flatten().flatten() {
+            if let Some(pid) =
+                std::fs::read_to_string(entry.path().join("vmm.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a VMM this test's node started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// The text of a tool-level error (isError), failing the test on success.
+async fn tool_error(client: &Client, tool: &str, args: Value) -> String {
+    let result = call(client, tool, args).await.unwrap_or_else(|e| panic!("{tool}: JSON-RPC error {e}"));
+    assert_eq!(result.is_error, Some(true), "{tool} should fail: {result:?}");
+    result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("\n")
+}
+
+async fn until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn images_dir(tmp: &Path) -> PathBuf {
+    let images = tmp.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let image = guest_image();
+    assert!(
+        image.join("vmlinux").exists(),
+        "no guest image in {}: build it with `service-vms/base/build.sh {}` (as root)",
+        image.display(),
+        image.display()
+    );
+    std::os::unix::fs::symlink(image.canonicalize().unwrap(), images.join("base")).unwrap();
+    images
+}
+
+#[tokio::test]
+async fn vm_lifecycle_over_mtls_with_crash_and_node_restart() {
+    let home = Home::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, out, err) = home.run(&["pki", "init"]).await;
+    assert!(ok && out.contains("created"), "{out}{err}");
+    let images = images_dir(tmp.path());
+    let mut n1 =
+        Node::enroll_and_start(&home, tmp.path(), "n1", &["--images", images.to_str().unwrap(), "--accel", "tcg"])
+            .await;
+    let mut moat = home.http_server(&["--heartbeat-ms", "300"]).await;
+    let alice = moat.client(&home.key("alice", "agent").await).await;
+    let bob = moat.client(&home.key("bob", "agent").await).await;
+    let admin = moat.client(&moat.key).await;
+
+    let n1_info = call_ok(&alice, "node_inspect", json!({"node": "n1"})).await;
+    assert_eq!(n1_info["node"]["reachable"], true, "{n1_info}");
+    assert_eq!((n1_info["node"]["runtime"].as_str(), n1_info["node"]["accel"].as_str()), (Some("qemu"), Some("tcg")));
+    assert_eq!(n1_info["node"]["images"], json!(["base"]));
+
+    // No node named: placement skips `local` (no image there) and picks n1.
+    let created =
+        call_ok(&alice, "vm_create", json!({"name": "web", "vcpus": 1, "memory_mib": 256, "labels": {"team": "a"}}))
+            .await;
+    let vm = &created["vm"];
+    assert_eq!(
+        (vm["state"].as_str(), vm["node"].as_str(), vm["owner"].as_str()),
+        (Some("running"), Some("n1"), Some("alice")),
+        "{created}"
+    );
+    assert_eq!((vm["vmm"].as_str(), vm["accel"].as_str()), (Some("qemu"), Some("tcg")));
+    let id = vm["id"].as_str().unwrap().to_string();
+
+    until("the guest to boot", Duration::from_secs(120), async || {
+        call_ok(&alice, "vm_logs", json!({"vm": "web"})).await["text"].as_str().unwrap().contains("moat-init: ready")
+    })
+    .await;
+    let logs = call_ok(&alice, "vm_logs", json!({"vm": "web", "tail": 5000})).await;
+    assert!(logs["text"].as_str().unwrap().contains("Linux version"), "the kernel boot is in the console: {logs}");
+    let short = call_ok(&alice, "vm_logs", json!({"vm": id, "tail": 2})).await;
+    assert_eq!(short["text"].as_str().unwrap().lines().count(), 2);
+    assert_eq!(short["truncated"], true);
+
+    // Ownership: bob cannot see or touch alice's VM, and is not told it exists.
+    assert_eq!(tool_error(&bob, "vm_inspect", json!({"vm": "web"})).await, "no vm named `web`; vm_list shows your VMs");
+    assert!(tool_error(&bob, "vm_stop", json!({"vm": id})).await.starts_with(&format!("no vm named `{id}`")));
+    assert!(tool_error(&bob, "vm_logs", json!({"vm": id})).await.starts_with("no vm named"));
+    assert_eq!(call_ok(&bob, "vm_list", json!({})).await["vms"], json!([]));
+    // Names are per owner: bob may have a `web` too; an admin must then say which.
+    let bobs =
+        call_ok(&bob, "vm_create", json!({"name": "web", "vcpus": 1, "memory_mib": 64, "node": "n1", "start": false}))
+            .await;
+    assert_eq!(bobs["vm"]["state"], "stopped");
+    let ambiguous = tool_error(&admin, "vm_inspect", json!({"vm": "web"})).await;
+    assert!(ambiguous.contains("several VMs are named `web`") && ambiguous.contains(&id), "{ambiguous}");
+    let mine = call_ok(&alice, "vm_list", json!({"label": "team=a"})).await;
+    assert_eq!(mine["vms"].as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(call_ok(&admin, "vm_list", json!({"node": "n1"})).await["vms"].as_array().unwrap().len(), 2);
+    call_ok(&bob, "vm_delete", json!({"vm": "web"})).await;
+    let dup = tool_error(&alice, "vm_create", json!({"name": "web", "vcpus": 1, "memory_mib": 64})).await;
+    assert!(dup.contains("already have a vm named `web`"), "{dup}");
+    let (ok, _, err) = home.run(&["node", "remove", "n1"]).await;
+    assert!(!ok && err.contains("still has 1 VMs (web)"), "{err}");
+
+    // Graceful stop (ACPI power button), then start again.
+    let stopped = call_ok(&alice, "vm_stop", json!({"vm": "web", "timeout_s": 60})).await;
+    assert_eq!(stopped["vm"]["state"], "stopped", "{stopped}");
+    assert!(stopped["vm"]["reason"].as_str().unwrap().contains("powered off"), "{stopped}");
+    assert_eq!(call_ok(&alice, "vm_start", json!({"vm": "web"})).await["vm"]["state"], "running");
+
+    // QEMU killed behind moat's back: the heartbeat brings `crashed` and the signal back.
+    let pid = n1.vmm_pid(&id);
+    // SAFETY: kill(2) on the VMM of this test's VM.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    until("the crash to reach vm_list", Duration::from_secs(20), async || {
+        call_ok(&alice, "vm_list", json!({"state": "crashed"})).await["vms"].as_array().unwrap().len() == 1
+    })
+    .await;
+    let crashed = call_ok(&alice, "vm_inspect", json!({"vm": "web"})).await;
+    assert!(crashed["vm"]["reason"].as_str().unwrap().contains("signal 9"), "{crashed}");
+
+    // A moat-node restart keeps the running VM running and managed.
+    assert_eq!(call_ok(&alice, "vm_start", json!({"vm": "web"})).await["vm"]["state"], "running");
+    let pid = n1.vmm_pid(&id);
+    n1.stop().await;
+    let unreachable = tool_error(&alice, "vm_start", json!({"vm": "web"})).await;
+    assert!(unreachable.starts_with("node n1 is unreachable"), "{unreachable}");
+    let stale = call_ok(&alice, "vm_inspect", json!({"vm": "web"})).await;
+    assert!(stale["vm"]["stale"].as_str().unwrap().contains("did not answer"), "{stale}");
+    assert!(alive(pid), "the VM outlives its node agent");
+    n1.start().await;
+    let adopted = call_ok(&alice, "vm_inspect", json!({"vm": "web"})).await;
+    assert_eq!(adopted["vm"]["state"], "running", "{adopted}");
+    assert!(adopted["vm"]["stale"].is_null());
+    assert_eq!(n1.vmm_pid(&id), pid, "re-adopted, not restarted");
+    let forced = call_ok(&alice, "vm_stop", json!({"vm": "web", "force": true})).await;
+    assert_eq!(forced["vm"]["state"], "stopped", "{forced}");
+    assert!(!alive(pid) || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z"));
+
+    let deleted = call_ok(&alice, "vm_delete", json!({"vm": "web"})).await;
+    assert_eq!(deleted["deleted"], id.as_str());
+    assert!(!n1.root.join("vms").join(&id).exists(), "the VM's directory is gone");
+    assert!(tool_error(&alice, "vm_inspect", json!({"vm": "web"})).await.starts_with("no vm named"));
+
+    let audit = call_ok(&admin, "audit_query", json!({"principal": "alice", "tool": "vm_create"})).await;
+    assert!(!audit["records"].as_array().unwrap().is_empty(), "{audit}");
+    for client in [alice, bob, admin] {
+        client.cancel().await.unwrap();
+    }
+    assert!(moat.terminate().await.success());
+}
+
+#[tokio::test]
+async fn vm_faults_and_node_identity() {
+    let home = Home::new();
+    let tmp = tempfile::tempdir().unwrap();
+    home.run(&["pki", "init"]).await;
+    let images = images_dir(tmp.path());
+    // n2 has the image but no VMM binary.
+    let n2 = Node::enroll_and_start(
+        &home,
+        tmp.path(),
+        "n2",
+        &["--images", images.to_str().unwrap(), "--qemu", "/nonexistent/qemu-system-x86_64"],
+    )
+    .await;
+    let mut moat = home.http_server(&[]).await;
+    let admin = moat.client(&moat.key).await;
+
+    let (code, message, _) = call_err(&admin, "vm_create", json!({"name": "x", "vcpus": 1, "memory_mib": 10})).await;
+    assert_eq!(code, -32602);
+    assert!(message.contains("memory_mib"), "{message}");
+    let (code, _, _) = call_err(&admin, "vm_create", json!({"name": "Bad_Name", "vcpus": 1, "memory_mib": 64})).await;
+    assert_eq!(code, -32602);
+    let (code, _, _) = call_err(&admin, "vm_create", json!({"name": "x", "vcpus": 0, "memory_mib": 64})).await;
+    assert_eq!(code, -32602);
+
+    let no_runtime =
+        tool_error(&admin, "vm_create", json!({"name": "x", "vcpus": 1, "memory_mib": 64, "node": "n2"})).await;
+    assert!(
+        no_runtime.contains("no VM runtime on node n2") && no_runtime.contains("install qemu-system-x86"),
+        "{no_runtime}"
+    );
+    let huge = tool_error(&admin, "vm_create", json!({"name": "x", "vcpus": 1, "memory_mib": 262144})).await;
+    assert!(huge.starts_with("no node can take a VM with 1 vCPUs and 262144 MiB"), "{huge}");
+    let unknown =
+        tool_error(&admin, "vm_create", json!({"name": "x", "vcpus": 1, "memory_mib": 64, "node": "nope"})).await;
+    assert!(unknown.contains("no node named `nope`"), "{unknown}");
+    assert!(tool_error(&admin, "vm_start", json!({"vm": "ghost"})).await.starts_with("no vm named `ghost`"));
+    assert_eq!(call_ok(&admin, "vm_list", json!({})).await["vms"], json!([]), "failed creates leave no records");
+    assert!(std::fs::read_dir(n2.root.join("vms")).unwrap().next().is_none(), "and no directories");
+
+    // The gateway accepts a node only under the name its certificate carries.
+    let n2_address =
+        call_ok(&admin, "node_inspect", json!({"node": "n2"})).await["node"]["address"].as_str().unwrap().to_string();
+    let (ok, _, err) = home.run(&["node", "add", "impostor", "--address", &n2_address]).await;
+    assert!(ok, "{err}");
+    let impostor = call_ok(&admin, "node_inspect", json!({"node": "impostor"})).await;
+    assert_eq!(impostor["node"]["reachable"], false);
+    assert!(impostor["node"]["error"].as_str().unwrap().contains("certificate"), "{impostor}");
+
+    // The node accepts only the gateway's certificate: its own (a node certificate) is refused.
+    let pki = home.state_dir().join("pki");
+    let certs = tmp.path().join("n2-certs");
+    let refused =
+        tls_call(&n2_address, &pki.join("node-ca.pem"), &certs.join("node.pem"), &certs.join("node.key")).await;
+    assert!(refused.is_err(), "a node certificate must not authenticate a client");
+    let accepted =
+        tls_call(&n2_address, &pki.join("node-ca.pem"), &pki.join("gateway.pem"), &pki.join("gateway.key")).await;
+    assert_eq!(accepted.unwrap(), "n2");
+
+    // Rotation: a new gateway certificate is used after SIGHUP, with no node restart.
+    let before = std::fs::read(pki.join("gateway.pem")).unwrap();
+    let (ok, out, err) = home.run(&["pki", "rotate"]).await;
+    assert!(ok && out.contains("new gateway certificate"), "{out}{err}");
+    assert_ne!(std::fs::read(pki.join("gateway.pem")).unwrap(), before);
+    moat.hangup();
+    until("the gateway to reload", Duration::from_secs(10), async || moat.logged("node connections will use")).await;
+    let after = call_ok(&admin, "node_inspect", json!({"node": "n2"})).await;
+    assert_eq!(after["node"]["reachable"], true, "{after}");
+
+    admin.cancel().await.unwrap();
+    assert!(moat.terminate().await.success());
+}
+
+/// GetNodeInfo over mTLS with the given client certificate; the node's name, or the error.
+async fn tls_call(address: &str, ca: &Path, cert: &Path, key: &Path) -> Result<String, String> {
+    use moat_proto::node::v1::GetNodeInfoRequest;
+    use moat_proto::node::v1::node_service_client::NodeServiceClient;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in moat_node::tls::read_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(moat_node::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(moat_node::tls::read_certs(cert).unwrap(), moat_node::tls::read_key(key).unwrap())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let authority = address.trim_start_matches("https://").to_string();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let (connector, authority) = (connector.clone(), authority.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(authority).await?;
+                let name = rustls::pki_types::ServerName::try_from("n2").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = NodeServiceClient::new(channel);
+    client.get_node_info(GetNodeInfoRequest {}).await.map(|r| r.into_inner().name).map_err(|e| e.to_string())
+}
