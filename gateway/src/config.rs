@@ -238,14 +238,18 @@ fn read_file(path: &Path, explicit: bool) -> anyhow::Result<(FileConfig, bool)> 
     }
 }
 
-/// Node names are DNS labels: they appear in URLs, certificates and resource ids.
-pub fn validate_node_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
+/// 1-63 of a-z, 0-9 and '-', not starting or ending with '-'.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
-        && !name.ends_with('-');
-    if !ok {
+        && !name.ends_with('-')
+}
+
+/// Node names are DNS labels: they appear in URLs, certificates and resource ids.
+pub fn validate_node_name(name: &str) -> anyhow::Result<()> {
+    if !is_dns_label(name) {
         bail!("node name `{name}` is not a DNS label: use 1-63 of a-z, 0-9 and '-', not starting or ending with '-'");
     }
     Ok(())

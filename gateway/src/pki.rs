@@ -166,12 +166,7 @@ fn ca_params(cn: &str) -> CertificateParams {
 }
 
 fn leaf_params(name: &str, usage: ExtendedKeyUsagePurpose) -> Result<CertificateParams, PkiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if !valid {
+    if !crate::config::is_dns_label(name) {
         return Err(PkiError::BadName(name.into()));
     }
     let mut params = CertificateParams::new(vec![name.to_string()])?;

@@ -144,3 +144,24 @@ async fn failed_creates_leave_nothing_behind() {
     assert_eq!(vms.get("vm-b4").unwrap().status.state, VmState::Stopped);
     assert!(vms.create("../x", "beta", 1, 256, "", false).await.is_err(), "ids cannot escape the vms directory");
 }
+
+#[tokio::test]
+async fn a_guest_kernel_panic_is_a_crash_and_stays_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(tmp.path().to_path_buf());
+    let vms = manager(tmp.path());
+    // The real kernel with an initramfs that is not one: no root filesystem, so the kernel panics.
+    let broken = tmp.path().join("images/broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::os::unix::fs::symlink(image_dir().canonicalize().unwrap().join("vmlinux"), broken.join("vmlinux")).unwrap();
+    std::fs::write(broken.join("initramfs.cpio.gz"), b"not an initramfs").unwrap();
+    vms.create("vm-p1", "panics", 1, 256, "broken", true).await.unwrap();
+    until("the panic to be recorded", Duration::from_secs(120), || {
+        vms.get("vm-p1").unwrap().status.state == VmState::Crashed
+    })
+    .await;
+    let status = vms.get("vm-p1").unwrap().status;
+    assert!(status.reason.starts_with("guest kernel panic: Kernel panic - not syncing"), "{}", status.reason);
+    let (console, _) = vms.logs("vm-p1", 0).unwrap();
+    assert!(console.contains("Kernel panic - not syncing"), "the panic stays readable after the crash:\n{console}");
+}

@@ -600,7 +600,10 @@ fn console_since(dir: &VmDir, start: u64) -> String {
 }
 
 fn console_panic(dir: &VmDir, start: u64) -> Option<String> {
-    console_since(dir, start).lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().to_string())
+    let text = console_since(dir, start);
+    let line = text.lines().find(|l| l.contains("Kernel panic"))?;
+    // From "Kernel panic" on: the kernel's timestamp prefix says nothing to the reader.
+    line.find("Kernel panic").map(|at| line[at..].trim().to_string())
 }
 
 fn console_powered_off(dir: &VmDir, start: u64) -> bool {
