@@ -391,9 +391,10 @@ impl ServerHandler for Gateway {
             .await
             .map_err(internal)?
             .into_iter()
-            .map(
-                |n| json!({"name": n.name, "address": n.address, "last_seen": n.last_seen, "last_error": n.last_error}),
-            )
+            .map(|n| {
+                json!({"name": n.name, "address": n.address, "last_seen": n.last_seen, "last_error": n.last_error,
+                           "reachable": !n.is_unreachable(), "missed_heartbeats": n.missed_heartbeats})
+            })
             .collect();
         let body = json!({
             "version": env!("CARGO_PKG_VERSION"),

@@ -206,8 +206,13 @@ async fn main() -> anyhow::Result<()> {
             println!("nodes:           {}", nodes.len());
             for n in nodes {
                 let seen = n.last_seen.as_deref().unwrap_or("never");
-                let err = n.last_error.map(|e| format!("  last error: {e}")).unwrap_or_default();
-                println!("  {:<16} {:<40} last seen {seen}{err}", n.name, n.address);
+                let err = n.last_error.as_ref().map(|e| format!("  last error: {e}")).unwrap_or_default();
+                let reach = if n.is_unreachable() {
+                    format!("  UNREACHABLE ({} heartbeats missed)", n.missed_heartbeats)
+                } else {
+                    String::new()
+                };
+                println!("  {:<16} {:<40} last seen {seen}{reach}{err}", n.name, n.address);
             }
             Ok(())
         }

@@ -48,6 +48,13 @@ pub struct NodeRow {
     pub missed_heartbeats: i64,
 }
 
+impl NodeRow {
+    /// Unreachable by the heartbeat's measure: several beats missed in a row.
+    pub fn is_unreachable(&self) -> bool {
+        self.missed_heartbeats >= crate::nodes::MISSED_HEARTBEATS_UNREACHABLE
+    }
+}
+
 /// What a committed write survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {

@@ -223,7 +223,17 @@ async fn vm_lifecycle_over_mtls_with_crash_and_node_restart() {
     let stale = call_ok(&alice, "vm_inspect", json!({"vm": "web"})).await;
     assert!(stale["vm"]["stale"].as_str().unwrap().contains("did not answer"), "{stale}");
     assert!(alive(pid), "the VM outlives its node agent");
+    until("heartbeats to mark n1 unreachable", Duration::from_secs(20), async || {
+        let (_, out, _) = home.run(&["status"]).await;
+        out.lines().any(|l| l.contains("n1 ") && l.contains("UNREACHABLE"))
+    })
+    .await;
     n1.start().await;
+    until("heartbeats to mark n1 reachable again", Duration::from_secs(20), async || {
+        let (_, out, _) = home.run(&["status"]).await;
+        out.lines().any(|l| l.contains("n1 ") && !l.contains("UNREACHABLE"))
+    })
+    .await;
     let adopted = call_ok(&alice, "vm_inspect", json!({"vm": "web"})).await;
     assert_eq!(adopted["vm"]["state"], "running", "{adopted}");
     assert!(adopted["vm"]["stale"].is_null());
