@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::listen::Listener;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -60,35 +62,35 @@ impl Agent {
     }
 }
 
-/// Serves the control channel on a Unix socket until the process is stopped.
-pub async fn serve_unix(socket: &Path, image_info: Option<&Path>) -> Result<(), String> {
-    let image = match image_info {
+/// Reads the image metadata file (JSON), or null when there is none.
+pub fn image_info(path: Option<&Path>) -> Result<Value, String> {
+    match path {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).map_err(|e| format!("cannot read image info {}: {e}", p.display()))?;
-            serde_json::from_str(&text).map_err(|e| format!("image info {} is not JSON: {e}", p.display()))?
+            serde_json::from_str(&text).map_err(|e| format!("image info {} is not JSON: {e}", p.display()))
         }
-        None => Value::Null,
-    };
-    let _ = std::fs::remove_file(socket);
-    let listener =
-        tokio::net::UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    eprintln!("moat-guest {AGENT_VERSION} control channel on unix:{}", socket.display());
+        None => Ok(Value::Null),
+    }
+}
+
+/// Serves the control channel on `listener` until the process is stopped.
+pub async fn serve(listener: Listener, image: Value) -> Result<(), String> {
     let agent = std::rc::Rc::new(Agent { started: Instant::now(), image });
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async move {
             loop {
-                let (stream, _) = match listener.accept().await {
+                let (read, mut write) = match listener.accept().await {
                     Ok(conn) => conn,
                     Err(e) => {
                         eprintln!("moat-guest: accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
                 };
                 let agent = agent.clone();
                 tokio::task::spawn_local(async move {
-                    let (read, mut write) = stream.into_split();
                     let mut reader = BufReader::new(read);
                     let mut line = Vec::new();
                     loop {
@@ -119,6 +121,7 @@ pub async fn serve_unix(socket: &Path, image_info: Option<&Path>) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listen::ListenAddr;
 
     fn agent() -> Agent {
         Agent { started: Instant::now(), image: serde_json::json!({"name": "base"}) }
@@ -147,7 +150,9 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async move {
-                tokio::task::spawn_local(async move { serve_unix(&s, Some(&i)).await });
+                let listener = Listener::bind(&ListenAddr::Unix(s)).unwrap();
+                let image = image_info(Some(&i)).unwrap();
+                tokio::task::spawn_local(async move { serve(listener, image).await });
                 let mut stream = loop {
                     match tokio::net::UnixStream::connect(&socket).await {
                         Ok(s) => break s,

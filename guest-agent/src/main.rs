@@ -1,13 +1,22 @@
-//! `moat-guest`: the agent inside each VM. This first piece is the control
-//! channel (vsock port 100 in a guest): a versioned hello, so the host can
-//! tell which agent and image it is talking to, and pings for liveness.
-//! Files, exec and PTY arrive with the guest-agent issue.
+//! `moat-guest`: the agent inside each VM. It serves two channels, normally on
+//! vsock: the control channel (port 100: a versioned hello with the image's
+//! metadata, and pings for liveness) and an MCP server (port 200) with file and
+//! process tools. Either can listen on a Unix socket instead, for tests on the
+//! host and hosts without vsock.
 
 mod control;
+mod exec;
+mod files;
+mod listen;
+mod mcp;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-const USAGE: &str = "usage: moat-guest serve --listen unix:PATH [--image-info FILE]\n       moat-guest --version";
+use listen::{ListenAddr, Listener};
+use rmcp::ServiceExt;
+
+const USAGE: &str = "usage: moat-guest serve [--control vsock:100|unix:PATH] [--mcp vsock:200|unix:PATH] [--image-info FILE]\n       moat-guest --version";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -16,8 +25,8 @@ async fn main() {
         Ok(Command::Version) => {
             println!("moat-guest {} (control protocol {})", control::AGENT_VERSION, control::PROTOCOL)
         }
-        Ok(Command::Serve { socket, image_info }) => {
-            if let Err(e) = control::serve_unix(&socket, image_info.as_deref()).await {
+        Ok(Command::Serve { control, mcp, image_info }) => {
+            if let Err(e) = serve(control, mcp, image_info).await {
                 eprintln!("moat-guest: {e}");
                 std::process::exit(1);
             }
@@ -29,33 +38,83 @@ async fn main() {
     }
 }
 
+async fn serve(
+    control: Option<ListenAddr>,
+    mcp: Option<ListenAddr>,
+    image_info: Option<PathBuf>,
+) -> Result<(), String> {
+    let image = control::image_info(image_info.as_deref())?;
+    // Bind both before serving either, so a bad address fails at once.
+    let control = control.map(|a| Listener::bind(&a).map(|l| (a, l))).transpose()?;
+    let mcp = mcp.map(|a| Listener::bind(&a).map(|l| (a, l))).transpose()?;
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some((addr, listener)) = mcp {
+        eprintln!("moat-guest {} MCP on {addr}", control::AGENT_VERSION);
+        tasks.spawn(serve_mcp(listener));
+    }
+    match control {
+        Some((addr, listener)) => {
+            eprintln!("moat-guest {} control channel on {addr}", control::AGENT_VERSION);
+            control::serve(listener, image).await
+        }
+        None => {
+            while tasks.join_next().await.is_some() {}
+            Ok(())
+        }
+    }
+}
+
+/// One MCP session per connection; background processes are shared by all of them.
+async fn serve_mcp(listener: Listener) -> Result<(), String> {
+    let jobs = Arc::new(exec::Jobs::default());
+    loop {
+        let (read, write) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                eprintln!("moat-guest: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let server = mcp::GuestServer::new(jobs.clone());
+        tokio::spawn(async move {
+            let transport = rmcp::transport::async_rw::AsyncRwTransport::new_server(read, write)
+                .with_max_line_length(mcp::MAX_MESSAGE);
+            match server.serve(transport).await {
+                Ok(running) => {
+                    let _ = running.waiting().await;
+                }
+                Err(e) => eprintln!("moat-guest: MCP session failed to start: {e}"),
+            }
+        });
+    }
+}
+
 #[derive(Debug, PartialEq)]
 enum Command {
     Version,
-    Serve { socket: PathBuf, image_info: Option<PathBuf> },
+    Serve { control: Option<ListenAddr>, mcp: Option<ListenAddr>, image_info: Option<PathBuf> },
 }
 
 fn parse(args: &[String]) -> Result<Command, String> {
     match args.first().map(String::as_str) {
         Some("--version" | "-V") => Ok(Command::Version),
         Some("serve") => {
-            let mut socket = None;
-            let mut image_info = None;
+            let (mut control, mut mcp, mut image_info) = (None, None, None);
             let mut rest = args[1..].iter();
             while let Some(flag) = rest.next() {
                 let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
                 match flag.as_str() {
-                    "--listen" => {
-                        let path = value.strip_prefix("unix:").ok_or_else(|| {
-                            format!("--listen {value}: only unix:PATH is supported yet (vsock arrives with exec/files)")
-                        })?;
-                        socket = Some(PathBuf::from(path));
-                    }
+                    "--control" => control = Some(value.parse()?),
+                    "--mcp" => mcp = Some(value.parse()?),
                     "--image-info" => image_info = Some(PathBuf::from(value)),
                     other => return Err(format!("unknown flag {other}")),
                 }
             }
-            Ok(Command::Serve { socket: socket.ok_or("serve needs --listen unix:PATH")?, image_info })
+            if control.is_none() && mcp.is_none() {
+                return Err("serve needs --control or --mcp (or both)".into());
+            }
+            Ok(Command::Serve { control, mcp, image_info })
         }
         Some(other) => Err(format!("unknown command {other}")),
         None => Err("no command".into()),
@@ -71,12 +130,16 @@ mod tests {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(parse(&s(&["--version"])), Ok(Command::Version));
         assert_eq!(
-            parse(&s(&["serve", "--listen", "unix:/run/g.sock"])),
-            Ok(Command::Serve { socket: "/run/g.sock".into(), image_info: None })
+            parse(&s(&["serve", "--control", "vsock:100", "--mcp", "unix:/run/g.sock"])),
+            Ok(Command::Serve {
+                control: Some(ListenAddr::Vsock(100)),
+                mcp: Some(ListenAddr::Unix("/run/g.sock".into())),
+                image_info: None
+            })
         );
-        assert!(parse(&s(&["serve", "--listen", "vsock:100"])).unwrap_err().contains("only unix:PATH"));
-        assert!(parse(&s(&["serve"])).unwrap_err().contains("--listen"));
-        assert!(parse(&s(&["serve", "--listen"])).unwrap_err().contains("needs a value"));
+        assert!(parse(&s(&["serve", "--mcp", "tcp:1"])).unwrap_err().contains("vsock:PORT"));
+        assert!(parse(&s(&["serve"])).unwrap_err().contains("--control or --mcp"));
+        assert!(parse(&s(&["serve", "--mcp"])).unwrap_err().contains("needs a value"));
         assert!(parse(&s(&[])).is_err());
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod guest;
 pub mod vm;
 
 use serde::de::DeserializeOwned;
@@ -295,7 +296,7 @@ pub struct DecodeError {
 }
 
 /// Generates a tool schema as a JSON object (draft 2020-12, what MCP expects).
-pub(crate) fn schema_object<T: schemars::JsonSchema>() -> JsonObject {
+pub fn schema_object<T: schemars::JsonSchema>() -> JsonObject {
     match schemars::schema_for!(T).to_value() {
         Value::Object(map) => map,
         other => {
