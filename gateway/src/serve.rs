@@ -51,6 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.images_dir(),
         "qemu-system-x86_64",
         None,
+        "vhost-device-vsock",
     )
     .with_context(|| format!("cannot open the embedded node's VMs in {}", config.node_storage_root.display()))?;
     let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone(), vms);

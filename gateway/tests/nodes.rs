@@ -22,6 +22,7 @@ async fn remote_node_over_tcp_then_unreachable() {
         storage.path().join("images"),
         "qemu-system-x86_64",
         None,
+        "vhost-device-vsock",
     )
     .unwrap();
     let node = tokio::spawn(moat_node::serve(listener, moat_node::NodeApi::new("far-1", storage.path(), vms), async {

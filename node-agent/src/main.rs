@@ -52,6 +52,10 @@ struct VmArgs {
     /// Acceleration: auto uses KVM when it can create a VM here, TCG otherwise.
     #[arg(long, env = "MOAT_NODE_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     accel: String,
+    /// The vsock device daemon (rust-vmm's vhost-device-vsock) that lets the host reach guest
+    /// agents: a path, or a name looked up in PATH. Without it VMs run, unreachable inside.
+    #[arg(long, env = "MOAT_NODE_VHOST_VSOCK", default_value = "vhost-device-vsock")]
+    vhost_vsock: String,
 }
 
 impl VmArgs {
@@ -62,7 +66,7 @@ impl VmArgs {
             _ => None,
         };
         let images = self.images.clone().unwrap_or_else(|| storage_root.join("images"));
-        moat_node::vm::VmManager::for_host(name, storage_root, images, &self.qemu, forced)
+        moat_node::vm::VmManager::for_host(name, storage_root, images, &self.qemu, forced, &self.vhost_vsock)
             .with_context(|| format!("cannot open the VM directory {}", storage_root.join("vms").display()))
     }
 }

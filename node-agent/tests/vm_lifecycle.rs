@@ -7,7 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use moat_node::vm::{Runtime, VmManager, VmSettings, VmState};
+use moat_node::vm::{Runtime, VmManager, VmSettings, VmState, VsockMode};
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 fn image_dir() -> PathBuf {
     std::env::var_os("MOAT_GUEST_IMAGE")
@@ -42,7 +45,7 @@ fn manager(root: &Path) -> VmManager {
         node: "t1".into(),
         vms_root: root.join("vms"),
         images_root: images,
-        runtime: Runtime::detect("qemu-system-x86_64", false, None),
+        runtime: Runtime::detect("qemu-system-x86_64", false, None, VsockMode::detect("vhost-device-vsock")),
     })
     .unwrap()
 }
@@ -74,9 +77,25 @@ async fn qemu_vm_lifecycle_crash_and_readoption() {
     let (console, _) = vms.logs("vm-a1", 0).unwrap();
     assert!(console.contains("Linux version"), "the kernel's boot is on the console:\n{console}");
 
+    // The guest agent over hybrid vsock: the control channel's hello, then MCP on port 200.
+    let mut control = vms.guest_connect("vm-a1", 100, Duration::from_secs(60)).await.unwrap();
+    control.write_all(b"{\"type\":\"hello\",\"protocol\":1}\n").await.unwrap();
+    let mut hello = String::new();
+    tokio::io::BufReader::new(&mut control).read_line(&mut hello).await.unwrap();
+    assert!(hello.contains("\"agent_version\"") && hello.contains("moat-base"), "{hello}");
+    let stream = vms.guest_connect("vm-a1", 200, Duration::from_secs(60)).await.unwrap();
+    let (r, w) = stream.into_split();
+    let client = ().serve((r, w)).await.unwrap();
+    let args = serde_json::json!({"argv": ["uname", "-a"]}).as_object().unwrap().clone();
+    let uname = client.call_tool(CallToolRequestParams::new("exec").with_arguments(args)).await.unwrap();
+    let out = uname.structured_content.unwrap();
+    assert!(out["stdout"].as_str().unwrap().starts_with("Linux"), "{out}");
+    assert_eq!(out["exit_code"], 0);
+    client.cancel().await.unwrap();
+
     // Graceful stop: the power button reaches the guest, which powers off.
     let stopped = vms.stop("vm-a1", false, Duration::from_secs(60)).await.unwrap();
-    assert_eq!(stopped.status.state, VmState::Stopped, "{:?}", stopped.status);
+    assert_eq!(stopped.status.state, VmState::Stopped, "{:?}\n{}", stopped.status, vms.logs("vm-a1", 0).unwrap().0);
     assert!(stopped.status.reason.contains("powered off on request"), "{}", stopped.status.reason);
     assert!(vms.logs("vm-a1", 0).unwrap().0.contains("power button"));
 
@@ -125,7 +144,12 @@ async fn failed_creates_leave_nothing_behind() {
         node: "t2".into(),
         vms_root: tmp.path().join("vms"),
         images_root: tmp.path().join("images"),
-        runtime: Runtime::detect("/nonexistent/qemu-system-x86_64", false, None),
+        runtime: Runtime::detect(
+            "/nonexistent/qemu-system-x86_64",
+            false,
+            None,
+            VsockMode::detect("vhost-device-vsock"),
+        ),
     })
     .unwrap();
     let err = missing.create("vm-b2", "beta", 1, 256, "", true).await.unwrap_err().to_string();

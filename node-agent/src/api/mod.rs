@@ -107,6 +107,7 @@ fn vm_status(err: VmError) -> Status {
             Status::failed_precondition(message)
         }
         VmError::Vmm { .. } => Status::aborted(message),
+        VmError::NoVsock { .. } | VmError::AgentUnreachable { .. } => Status::failed_precondition(message),
         VmError::Io { .. } => Status::internal(message),
     }
 }

@@ -10,6 +10,9 @@
 //!   console.log    serial console output, appended by the VMM
 //!   console.1.log  the previous console.log once it passed the size cap
 //!   vmm.log        the VMM's own stdout and stderr
+//!   vhost.sock     vhost-user socket of the VM's vsock device (hybrid vsock)
+//!   vsock.sock     the host end of the VM's vsock: `CONNECT <port>` reaches the guest
+//!   vsock.pid      the vsock device daemon's process id
 //! ```
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -109,6 +112,17 @@ impl VmDir {
     }
     fn console_prev(&self) -> PathBuf {
         self.root.join("console.1.log")
+    }
+    /// vhost-user control socket QEMU connects to (hybrid vsock).
+    pub fn vhost_socket(&self) -> PathBuf {
+        self.root.join("vhost.sock")
+    }
+    /// The hybrid vsock socket: connect, send `CONNECT <port>\n`, read `OK ...`, then talk.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+    pub fn vsock_pid_file(&self) -> PathBuf {
+        self.root.join("vsock.pid")
     }
     pub fn vmm_log(&self) -> PathBuf {
         self.root.join("vmm.log")

@@ -8,6 +8,7 @@ pub mod dir;
 pub mod qemu;
 pub mod qmp;
 pub mod vmm;
+pub mod vsock;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use dir::{VmConfig, VmDir, VmState, VmStatus};
-pub use vmm::{Accel, Runtime, Vmm, VmmError};
+pub use vmm::{Accel, Runtime, Vmm, VmmError, VsockMode};
 
 /// How long a graceful stop waits for the guest before killing the VMM, unless the caller says.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,6 +26,8 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOG_TAIL: u64 = 64 * 1024;
 const MAX_LOG_TAIL: u64 = 1024 * 1024;
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// During a graceful stop, how often the power button is pressed again.
+const REPRESS: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -50,6 +53,10 @@ pub enum VmError {
         /// The VMM's last output lines, prefixed with a separator, or empty.
         log: String,
     },
+    #[error("no vsock on node {node}, so guest agents cannot be reached: {detail}")]
+    NoVsock { node: String, detail: String },
+    #[error("agent on vm {id} not reachable: {detail}; console says: {console}")]
+    AgentUnreachable { id: String, detail: String, console: String },
     #[error("vm {id}: {what}")]
     Io {
         id: String,
@@ -220,9 +227,14 @@ impl VmManager {
         images_root: PathBuf,
         qemu: &str,
         forced: Option<Accel>,
+        vsock_daemon: &str,
     ) -> std::io::Result<VmManager> {
         let kvm_usable = crate::kvm::probe(Path::new("/dev/kvm"), Path::new("/sys/module")).usable;
-        let runtime = Runtime::detect(qemu, kvm_usable, forced);
+        let vsock = VsockMode::detect(vsock_daemon);
+        if let VsockMode::Unavailable(why) = &vsock {
+            tracing::warn!(node, "guest agents will be unreachable: {why}");
+        }
+        let runtime = Runtime::detect(qemu, kvm_usable, forced, vsock);
         if let Runtime::Missing(detail) = &runtime {
             tracing::warn!(node, "no VM runtime: {detail}");
         }
@@ -464,8 +476,19 @@ impl VmManager {
             };
             match asked {
                 Ok(()) => {
-                    if tokio::time::timeout(timeout, exits.changed()).await.is_ok() {
-                        return Ok(());
+                    // Press again every few seconds: a guest still booting may miss the first.
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    loop {
+                        let next = (tokio::time::Instant::now() + REPRESS).min(deadline);
+                        if tokio::time::timeout_at(next, exits.changed()).await.is_ok() {
+                            return Ok(());
+                        }
+                        if next >= deadline {
+                            break;
+                        }
+                        if let Ok(vmm) = self.vmm() {
+                            let _ = vmm.request_shutdown(&vm.dir).await;
+                        }
                     }
                     let secs = timeout.as_secs();
                     vm.set_state(
@@ -501,6 +524,30 @@ impl VmManager {
         Ok(())
     }
 
+    /// Connects to port `port` of the VM's guest agent over its vsock, retrying until `deadline`.
+    pub async fn guest_connect(
+        &self,
+        id: &str,
+        port: u32,
+        deadline: Duration,
+    ) -> Result<tokio::net::UnixStream, VmError> {
+        let vm = self.vm(id)?;
+        if let Ok(vmm) = self.vmm()
+            && let VsockMode::Unavailable(why) = vmm.vsock()
+        {
+            return Err(VmError::NoVsock { node: self.inner.settings.node.clone(), detail: why.clone() });
+        }
+        let state = vm.status().state;
+        if state != VmState::Running {
+            return Err(VmError::WrongState { id: id.into(), state: state.as_str(), action: "reach the agent of" });
+        }
+        vsock::connect(&vm.dir.vsock_socket(), port, deadline).await.map_err(|e| VmError::AgentUnreachable {
+            id: id.into(),
+            detail: e.to_string(),
+            console: last_lines(&vm.dir, 3),
+        })
+    }
+
     /// The last `tail` bytes of the VM's console (default 64 KiB, at most 1 MiB).
     pub fn logs(&self, id: &str, tail: u64) -> Result<(String, bool), VmError> {
         let vm = self.vm(id)?;
@@ -513,6 +560,7 @@ impl VmManager {
     }
 
     fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {
+        let vmm = self.vmm().ok();
         tokio::spawn(async move {
             let exited = async {
                 match process {
@@ -535,6 +583,9 @@ impl VmManager {
                     }
                 }
             };
+            if let Some(vmm) = vmm {
+                vmm.cleanup(&vm.dir);
+            }
             record_exit(&vm, exit);
             vm.exits.send_modify(|n| *n += 1);
         });
@@ -608,6 +659,13 @@ fn console_panic(dir: &VmDir, start: u64) -> Option<String> {
 
 fn console_powered_off(dir: &VmDir, start: u64) -> bool {
     console_since(dir, start).contains("reboot: Power down")
+}
+
+/// The console's last `n` non-empty lines, joined with " | ".
+fn last_lines(dir: &VmDir, n: usize) -> String {
+    let (text, _) = dir.console_tail(8192).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// The VMM's last few output lines, as "; qemu said: ..." or empty.

@@ -7,28 +7,73 @@ use std::time::{Duration, Instant};
 
 use super::dir::{VmConfig, VmDir};
 use super::qmp;
-use super::vmm::{Accel, BoxFuture, Vmm, VmmError};
+use super::vmm::{Accel, BoxFuture, Vmm, VmmError, VsockMode};
 use crate::cmd;
 
 /// How long QEMU may take from exec to answering QMP with the guest running.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the vsock device daemon may take to create its vhost-user socket.
+const VSOCK_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The guest's vsock CID. Each hybrid daemon has its own CID space, so every VM can use 3.
+const GUEST_CID: u32 = 3;
+
 #[derive(Debug)]
 pub struct Qemu {
     binary: PathBuf,
     accel: Accel,
+    vsock: VsockMode,
 }
 
 impl Qemu {
-    pub fn new(binary: PathBuf, accel: Accel) -> Qemu {
-        Qemu { binary, accel }
+    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode) -> Qemu {
+        Qemu { binary, accel, vsock }
+    }
+
+    /// Starts the VM's vsock device daemon and waits for its vhost-user socket.
+    fn start_vsock(&self, dir: &VmDir, daemon: &std::path::Path) -> Result<(), VmmError> {
+        let _ = std::fs::remove_file(dir.vhost_socket());
+        let _ = std::fs::remove_file(dir.vsock_socket());
+        let vm = format!(
+            "guest-cid={GUEST_CID},socket={},uds-path={}",
+            dir.vhost_socket().display(),
+            dir.vsock_socket().display()
+        );
+        let argv = [daemon.display().to_string(), "--vm".into(), vm];
+        let child = cmd::spawn_detached(&argv, &dir.path().join("vsock.log"))
+            .map_err(|e| VmmError::Launch { vmm: "qemu", detail: crate::api::error_chain(&e) })?;
+        let pid = child.id().unwrap_or(0);
+        let _ = std::fs::write(dir.vsock_pid_file(), format!("{pid}\n"));
+        // Reaped by tokio's orphan handling once it exits; `cleanup` kills it with the VM.
+        drop(child);
+        let started = Instant::now();
+        while !dir.vhost_socket().exists() {
+            if started.elapsed() > VSOCK_READY_TIMEOUT {
+                self.cleanup(dir);
+                return Err(VmmError::Launch {
+                    vmm: "qemu",
+                    detail: format!("the vsock daemon made no socket within {VSOCK_READY_TIMEOUT:?}; see vsock.log"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     fn argv(&self, dir: &VmDir, config: &VmConfig) -> Vec<String> {
         let mut argv = vec![self.binary.display().to_string()];
         let mut push = |args: &[&str]| argv.extend(args.iter().map(|s| s.to_string()));
         push(&["-name", &format!("moat-{},process=moat-{}", config.name, config.id)]);
-        push(&["-machine", "q35", "-accel", self.accel.as_str()]);
+        match &self.vsock {
+            VsockMode::Hybrid { .. } => {
+                // vhost-user needs the guest's memory shared with the device daemon.
+                let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", config.memory_mib);
+                push(&["-object", &mem, "-machine", "q35,memory-backend=mem", "-accel", self.accel.as_str()]);
+                let chardev = format!("socket,id=vsock0,path={}", dir.vhost_socket().display());
+                push(&["-chardev", &chardev, "-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+            }
+            VsockMode::Unavailable(_) => push(&["-machine", "q35", "-accel", self.accel.as_str()]),
+        }
         if self.accel == Accel::Kvm {
             push(&["-cpu", "host"]);
         }
@@ -55,8 +100,33 @@ impl Vmm for Qemu {
 
     fn launch(&self, dir: &VmDir, config: &VmConfig) -> Result<tokio::process::Child, VmmError> {
         let _ = std::fs::remove_file(dir.qmp_socket());
-        cmd::spawn_detached(&self.argv(dir, config), &dir.vmm_log())
-            .map_err(|e| VmmError::Launch { vmm: "qemu", detail: crate::api::error_chain(&e) })
+        if let VsockMode::Hybrid { daemon } = &self.vsock {
+            self.start_vsock(dir, daemon)?;
+        }
+        cmd::spawn_detached(&self.argv(dir, config), &dir.vmm_log()).map_err(|e| {
+            self.cleanup(dir);
+            VmmError::Launch { vmm: "qemu", detail: crate::api::error_chain(&e) }
+        })
+    }
+
+    fn cleanup(&self, dir: &VmDir) {
+        if let Some(pid) = std::fs::read_to_string(dir.vsock_pid_file()).ok().and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // Only the daemon serving this VM: its command line names this VM's socket.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let needle = dir.vhost_socket().display().to_string();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                // SAFETY: kill(2) on the vsock daemon this VM started, checked by its command line.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = std::fs::remove_file(dir.vsock_pid_file());
+        let _ = std::fs::remove_file(dir.vhost_socket());
+        let _ = std::fs::remove_file(dir.vsock_socket());
+    }
+
+    fn vsock(&self) -> &VsockMode {
+        &self.vsock
     }
 
     fn wait_running<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>> {
@@ -110,7 +180,9 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             created_at: String::new(),
         };
-        let argv = Qemu::new("/usr/bin/qemu-system-x86_64".into(), Accel::Tcg).argv(&dir, &config).join(" ");
+        let argv = Qemu::new("/usr/bin/qemu-system-x86_64".into(), Accel::Tcg, VsockMode::Unavailable(String::new()))
+            .argv(&dir, &config)
+            .join(" ");
         for want in [
             "-accel tcg",
             "-smp 2 -m 512M",
@@ -122,7 +194,17 @@ mod tests {
             assert!(argv.contains(want), "{want} missing from {argv}");
         }
         assert!(!argv.contains("-cpu host"), "TCG cannot use -cpu host");
-        let kvm = Qemu::new("/usr/bin/qemu-system-x86_64".into(), Accel::Kvm).argv(&dir, &config).join(" ");
+        let kvm = Qemu::new("/usr/bin/qemu-system-x86_64".into(), Accel::Kvm, VsockMode::Unavailable(String::new()))
+            .argv(&dir, &config)
+            .join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
+        let hybrid =
+            Qemu::new("/q".into(), Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() }).argv(&dir, &config).join(" ");
+        for want in [
+            "-object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem",
+            "-chardev socket,id=vsock0,path=/srv/vms/abc/vhost.sock -device vhost-user-vsock-pci,chardev=vsock0",
+        ] {
+            assert!(hybrid.contains(want), "{want} missing from {hybrid}");
+        }
     }
 }

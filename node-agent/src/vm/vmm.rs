@@ -52,6 +52,31 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn request_shutdown<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>>;
     /// Whether process `pid` is this VMM running the VM in `dir` (pids get reused).
     fn owns(&self, pid: u32, dir: &VmDir) -> bool;
+    /// After the VMM exited: stop helpers it needed (the vsock device daemon).
+    fn cleanup(&self, dir: &VmDir);
+    /// How the host reaches the guest agent over vsock on this node, or why it cannot.
+    fn vsock(&self) -> &VsockMode;
+}
+
+/// How VMs on this node get a vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsockMode {
+    /// vhost-device-vsock (rust-vmm) per VM: the host side is a Unix socket speaking
+    /// Firecracker's hybrid protocol. Works without /dev/vhost-vsock.
+    Hybrid { daemon: PathBuf },
+    /// No vsock: VMs run, but their guest agent cannot be reached.
+    Unavailable(String),
+}
+
+impl VsockMode {
+    pub fn detect(daemon: &str) -> VsockMode {
+        match which(daemon) {
+            Some(path) => VsockMode::Hybrid { daemon: path },
+            None => VsockMode::Unavailable(format!(
+                "{daemon} not found: install it (cargo install vhost-device-vsock) or pass moat-node --vhost-vsock PATH"
+            )),
+        }
+    }
 }
 
 /// The VMM this node runs VMs with, or why it has none.
@@ -63,11 +88,11 @@ pub enum Runtime {
 
 impl Runtime {
     /// QEMU at `qemu` (a path, or a name looked up in PATH), accelerated by KVM when `kvm_usable`.
-    pub fn detect(qemu: &str, kvm_usable: bool, forced: Option<Accel>) -> Runtime {
+    pub fn detect(qemu: &str, kvm_usable: bool, forced: Option<Accel>, vsock: VsockMode) -> Runtime {
         match which(qemu) {
             Some(binary) => {
                 let accel = forced.unwrap_or(if kvm_usable { Accel::Kvm } else { Accel::Tcg });
-                Runtime::Ready(std::sync::Arc::new(super::qemu::Qemu::new(binary, accel)))
+                Runtime::Ready(std::sync::Arc::new(super::qemu::Qemu::new(binary, accel, vsock)))
             }
             None => Runtime::Missing(format!(
                 "{qemu} not found: install qemu-system-x86 (apt-get install qemu-system-x86) or pass \
