@@ -12,8 +12,8 @@ use crate::authz::PolicySource;
 use crate::principal::Role;
 use crate::state::Durability;
 
-/// 4 MiB: large enough for any tool argument moat accepts, small enough to refuse floods.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Room for vm_file_write's largest content (32 MiB, about 43 MiB in base64) and framing.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 48 * 1024 * 1024;
 
 /// The settled configuration a gateway runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,7 +115,7 @@ pub struct ServeOverrides {
     /// Host header values HTTP accepts, comma-separated [default: localhost,127.0.0.1,::1]
     #[arg(long, env = "MOAT_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Option<Vec<String>>,
-    /// Largest request body or stdio message accepted, in bytes [default: 4194304]
+    /// Largest request body or stdio message accepted, in bytes [default: 50331648, room for a 32 MiB file]
     #[arg(long, env = "MOAT_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
     /// Principal name for stdio callers [default: operator]

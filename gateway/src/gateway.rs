@@ -37,6 +37,8 @@ pub const UNAUTHENTICATED: i32 = -32001;
 pub const RATE_LIMITED: i32 = -32029;
 
 const STATUS_URI: &str = "moat://status";
+/// Results larger than this (as JSON) are not repeated as text.
+const LARGE_RESULT: usize = 256 * 1024;
 
 /// What every connection shares: state, node connections, the tool catalog, prompts.
 pub struct Shared {
@@ -67,6 +69,10 @@ pub struct CallContext {
     pub transport: Transport,
     pub protocol_version: Option<String>,
     pub session: Option<String>,
+    /// Cancelled when the client cancels this call; guest tools pass it into the VM.
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// Where to send progress for this call, when the client asked for it.
+    pub progress: Option<crate::guest::Progress>,
 }
 
 /// One MCP server instance; cheap to clone (one per HTTP session or stdio connection).
@@ -115,6 +121,11 @@ impl Gateway {
             transport: self.transport,
             protocol_version: ctx.protocol_version().map(|v| v.to_string()),
             session,
+            cancel: ctx.ct.clone(),
+            progress: ctx
+                .meta
+                .get_progress_token()
+                .map(|token| crate::guest::Progress { peer: ctx.peer.clone(), token }),
         })
     }
 
@@ -232,7 +243,18 @@ impl Gateway {
 /// The one mapping from a handler outcome to an MCP answer.
 fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorData> {
     match outcome {
-        Ok(value) => Ok(CallToolResult::structured(value)),
+        Ok(value) => {
+            let mut result = CallToolResult::structured(value);
+            // A large result (a file read) goes once, as structured content; its text copy
+            // would double the message. Small results keep the copy for text-only clients.
+            if let Some(ContentBlock::Text(text)) = result.content.first()
+                && text.text.len() > LARGE_RESULT
+            {
+                let summary = format!("{} bytes of JSON in structuredContent", text.text.len());
+                result.content = vec![ContentBlock::text(summary)];
+            }
+            Ok(result)
+        }
         Err(ToolError::NotFound(message) | ToolError::Invalid(message) | ToolError::Node(message)) => {
             Ok(CallToolResult::error(vec![ContentBlock::text(message)]))
         }

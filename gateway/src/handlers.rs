@@ -2,14 +2,21 @@
 //! tool to `moat-tools` fails to compile here until it is handled.
 
 use moat_tools::{AuditQueryOutput, NodeInspectOutput, NodeListOutput, ToolCall, WhoamiOutput};
+use std::time::Duration;
+
+use moat_tools::guest::{ExecIdInput, ExecInput, ExecOutputInput, FileReadInput, FileWriteInput, PathInput};
 use serde_json::Value;
 
 use crate::audit;
 use crate::gateway::{CallContext, Shared};
+use crate::guest;
 use crate::nodes;
 use crate::state::StateError;
 use crate::trans;
 use crate::vms;
+
+/// Deadline for guest calls other than vm_exec (file transfers of up to 32 MiB included).
+const GUEST_CALL: Duration = Duration::from_secs(120);
 
 /// How a tool call can fail once it has been decoded and allowed.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +91,44 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::VmList(input) => vms::list(shared, ctx, input).await,
         ToolCall::VmInspect(input) => vms::inspect(shared, ctx, &input.vm).await,
         ToolCall::VmLogs(input) => vms::logs(shared, ctx, &input.vm, input.tail).await,
+        ToolCall::VmExec(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            // The guest kills the process at its timeout; the call gets a little longer to report it.
+            let deadline = Duration::from_secs(u64::from(input.timeout_s.unwrap_or(60)) + 15);
+            guest::call(shared, ctx, &vm, "exec", ExecInput::from(input), deadline).await
+        }
+        ToolCall::VmExecStart(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "exec_start", ExecInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmExecStatus(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "exec_status", ExecIdInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmExecOutput(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "exec_output", ExecOutputInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmExecKill(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "exec_kill", ExecIdInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileRead(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "file_read", FileReadInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileWrite(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "file_write", FileWriteInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileDelete(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "file_delete", PathInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileList(input) => {
+            let vm = vms::row_for(shared, ctx, &input.vm).await?;
+            guest::call(shared, ctx, &vm, "file_list", PathInput::from(input), GUEST_CALL).await
+        }
     }
 }
 

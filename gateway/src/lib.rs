@@ -12,6 +12,7 @@ pub mod authz;
 pub mod catalog;
 pub mod config;
 pub mod gateway;
+pub mod guest;
 pub mod handlers;
 pub mod http;
 pub mod image;

@@ -75,7 +75,7 @@ pub fn not_found(arg: &str) -> String {
     format!("no vm named `{arg}`; vm_list shows your VMs")
 }
 
-async fn row_for(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<VmRow, ToolError> {
+pub(crate) async fn row_for(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<VmRow, ToolError> {
     match resolve(&shared.state, &ctx.principal.name, arg).await? {
         Resolved::One(row) => Ok(*row),
         Resolved::Missing => Err(ToolError::NotFound(not_found(arg))),

@@ -25,7 +25,19 @@ async fn lists_tools_and_answers_whoami() {
         assert!(tool.output_schema.is_some(), "{} has an outputSchema", tool.name);
         assert_eq!(tool.input_schema.get("additionalProperties"), Some(&Value::Bool(false)));
         let hints = tool.annotations.as_ref().expect("annotations");
-        let read_only = ["whoami", "node_list", "node_inspect", "audit_query", "vm_list", "vm_inspect", "vm_logs"];
+        let read_only = [
+            "whoami",
+            "node_list",
+            "node_inspect",
+            "audit_query",
+            "vm_list",
+            "vm_inspect",
+            "vm_logs",
+            "vm_exec_status",
+            "vm_exec_output",
+            "vm_file_read",
+            "vm_file_list",
+        ];
         assert_eq!(hints.read_only_hint, Some(read_only.contains(&tool.name.as_ref())), "{}", tool.name);
     }
 

@@ -11,8 +11,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Home, MOAT, call, call_err, call_ok};
-use rmcp::RoleClient;
 use rmcp::service::RunningService;
+use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -360,4 +360,150 @@ async fn tls_call(address: &str, ca: &Path, cert: &Path, key: &Path) -> Result<S
         .map_err(|e| e.to_string())?;
     let mut client = NodeServiceClient::new(channel);
     client.get_node_info(GetNodeInfoRequest {}).await.map(|r| r.into_inner().name).map_err(|e| e.to_string())
+}
+
+#[derive(Clone, Default)]
+struct Progress(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl rmcp::ClientHandler for Progress {
+    async fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _context: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.0.lock().unwrap().push(params.message.unwrap_or_default());
+    }
+}
+
+/// An HTTP client that records the progress notifications it receives.
+async fn progress_client(url: &str, key: &str) -> (RunningService<RoleClient, Progress>, Progress) {
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let config = StreamableHttpClientTransportConfig::with_uri(url.to_string()).auth_header(key.to_string());
+    let transport = StreamableHttpClientTransport::with_client(reqwest::Client::new(), config);
+    let progress = Progress::default();
+    (progress.clone().serve(transport).await.unwrap(), progress)
+}
+
+async fn guest_ok<H: rmcp::ClientHandler>(client: &RunningService<RoleClient, H>, tool: &str, args: Value) -> Value {
+    let params =
+        rmcp::model::CallToolRequestParams::new(tool.to_string()).with_arguments(args.as_object().unwrap().clone());
+    let result = client.call_tool(params).await.unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert_ne!(result.is_error, Some(true), "{tool}: {result:?}");
+    result.structured_content.unwrap()
+}
+
+#[tokio::test]
+async fn guest_exec_and_files_through_the_gateway() {
+    use base64::Engine;
+    use sha2::Digest;
+    let home = Home::new();
+    let tmp = tempfile::tempdir().unwrap();
+    home.run(&["pki", "init"]).await;
+    let images = images_dir(tmp.path());
+    let _n1 =
+        Node::enroll_and_start(&home, tmp.path(), "n1", &["--images", images.to_str().unwrap(), "--accel", "tcg"])
+            .await;
+    let mut moat = home.http_server(&[]).await;
+    let alice_key = home.key("alice", "agent").await;
+    let (alice, progress) = progress_client(&moat.url, &alice_key).await;
+    let bob = moat.client(&home.key("bob", "agent").await).await;
+    let admin = moat.client(&moat.key).await;
+
+    let stopped =
+        guest_ok(&alice, "vm_create", json!({"name": "box", "vcpus": 1, "memory_mib": 256, "start": false})).await;
+    let not_running = tool_error(&admin, "vm_exec", json!({"vm": stopped["vm"]["id"], "argv": ["true"]})).await;
+    assert!(not_running.contains("is stopped; start it first"), "{not_running}");
+    guest_ok(&alice, "vm_start", json!({"vm": "box"})).await;
+
+    // Streamed output reaches the MCP client as progress while the command runs.
+    let uname = guest_ok(&alice, "vm_exec", json!({"vm": "box", "command": "uname -a; sleep 0.2; echo done"})).await;
+    assert_eq!(uname["exit_code"], 0, "{uname}");
+    assert!(uname["stdout"].as_str().unwrap().starts_with("Linux"), "{uname}");
+    let seen = progress.0.lock().unwrap().clone();
+    assert!(seen.iter().any(|m| m.starts_with("stdout: Linux")), "progress forwarded: {seen:?}");
+
+    // A 10 MiB binary file in and out, same SHA-256.
+    let bytes: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let want: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let content = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let written = guest_ok(
+        &alice,
+        "vm_file_write",
+        json!({"vm": "box", "path": "/root/blob.bin", "content": content, "encoding": "base64", "create_dirs": true}),
+    )
+    .await;
+    assert_eq!(written["sha256"], want.as_str());
+    let read = guest_ok(&alice, "vm_file_read", json!({"vm": "box", "path": "/root/blob.bin"})).await;
+    let back = base64::engine::general_purpose::STANDARD.decode(read["content"].as_str().unwrap()).unwrap();
+    let got: String = sha2::Sha256::digest(&back).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got, want);
+    let sum = guest_ok(&alice, "vm_exec", json!({"vm": "box", "argv": ["sha256sum", "/root/blob.bin"]})).await;
+    assert!(sum["stdout"].as_str().unwrap().starts_with(&want), "the guest sees the same bytes: {sum}");
+    let listed = guest_ok(&alice, "vm_file_list", json!({"vm": "box", "path": "/root"})).await;
+    assert_eq!(listed["entries"][0]["size"], 10 * 1024 * 1024);
+
+    // Exit codes, signals and timeouts are reported as such.
+    let failed = guest_ok(&alice, "vm_exec", json!({"vm": "box", "command": "exit 3"})).await;
+    assert_eq!((failed["exit_code"].as_i64(), failed["signal"].as_i64()), (Some(3), None));
+    let killed = guest_ok(&alice, "vm_exec", json!({"vm": "box", "command": "kill -KILL $$"})).await;
+    assert_eq!((killed["exit_code"].as_i64(), killed["signal"].as_i64()), (None, Some(9)));
+    let timed = guest_ok(&alice, "vm_exec", json!({"vm": "box", "command": "sleep 30", "timeout_s": 1})).await;
+    assert_eq!(timed["timed_out"], true, "{timed}");
+
+    // Bad input changes nothing, and bob cannot reach alice's VM at all.
+    let relative =
+        tool_error(&admin, "vm_file_write", json!({"vm": stopped["vm"]["id"], "path": "x", "content": "y"})).await;
+    assert!(relative.contains("relative"), "{relative}");
+    let unknown = tool_error(&admin, "vm_exec_status", json!({"vm": stopped["vm"]["id"], "id": "x999"})).await;
+    assert!(unknown.contains("no background process"), "{unknown}");
+    assert!(tool_error(&bob, "vm_exec", json!({"vm": "box", "argv": ["id"]})).await.starts_with("no vm named `box`"));
+
+    // A background process outlives the client that started it.
+    let started =
+        guest_ok(&alice, "vm_exec_start", json!({"vm": "box", "command": "echo begun; sleep 1; echo done"})).await;
+    let id = started["id"].as_str().unwrap().to_string();
+    alice.cancel().await.unwrap();
+    let (alice, _) = progress_client(&moat.url, &alice_key).await;
+    until("the background process to finish", Duration::from_secs(30), async || {
+        guest_ok(&alice, "vm_exec_status", json!({"vm": "box", "id": id})).await["running"] == false
+    })
+    .await;
+    let output = guest_ok(&alice, "vm_exec_output", json!({"vm": "box", "id": id})).await;
+    assert_eq!(output["stdout"], "begun\ndone\n");
+
+    // Cancelling the call kills the process group in the guest.
+    let args = json!({"vm": "box", "command": "sleep 300 & echo $! > /root/sleeper; wait"});
+    let request = rmcp::model::ClientRequest::CallToolRequest(rmcp::model::CallToolRequest::new(
+        rmcp::model::CallToolRequestParams::new("vm_exec").with_arguments(args.as_object().unwrap().clone()),
+    ));
+    let mut options = rmcp::service::PeerRequestOptions::no_options();
+    options.timeout = Some(Duration::from_secs(3));
+    let handle = alice.peer().send_cancellable_request(request, options).await.unwrap();
+    assert!(handle.await_response().await.is_err(), "timed out and cancelled");
+    until("the cancelled process to be gone", Duration::from_secs(20), async || {
+        let check = guest_ok(&alice, "vm_exec", json!({"vm": "box", "command": "kill -0 $(cat /root/sleeper)"})).await;
+        check["exit_code"] != 0
+    })
+    .await;
+
+    // The agent killed inside the guest comes back (init restarts it) and is reached again.
+    guest_ok(&alice, "vm_exec_start", json!({"vm": "box", "command": "sleep 0.3; kill -9 $(pidof moat-guest)"})).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = guest_ok(&alice, "vm_exec", json!({"vm": "box", "argv": ["echo", "back"]})).await;
+    assert_eq!(after["stdout"], "back\n");
+    let logs = call_ok(&admin, "vm_logs", json!({"vm": stopped["vm"]["id"]})).await;
+    assert!(logs["text"].as_str().unwrap().contains("moat-guest exited"), "init restarted the agent: {logs}");
+
+    // Contents never reach the audit log: only their digest and shape.
+    let audit = call_ok(&admin, "audit_query", json!({"tool": "vm_file_write", "principal": "alice"})).await;
+    let text = audit.to_string();
+    assert!(!audit["records"].as_array().unwrap().is_empty());
+    assert!(!text.contains(&content[..64]), "file contents are not audited");
+
+    for client in [bob, admin] {
+        client.cancel().await.unwrap();
+    }
+    alice.cancel().await.unwrap();
+    assert!(moat.terminate().await.success());
 }

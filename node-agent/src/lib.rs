@@ -16,6 +16,7 @@ pub mod probe;
 pub mod server;
 pub mod tls;
 mod trans;
+pub mod tunnel;
 pub mod vm;
 
 pub use api::NodeApi;

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod cluster;
 pub mod guest;
 pub mod vm;
+pub mod vm_guest;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -24,6 +25,7 @@ pub use vm::{
     LabelValue, VmCreateInput, VmDeleteOutput, VmInfo, VmListInput, VmListOutput, VmLogsInput, VmLogsOutput, VmOutput,
     VmRefInput, VmStateName, VmStopInput,
 };
+pub use vm_guest::{VmExecIdInput, VmExecInput, VmExecOutputInput, VmFileReadInput, VmFileWriteInput, VmPathInput};
 
 /// A JSON object, as MCP carries tool schemas and arguments.
 pub type JsonObject = Map<String, Value>;
@@ -42,6 +44,15 @@ pub enum ToolName {
     VmList,
     VmInspect,
     VmLogs,
+    VmExec,
+    VmExecStart,
+    VmExecStatus,
+    VmExecOutput,
+    VmExecKill,
+    VmFileRead,
+    VmFileWrite,
+    VmFileDelete,
+    VmFileList,
 }
 
 impl ToolName {
@@ -58,6 +69,15 @@ impl ToolName {
         ToolName::VmList,
         ToolName::VmInspect,
         ToolName::VmLogs,
+        ToolName::VmExec,
+        ToolName::VmExecStart,
+        ToolName::VmExecStatus,
+        ToolName::VmExecOutput,
+        ToolName::VmExecKill,
+        ToolName::VmFileRead,
+        ToolName::VmFileWrite,
+        ToolName::VmFileDelete,
+        ToolName::VmFileList,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -73,6 +93,15 @@ impl ToolName {
             ToolName::VmList => "vm_list",
             ToolName::VmInspect => "vm_inspect",
             ToolName::VmLogs => "vm_logs",
+            ToolName::VmExec => "vm_exec",
+            ToolName::VmExecStart => "vm_exec_start",
+            ToolName::VmExecStatus => "vm_exec_status",
+            ToolName::VmExecOutput => "vm_exec_output",
+            ToolName::VmExecKill => "vm_exec_kill",
+            ToolName::VmFileRead => "vm_file_read",
+            ToolName::VmFileWrite => "vm_file_write",
+            ToolName::VmFileDelete => "vm_file_delete",
+            ToolName::VmFileList => "vm_file_list",
         }
     }
 
@@ -98,6 +127,15 @@ impl ToolName {
             ToolName::VmList => vm::vm_list_spec(),
             ToolName::VmInspect => vm::vm_inspect_spec(),
             ToolName::VmLogs => vm::vm_logs_spec(),
+            ToolName::VmExec
+            | ToolName::VmExecStart
+            | ToolName::VmExecStatus
+            | ToolName::VmExecOutput
+            | ToolName::VmExecKill
+            | ToolName::VmFileRead
+            | ToolName::VmFileWrite
+            | ToolName::VmFileDelete
+            | ToolName::VmFileList => vm_guest::specs(self),
         }
     }
 }
@@ -229,6 +267,15 @@ pub enum ToolCall {
     VmList(VmListInput),
     VmInspect(VmRefInput),
     VmLogs(VmLogsInput),
+    VmExec(VmExecInput),
+    VmExecStart(VmExecInput),
+    VmExecStatus(VmExecIdInput),
+    VmExecOutput(VmExecOutputInput),
+    VmExecKill(VmExecIdInput),
+    VmFileRead(VmFileReadInput),
+    VmFileWrite(VmFileWriteInput),
+    VmFileDelete(VmPathInput),
+    VmFileList(VmPathInput),
 }
 
 impl ToolCall {
@@ -250,6 +297,15 @@ impl ToolCall {
             ToolName::VmList => ToolCall::VmList(typed(name, args)?),
             ToolName::VmInspect => ToolCall::VmInspect(typed(name, args)?),
             ToolName::VmLogs => ToolCall::VmLogs(typed(name, args)?),
+            ToolName::VmExec => ToolCall::VmExec(typed(name, args)?),
+            ToolName::VmExecStart => ToolCall::VmExecStart(typed(name, args)?),
+            ToolName::VmExecStatus => ToolCall::VmExecStatus(typed(name, args)?),
+            ToolName::VmExecOutput => ToolCall::VmExecOutput(typed(name, args)?),
+            ToolName::VmExecKill => ToolCall::VmExecKill(typed(name, args)?),
+            ToolName::VmFileRead => ToolCall::VmFileRead(typed(name, args)?),
+            ToolName::VmFileWrite => ToolCall::VmFileWrite(typed(name, args)?),
+            ToolName::VmFileDelete => ToolCall::VmFileDelete(typed(name, args)?),
+            ToolName::VmFileList => ToolCall::VmFileList(typed(name, args)?),
         })
     }
 
@@ -266,6 +322,15 @@ impl ToolCall {
             ToolCall::VmList(_) => ToolName::VmList,
             ToolCall::VmInspect(_) => ToolName::VmInspect,
             ToolCall::VmLogs(_) => ToolName::VmLogs,
+            ToolCall::VmExec(_) => ToolName::VmExec,
+            ToolCall::VmExecStart(_) => ToolName::VmExecStart,
+            ToolCall::VmExecStatus(_) => ToolName::VmExecStatus,
+            ToolCall::VmExecOutput(_) => ToolName::VmExecOutput,
+            ToolCall::VmExecKill(_) => ToolName::VmExecKill,
+            ToolCall::VmFileRead(_) => ToolName::VmFileRead,
+            ToolCall::VmFileWrite(_) => ToolName::VmFileWrite,
+            ToolCall::VmFileDelete(_) => ToolName::VmFileDelete,
+            ToolCall::VmFileList(_) => ToolName::VmFileList,
         }
     }
 
@@ -278,6 +343,12 @@ impl ToolCall {
             ToolCall::VmStart(input) | ToolCall::VmDelete(input) | ToolCall::VmInspect(input) => Some(&input.vm),
             ToolCall::VmStop(input) => Some(&input.vm),
             ToolCall::VmLogs(input) => Some(&input.vm),
+            ToolCall::VmExec(input) | ToolCall::VmExecStart(input) => Some(&input.vm),
+            ToolCall::VmExecStatus(input) | ToolCall::VmExecKill(input) => Some(&input.vm),
+            ToolCall::VmExecOutput(input) => Some(&input.vm),
+            ToolCall::VmFileRead(input) => Some(&input.vm),
+            ToolCall::VmFileWrite(input) => Some(&input.vm),
+            ToolCall::VmFileDelete(input) | ToolCall::VmFileList(input) => Some(&input.vm),
         }
     }
 }

@@ -77,7 +77,9 @@ def stdio_target(home):
 async def exercise(client, mode, transport):
     tools = await client.list_tools()
     names = [t.name for t in tools.tools]
-    vm_tools = ["vm_create", "vm_start", "vm_stop", "vm_delete", "vm_list", "vm_inspect", "vm_logs"]
+    vm_tools = ["vm_create", "vm_start", "vm_stop", "vm_delete", "vm_list", "vm_inspect", "vm_logs",
+                "vm_exec", "vm_exec_start", "vm_exec_status", "vm_exec_output", "vm_exec_kill",
+                "vm_file_read", "vm_file_write", "vm_file_delete", "vm_file_list"]
     # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log).
     expected = ["whoami", "node_list", "node_inspect"] + (["audit_query"] if transport == "stdio" else []) + vm_tools
     assert names == expected, names

@@ -81,6 +81,26 @@ impl NodeService for NodeApi {
         Ok(Response::new(pb::ListVmsResponse { vms: self.vms.list().into_iter().map(trans::vm).collect() }))
     }
 
+    type GuestStreamStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GuestFrame, Status>> + Send + 'static>>;
+
+    async fn guest_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::GuestFrame>>,
+    ) -> Result<Response<Self::GuestStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("GuestStream needs a first frame naming vm_id and port"))?;
+        let wait = match first.connect_timeout_ms {
+            0 => Duration::from_secs(10),
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let stream = self.vms.guest_connect(&first.vm_id, first.port, wait).await.map_err(vm_status)?;
+        Ok(Response::new(Box::pin(crate::tunnel::splice(stream, first.data, inbound))))
+    }
+
     async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<pb::VmLogsResponse>, Status> {
         let request = request.into_inner();
         let (text, truncated) = self.vms.logs(&request.id, request.tail_bytes).map_err(vm_status)?;
