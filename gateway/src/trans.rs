@@ -1,7 +1,7 @@
 //! The one place the gateway converts node proto types into tool output types.
 
 use moat_proto::node::v1 as pb;
-use moat_tools::{KvmState, NodeDetail, NodeSummary, StorageState, VmInfo, VmStateName, VmmState};
+use moat_tools::{AgentInfo, KvmState, NodeDetail, NodeSummary, StorageState, VmInfo, VmStateName, VmmState};
 
 use crate::vm_store::VmRow;
 
@@ -87,5 +87,21 @@ pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
         created_at: row.created_at.clone(),
         started_at: row.started_at.clone(),
         stale,
+        agent: None,
     }
+}
+
+/// A stored VM with what its node just said about the guest agent.
+pub fn vm_info_live(row: &VmRow, vm: &pb::Vm) -> VmInfo {
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let mut info = vm_info(row, None);
+    if vm.state == "running" {
+        info.agent = Some(AgentInfo {
+            ready: vm.agent_ready,
+            version: some(&vm.agent_version),
+            last_seen: some(&vm.agent_last_seen),
+            detail: some(&vm.agent_detail),
+        });
+    }
+    info
 }

@@ -244,8 +244,12 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
     };
     match answer {
         Ok(vm) => {
-            let stored = shared.state.vm_reported(&vm.into_inner()).await?.unwrap_or(row);
-            Ok(to_value(VmOutput { vm: trans::vm_info(&stored, None) }))
+            let mut vm = vm.into_inner();
+            let stored = shared.state.vm_reported(&vm).await?.unwrap_or(row);
+            if start && input.wait_ready.unwrap_or(false) {
+                vm = wait_ready(shared, &stored).await?;
+            }
+            Ok(to_value(VmOutput { vm: trans::vm_info_live(&stored, &vm) }))
         }
         Err(e) => {
             // Release the reservation; if the node may have made the VM after all, remove it there.
@@ -314,8 +318,9 @@ pub async fn inspect(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<Va
     };
     match answer {
         Ok(vm) => {
-            let stored = shared.state.vm_reported(&vm.into_inner()).await?.unwrap_or(row);
-            Ok(to_value(VmOutput { vm: trans::vm_info(&stored, None) }))
+            let vm = vm.into_inner();
+            let stored = shared.state.vm_reported(&vm).await?.unwrap_or(row);
+            Ok(to_value(VmOutput { vm: trans::vm_info_live(&stored, &vm) }))
         }
         Err(status) if status.code() == tonic::Code::NotFound => {
             let reason = format!("node {} no longer has this VM", row.node);
@@ -375,7 +380,48 @@ async fn reported(
 ) -> Result<Value, ToolError> {
     let vm = answer?.into_inner();
     let stored = shared.state.vm_reported(&vm).await?.unwrap_or_else(|| row.clone());
-    Ok(to_value(VmOutput { vm: trans::vm_info(&stored, None) }))
+    Ok(to_value(VmOutput { vm: trans::vm_info_live(&stored, &vm) }))
+}
+
+/// How long `vm_create {wait_ready: true}` waits for the guest agent.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Polls the node until the VM's agent answers; says why not (with the console's last
+/// lines) when it does not in time. The VM stays created either way.
+async fn wait_ready(shared: &Shared, row: &VmRow) -> Result<pb::Vm, ToolError> {
+    let started = std::time::Instant::now();
+    loop {
+        let vm = client(shared, &row.node)
+            .await?
+            .get_vm(request(pb::VmRef { id: row.id.clone() }, CALL_TIMEOUT))
+            .await
+            .map_err(|status| node_error(&row.node, &status, false))?
+            .into_inner();
+        if vm.agent_ready {
+            return Ok(vm);
+        }
+        if vm.state != "running" || started.elapsed() > READY_TIMEOUT {
+            let console = client(shared, &row.node)
+                .await?
+                .vm_logs(request(pb::VmLogsRequest { id: row.id.clone(), tail_bytes: 2048 }, CALL_TIMEOUT))
+                .await
+                .map(|r| r.into_inner().text)
+                .unwrap_or_default();
+            let last: Vec<&str> = console.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+            let seen = if vm.agent_last_seen.is_empty() { "never" } else { vm.agent_last_seen.as_str() };
+            return Err(ToolError::Node(format!(
+                "agent on vm {} not ready (vm {}{}, waited {:?}): last seen {seen}; {}; console says: {}. The VM \
+                 was created; vm_inspect shows when the agent answers",
+                row.name,
+                vm.state,
+                if vm.reason.is_empty() { String::new() } else { format!(": {}", vm.reason) },
+                started.elapsed(),
+                if vm.agent_detail.is_empty() { "no detail" } else { vm.agent_detail.as_str() },
+                last.join(" | ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Records the states a node reported in a heartbeat. A VM the node does not list is left

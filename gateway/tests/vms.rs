@@ -154,10 +154,11 @@ async fn vm_lifecycle_over_mtls_with_crash_and_node_restart() {
     assert_eq!(n1_info["node"]["images"], json!(["base"]));
 
     // No node named: placement skips `local` (no image there) and picks n1.
-    let created =
-        call_ok(&alice, "vm_create", json!({"name": "web", "vcpus": 1, "memory_mib": 256, "labels": {"team": "a"}}))
-            .await;
+    let args = json!({"name": "web", "vcpus": 1, "memory_mib": 256, "labels": {"team": "a"}, "wait_ready": true});
+    let created = call_ok(&alice, "vm_create", args).await;
     let vm = &created["vm"];
+    assert_eq!(vm["agent"]["ready"], true, "wait_ready returns once the agent answers: {created}");
+    assert_eq!(vm["agent"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(
         (vm["state"].as_str(), vm["node"].as_str(), vm["owner"].as_str()),
         (Some("running"), Some("n1"), Some("alice")),
@@ -415,6 +416,23 @@ async fn guest_exec_and_files_through_the_gateway() {
     let not_running = tool_error(&admin, "vm_exec", json!({"vm": stopped["vm"]["id"], "argv": ["true"]})).await;
     assert!(not_running.contains("is stopped; start it first"), "{not_running}");
     guest_ok(&alice, "vm_start", json!({"vm": "box"})).await;
+    until("the agent to answer", Duration::from_secs(60), async || {
+        guest_ok(&alice, "vm_inspect", json!({"vm": "box"})).await["vm"]["agent"]["ready"] == true
+    })
+    .await;
+
+    // An image whose kernel cannot boot: wait_ready says so, with the console.
+    let broken = images.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::os::unix::fs::symlink(guest_image().canonicalize().unwrap().join("vmlinux"), broken.join("vmlinux")).unwrap();
+    std::fs::write(broken.join("initramfs.cpio.gz"), b"not an initramfs").unwrap();
+    let never = tool_error(
+        &admin,
+        "vm_create",
+        json!({"name": "never", "vcpus": 1, "memory_mib": 128, "image": "broken", "wait_ready": true}),
+    )
+    .await;
+    assert!(never.starts_with("agent on vm never not ready") && never.contains("Kernel panic"), "{never}");
 
     // Streamed output reaches the MCP client as progress while the command runs.
     let uname = guest_ok(&alice, "vm_exec", json!({"vm": "box", "command": "uname -a; sleep 0.2; echo done"})).await;

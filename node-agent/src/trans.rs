@@ -64,5 +64,9 @@ pub(crate) fn vm(view: VmView) -> pb::Vm {
         accel: view.accel.to_string(),
         pid: view.status.pid,
         started_at: view.status.started_at,
+        agent_ready: view.agent.ready,
+        agent_version: view.agent.version,
+        agent_last_seen: view.agent.last_seen,
+        agent_detail: view.agent.detail,
     }
 }

@@ -22,8 +22,8 @@ pub use cluster::{
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
 };
 pub use vm::{
-    LabelValue, VmCreateInput, VmDeleteOutput, VmInfo, VmListInput, VmListOutput, VmLogsInput, VmLogsOutput, VmOutput,
-    VmRefInput, VmStateName, VmStopInput,
+    AgentInfo, LabelValue, VmCreateInput, VmDeleteOutput, VmInfo, VmListInput, VmListOutput, VmLogsInput, VmLogsOutput,
+    VmOutput, VmRefInput, VmStateName, VmStopInput,
 };
 pub use vm_guest::{VmExecIdInput, VmExecInput, VmExecOutputInput, VmFileReadInput, VmFileWriteInput, VmPathInput};
 

@@ -40,6 +40,10 @@ pub struct VmCreateInput {
     /// Start the VM once created [default: true].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<bool>,
+    /// Return only once the guest agent answers, so vm_exec and vm_file_* work at once
+    /// [default: false: return when the VMM runs the guest].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ready: Option<bool>,
 }
 
 /// A label value: up to 63 printable characters.
@@ -162,6 +166,20 @@ pub struct VmInfo {
     pub started_at: Option<String>,
     /// Set when the node could not be asked just now: the state shown is the last one known.
     pub stale: Option<String>,
+    /// The guest agent, as its node sees it (shown when the node was asked just now).
+    pub agent: Option<AgentInfo>,
+}
+
+/// Whether a VM's guest agent answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentInfo {
+    /// True when the agent answers: vm_exec and vm_file_* will work.
+    pub ready: bool,
+    pub version: Option<String>,
+    /// When it last answered (RFC 3339, UTC).
+    pub last_seen: Option<String>,
+    /// Why it is not ready.
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -4,6 +4,7 @@
 //! a guest power-off or a crash (with the reason). On start the manager
 //! re-adopts VMs whose VMM is still running instead of killing them.
 
+pub mod agent;
 pub mod dir;
 pub mod qemu;
 pub mod qmp;
@@ -71,6 +72,7 @@ pub enum VmError {
 pub struct VmView {
     pub config: VmConfig,
     pub status: VmStatus,
+    pub agent: agent::AgentState,
     pub vmm: &'static str,
     pub accel: &'static str,
 }
@@ -104,6 +106,8 @@ struct Vm {
     op: tokio::sync::Mutex<()>,
     /// Counts VMM exits; the monitor bumps it after recording the new state.
     exits: watch::Sender<u64>,
+    /// The guest agent, as the control channel watcher sees it.
+    agent: Arc<Mutex<agent::AgentState>>,
 }
 
 enum Process {
@@ -212,10 +216,12 @@ impl VmManager {
             status: Mutex::new(status),
             op: tokio::sync::Mutex::new(()),
             exits: watch::Sender::new(0),
+            agent: Arc::default(),
         });
         self.inner.vms.lock().expect("vm map lock is never poisoned").insert(id.to_string(), vm.clone());
         if let Some(pid) = adopted {
-            self.spawn_monitor(vm, Process::Adopted(pid));
+            self.spawn_monitor(vm.clone(), Process::Adopted(pid));
+            self.watch_agent(&vm);
         }
     }
 
@@ -285,7 +291,8 @@ impl VmManager {
             Runtime::Ready(v) => (v.kind(), v.accel().as_str()),
             Runtime::Missing(_) => ("", ""),
         };
-        VmView { config: vm.config.clone(), status: vm.status(), vmm, accel }
+        let agent = vm.agent.lock().expect("agent state lock is never poisoned").clone();
+        VmView { config: vm.config.clone(), status: vm.status(), agent, vmm, accel }
     }
 
     fn vmm(&self) -> Result<Arc<dyn Vmm>, VmError> {
@@ -376,6 +383,7 @@ impl VmManager {
             status: Mutex::new(VmStatus::new(VmState::Stopped, "created")),
             op: tokio::sync::Mutex::new(()),
             exits: watch::Sender::new(0),
+            agent: Arc::default(),
         });
         self.inner.vms.lock().expect("vm map lock is never poisoned").insert(id.into(), vm.clone());
         tracing::info!(vm = id, name, vcpus, memory_mib, image, "created vm");
@@ -438,6 +446,7 @@ impl VmManager {
                     vm.set_status(status)?;
                 }
                 tracing::info!(vm = id, pid, "vm running");
+                self.watch_agent(&vm);
                 Ok(self.view(&vm))
             }
             Err(source) => {
@@ -557,6 +566,19 @@ impl VmManager {
             what: "cannot read its console".into(),
             source,
         })
+    }
+
+    /// Watches the VM's guest agent while the VM runs (when this node has vsock).
+    fn watch_agent(&self, vm: &Arc<Vm>) {
+        let Ok(vmm) = self.vmm() else { return };
+        if let VsockMode::Unavailable(why) = vmm.vsock() {
+            vm.agent.lock().expect("agent state lock is never poisoned").detail =
+                format!("no vsock on this node: {why}");
+            return;
+        }
+        let watched = vm.clone();
+        let running = move || watched.status().state == VmState::Running;
+        tokio::spawn(agent::watch(vm.dir.vsock_socket(), vm.agent.clone(), running));
     }
 
     fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {
