@@ -91,6 +91,9 @@ async fn main() {
     let id = created["vm"]["id"].as_str().unwrap().to_string();
     let accel = created["vm"]["accel"].as_str().unwrap_or("?").to_string();
     let socket = state.join("node/vms").join(&id).join("vsock.sock");
+    let rss = |v: Value| v["stdout"].as_str().unwrap_or("").split_whitespace().nth(1).unwrap_or("?").to_string();
+    let probe = json!({"vm": "bench", "command": "grep VmRSS /proc/$(pidof moat-guest)/status"});
+    let rss_idle = rss(call(&client, "vm_exec", probe.clone()).await);
 
     println!("Round trips to one guest (QEMU {accel}, 1 vCPU), {n} sequential calls each after 10 warm-up:\n");
     println!("| path | p50 µs | p99 µs |");
@@ -156,10 +159,8 @@ async fn main() {
     }
     println!("| host → guest (vm_file_write) | {:.1} |", mib as f64 / best_in);
     println!("| guest → host (vm_file_read) | {:.1} |", mib as f64 / best_out);
-    let rss =
-        call(&client, "vm_exec", json!({"vm": "bench", "command": "grep VmRSS /proc/$(pidof moat-guest)/status"}))
-            .await;
-    println!("\nmoat-guest in the guest, idle: {}", rss["stdout"].as_str().unwrap_or("").trim());
+    let rss_after = rss(call(&client, "vm_exec", probe).await);
+    println!("\nmoat-guest RSS in the guest: {rss_idle} kB after boot, {rss_after} kB after the transfers");
     call(&client, "vm_delete", json!({"vm": "bench"})).await;
     server.start_kill().unwrap();
 }

@@ -177,6 +177,26 @@ mod tests {
     }
 
     #[test]
+    fn content_over_the_cap_is_refused_and_nothing_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("big").display().to_string();
+        let input = FileWriteInput {
+            path: path.clone(),
+            content: "x".repeat(MAX_FILE_BYTES as usize + 1),
+            encoding: None,
+            mode: None,
+            create_dirs: None,
+        };
+        assert!(write(&input).unwrap_err().contains("over the"), "the cap is named");
+        assert!(stat(&path).is_err(), "nothing was written");
+        std::fs::write(&path, vec![0u8; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let whole = read(&FileReadInput { path: path.clone(), offset: None, length: None, encoding: None });
+        assert!(whole.unwrap_err().contains("in parts with offset and length"));
+        let part = read(&FileReadInput { path, offset: Some(MAX_FILE_BYTES), length: None, encoding: None }).unwrap();
+        assert_eq!(part.length, 1);
+    }
+
+    #[test]
     fn write_read_round_trip_binary_and_text() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("sub/f.bin").display().to_string();

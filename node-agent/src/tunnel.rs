@@ -2,20 +2,20 @@
 //! inbound frames' bytes are written to the guest, the guest's bytes go out
 //! as frames. Either side closing ends both directions.
 
+use crate::vm::vsock::Conn;
 use moat_proto::node::v1::GuestFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio_stream::Stream;
 use tonic::Status;
 
 const CHUNK: usize = 64 * 1024;
 
 pub fn splice(
-    stream: UnixStream,
+    stream: Box<dyn Conn>,
     first_data: Vec<u8>,
     mut inbound: tonic::Streaming<GuestFrame>,
 ) -> impl Stream<Item = Result<GuestFrame, Status>> + Send + 'static {
-    let (mut read, mut write) = stream.into_split();
+    let (mut read, mut write) = tokio::io::split(stream);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<GuestFrame, Status>>(16);
     // Gateway → guest.
     let to_guest = tokio::spawn(async move {

@@ -84,7 +84,7 @@ async fn qemu_vm_lifecycle_crash_and_readoption() {
     tokio::io::BufReader::new(&mut control).read_line(&mut hello).await.unwrap();
     assert!(hello.contains("\"agent_version\"") && hello.contains("moat-base"), "{hello}");
     let stream = vms.guest_connect("vm-a1", 200, Duration::from_secs(60)).await.unwrap();
-    let (r, w) = stream.into_split();
+    let (r, w) = tokio::io::split(stream);
     let client = ().serve((r, w)).await.unwrap();
     let args = serde_json::json!({"argv": ["uname", "-a"]}).as_object().unwrap().clone();
     let uname = client.call_tool(CallToolRequestParams::new("exec").with_arguments(args)).await.unwrap();

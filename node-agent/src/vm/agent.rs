@@ -4,7 +4,6 @@
 //! last answered and, when it does not, why. It reconnects with backoff for
 //! as long as the VM runs, so an agent restarted inside the guest is noticed.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,13 +29,13 @@ pub struct AgentState {
 }
 
 /// Watches the agent behind `socket` while `running()` holds.
-pub async fn watch(socket: PathBuf, state: Arc<Mutex<AgentState>>, running: impl Fn() -> bool + Send + 'static) {
+pub async fn watch(target: vsock::Target, state: Arc<Mutex<AgentState>>, running: impl Fn() -> bool + Send + 'static) {
     let set = |f: &dyn Fn(&mut AgentState)| f(&mut state.lock().expect("agent state lock is never poisoned"));
     while running() {
         let session = async {
             let stream =
-                vsock::connect(&socket, CONTROL_PORT, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
-            let (read, mut write) = stream.into_split();
+                vsock::connect_to(&target, CONTROL_PORT, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+            let (read, mut write) = tokio::io::split(stream);
             let mut lines = BufReader::new(read).lines();
             let mut ask = async |request: &str| -> Result<serde_json::Value, String> {
                 write.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;

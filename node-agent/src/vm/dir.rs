@@ -121,6 +121,13 @@ impl VmDir {
     pub fn vsock_socket(&self) -> PathBuf {
         self.root.join("vsock.sock")
     }
+    /// The guest CID allocated for kernel vhost-vsock, while the VM runs.
+    pub fn vsock_cid_file(&self) -> PathBuf {
+        self.root.join("vsock.cid")
+    }
+    pub fn read_cid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.vsock_cid_file()).ok()?.trim().parse().ok()
+    }
     pub fn vsock_pid_file(&self) -> PathBuf {
         self.root.join("vsock.pid")
     }

@@ -539,22 +539,20 @@ impl VmManager {
         id: &str,
         port: u32,
         deadline: Duration,
-    ) -> Result<tokio::net::UnixStream, VmError> {
+    ) -> Result<Box<dyn vsock::Conn>, VmError> {
         let vm = self.vm(id)?;
-        if let Ok(vmm) = self.vmm()
-            && let VsockMode::Unavailable(why) = vmm.vsock()
-        {
+        let vmm = self.vmm()?;
+        if let VsockMode::Unavailable(why) = vmm.vsock() {
             return Err(VmError::NoVsock { node: self.inner.settings.node.clone(), detail: why.clone() });
         }
         let state = vm.status().state;
         if state != VmState::Running {
             return Err(VmError::WrongState { id: id.into(), state: state.as_str(), action: "reach the agent of" });
         }
-        vsock::connect(&vm.dir.vsock_socket(), port, deadline).await.map_err(|e| VmError::AgentUnreachable {
-            id: id.into(),
-            detail: e.to_string(),
-            console: last_lines(&vm.dir, 3),
-        })
+        let unreachable =
+            |detail: String| VmError::AgentUnreachable { id: id.into(), detail, console: last_lines(&vm.dir, 3) };
+        let target = vmm.vsock_target(&vm.dir).ok_or_else(|| unreachable("the VM has no vsock CID".into()))?;
+        vsock::connect_to(&target, port, deadline).await.map_err(|e| unreachable(e.to_string()))
     }
 
     /// The last `tail` bytes of the VM's console (default 64 KiB, at most 1 MiB).
@@ -576,9 +574,10 @@ impl VmManager {
                 format!("no vsock on this node: {why}");
             return;
         }
+        let Some(target) = vmm.vsock_target(&vm.dir) else { return };
         let watched = vm.clone();
         let running = move || watched.status().state == VmState::Running;
-        tokio::spawn(agent::watch(vm.dir.vsock_socket(), vm.agent.clone(), running));
+        tokio::spawn(agent::watch(target, vm.agent.clone(), running));
     }
 
     fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {

@@ -72,6 +72,11 @@ impl Qemu {
                 let chardev = format!("socket,id=vsock0,path={}", dir.vhost_socket().display());
                 push(&["-chardev", &chardev, "-device", "vhost-user-vsock-pci,chardev=vsock0"]);
             }
+            VsockMode::Kernel => {
+                push(&["-machine", "q35", "-accel", self.accel.as_str()]);
+                let cid = dir.read_cid().unwrap_or(GUEST_CID);
+                push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
+            }
             VsockMode::Unavailable(_) => push(&["-machine", "q35", "-accel", self.accel.as_str()]),
         }
         if self.accel == Accel::Kvm {
@@ -89,6 +94,25 @@ impl Qemu {
     }
 }
 
+/// Kernel vsock CIDs are host-wide: take the smallest one (from 3) no other VM here holds.
+/// Two VMs starting at the same instant may pick the same CID; QEMU then refuses the second
+/// ("Address already in use") and its start fails cleanly.
+fn allocate_cid(dir: &VmDir) -> Result<(), VmmError> {
+    let taken: std::collections::HashSet<u32> = dir
+        .path()
+        .parent()
+        .and_then(|vms| std::fs::read_dir(vms).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path() != dir.path())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("vsock.cid")).ok()?.trim().parse().ok())
+        .collect();
+    let cid = (GUEST_CID..).find(|c| !taken.contains(c)).unwrap_or(GUEST_CID);
+    std::fs::write(dir.vsock_cid_file(), format!("{cid}\n"))
+        .map_err(|e| VmmError::Launch { vmm: "qemu", detail: format!("cannot record the vsock CID: {e}") })
+}
+
 impl Vmm for Qemu {
     fn kind(&self) -> &'static str {
         "qemu"
@@ -100,8 +124,10 @@ impl Vmm for Qemu {
 
     fn launch(&self, dir: &VmDir, config: &VmConfig) -> Result<tokio::process::Child, VmmError> {
         let _ = std::fs::remove_file(dir.qmp_socket());
-        if let VsockMode::Hybrid { daemon } = &self.vsock {
-            self.start_vsock(dir, daemon)?;
+        match &self.vsock {
+            VsockMode::Hybrid { daemon } => self.start_vsock(dir, daemon)?,
+            VsockMode::Kernel => allocate_cid(dir)?,
+            VsockMode::Unavailable(_) => {}
         }
         cmd::spawn_detached(&self.argv(dir, config), &dir.vmm_log()).map_err(|e| {
             self.cleanup(dir);
@@ -121,6 +147,7 @@ impl Vmm for Qemu {
             }
         }
         let _ = std::fs::remove_file(dir.vsock_pid_file());
+        let _ = std::fs::remove_file(dir.vsock_cid_file());
         let _ = std::fs::remove_file(dir.vhost_socket());
         let _ = std::fs::remove_file(dir.vsock_socket());
     }
@@ -198,6 +225,15 @@ mod tests {
             .argv(&dir, &config)
             .join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (VmDir::new(tmp.path(), "a"), VmDir::new(tmp.path(), "b"));
+        std::fs::create_dir_all(a.path()).unwrap();
+        std::fs::create_dir_all(b.path()).unwrap();
+        allocate_cid(&a).unwrap();
+        allocate_cid(&b).unwrap();
+        assert_eq!((a.read_cid(), b.read_cid()), (Some(3), Some(4)), "CIDs are unique on the host");
+        let kernel = Qemu::new("/q".into(), Accel::Tcg, VsockMode::Kernel).argv(&b, &config).join(" ");
+        assert!(kernel.contains("-device vhost-vsock-pci,guest-cid=4"), "{kernel}");
         let hybrid =
             Qemu::new("/q".into(), Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() }).argv(&dir, &config).join(" ");
         for want in [

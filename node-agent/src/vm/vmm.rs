@@ -56,6 +56,14 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn cleanup(&self, dir: &VmDir);
     /// How the host reaches the guest agent over vsock on this node, or why it cannot.
     fn vsock(&self) -> &VsockMode;
+    /// Where the running VM in `dir` is reached over vsock, if it can be.
+    fn vsock_target(&self, dir: &VmDir) -> Option<super::vsock::Target> {
+        match self.vsock() {
+            VsockMode::Hybrid { .. } => Some(super::vsock::Target::Hybrid(dir.vsock_socket())),
+            VsockMode::Kernel => dir.read_cid().map(super::vsock::Target::Kernel),
+            VsockMode::Unavailable(_) => None,
+        }
+    }
 }
 
 /// How VMs on this node get a vsock device.
@@ -64,12 +72,19 @@ pub enum VsockMode {
     /// vhost-device-vsock (rust-vmm) per VM: the host side is a Unix socket speaking
     /// Firecracker's hybrid protocol. Works without /dev/vhost-vsock.
     Hybrid { daemon: PathBuf },
+    /// The host kernel's vhost-vsock (/dev/vhost-vsock): each VM gets its own CID and the host
+    /// connects with AF_VSOCK. Preferred when present: no daemon per VM.
+    Kernel,
     /// No vsock: VMs run, but their guest agent cannot be reached.
     Unavailable(String),
 }
 
 impl VsockMode {
+    /// Kernel vhost-vsock when /dev/vhost-vsock exists, else the hybrid daemon if installed.
     pub fn detect(daemon: &str) -> VsockMode {
+        if std::path::Path::new("/dev/vhost-vsock").exists() {
+            return VsockMode::Kernel;
+        }
         match which(daemon) {
             Some(path) => VsockMode::Hybrid { daemon: path },
             None => VsockMode::Unavailable(format!(

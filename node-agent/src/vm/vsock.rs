@@ -1,15 +1,29 @@
-//! The host end of a VM's hybrid vsock (Firecracker's protocol, as served by
+//! The host end of a VM's vsock. Hybrid (Firecracker's protocol, as served by
 //! vhost-device-vsock): connect to the VM's `vsock.sock`, write
 //! `CONNECT <port>\n`, read the `OK <port>\n` reply byte by byte (bytes after
-//! it belong to the guest), then the stream is the guest port's. Every step
-//! has a timeout; a guest port nobody listens on yet answers with EOF, so
-//! callers retry with backoff until their deadline.
+//! it belong to the guest), then the stream is the guest port's. Kernel
+//! (/dev/vhost-vsock): an AF_VSOCK connection to the guest's CID and port.
+//! Every step has a timeout; a guest port nobody listens on yet refuses or
+//! answers with EOF, so callers retry with backoff until their deadline.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
+
+/// Where a VM's vsock is reached from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A hybrid vsock Unix socket.
+    Hybrid(std::path::PathBuf),
+    /// The guest's context id on the host's kernel vsock.
+    Kernel(u32),
+}
+
+/// A connection to a guest port, whichever way it was reached.
+pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
 
 /// How long one connect-and-handshake attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +56,30 @@ async fn attempt(socket: &Path, port: u32) -> Result<UnixStream, String> {
         return Err(format!("unexpected reply {:?}", String::from_utf8_lossy(&reply)));
     }
     Ok(stream)
+}
+
+/// Connects to guest `port` of `target`, retrying with backoff until `deadline`.
+pub async fn connect_to(target: &Target, port: u32, deadline: Duration) -> Result<Box<dyn Conn>, VsockError> {
+    match target {
+        Target::Hybrid(socket) => Ok(Box::new(connect(socket, port, deadline).await?)),
+        Target::Kernel(cid) => {
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(20);
+            loop {
+                let addr = tokio_vsock::VsockAddr::new(*cid, port);
+                let last = match tokio::time::timeout(ATTEMPT_TIMEOUT, tokio_vsock::VsockStream::connect(addr)).await {
+                    Ok(Ok(stream)) => return Ok(Box::new(stream)),
+                    Ok(Err(e)) => format!("connect to cid {cid}: {e}"),
+                    Err(_) => format!("no answer within {ATTEMPT_TIMEOUT:?}"),
+                };
+                if started.elapsed() + backoff > deadline {
+                    return Err(VsockError::NotListening { port, waited: started.elapsed(), last });
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
 }
 
 /// Connects to guest `port` through the hybrid socket, retrying with backoff until `deadline`.
@@ -96,6 +134,25 @@ mod tests {
         let mut echo = [0u8; 4];
         stream.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"ping");
+    }
+
+    /// vhost-device-vsock has been seen to stall a connection forever: a peer that accepts and
+    /// never answers costs one attempt's timeout, and connect gives up by its deadline.
+    #[tokio::test]
+    async fn a_stalled_handshake_is_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("vsock.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let started = Instant::now();
+        let err = connect(&socket, 200, Duration::from_secs(3)).await.unwrap_err();
+        assert!(err.to_string().contains("no reply within"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(6), "bounded: {:?}", started.elapsed());
     }
 
     #[tokio::test]
