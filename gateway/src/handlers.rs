@@ -92,44 +92,48 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::VmInspect(input) => vms::inspect(shared, ctx, &input.vm).await,
         ToolCall::VmLogs(input) => vms::logs(shared, ctx, &input.vm, input.tail).await,
         ToolCall::VmExec(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
             // The guest kills the process at its timeout; the call gets a little longer to report it.
             let deadline = Duration::from_secs(u64::from(input.timeout_s.unwrap_or(60)) + 15);
-            guest::call(shared, ctx, &vm, "exec", ExecInput::from(input), deadline).await
+            in_guest(shared, ctx, &input.vm.clone(), "exec", ExecInput::from(input), deadline).await
         }
         ToolCall::VmExecStart(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "exec_start", ExecInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "exec_start", ExecInput::from(input), GUEST_CALL).await
         }
         ToolCall::VmExecStatus(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "exec_status", ExecIdInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "exec_status", ExecIdInput::from(input), GUEST_CALL).await
         }
         ToolCall::VmExecOutput(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "exec_output", ExecOutputInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "exec_output", ExecOutputInput::from(input), GUEST_CALL).await
         }
         ToolCall::VmExecKill(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "exec_kill", ExecIdInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "exec_kill", ExecIdInput::from(input), GUEST_CALL).await
         }
         ToolCall::VmFileRead(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "file_read", FileReadInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "file_read", FileReadInput::from(input), GUEST_CALL).await
         }
         ToolCall::VmFileWrite(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "file_write", FileWriteInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "file_write", FileWriteInput::from(input), GUEST_CALL).await
         }
         ToolCall::VmFileDelete(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "file_delete", PathInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "file_delete", PathInput::from(input), GUEST_CALL).await
         }
         ToolCall::VmFileList(input) => {
-            let vm = vms::row_for(shared, ctx, &input.vm).await?;
-            guest::call(shared, ctx, &vm, "file_list", PathInput::from(input), GUEST_CALL).await
+            in_guest(shared, ctx, &input.vm.clone(), "file_list", PathInput::from(input), GUEST_CALL).await
         }
     }
+}
+
+/// Runs the guest agent's `tool` in the VM the caller named.
+async fn in_guest(
+    shared: &Shared,
+    ctx: &CallContext,
+    vm: &str,
+    tool: &str,
+    args: impl serde::Serialize,
+    deadline: Duration,
+) -> Result<Value, ToolError> {
+    let vm = vms::row_for(shared, ctx, vm).await?;
+    guest::call(shared, ctx, &vm, tool, args, deadline).await
 }
 
 /// `YYYY-MM-DDTHH:MM:SS...Z`: the form audit timestamps use, so string comparison orders by time.
