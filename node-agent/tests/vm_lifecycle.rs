@@ -24,11 +24,14 @@ struct Reaper(PathBuf);
 impl Drop for Reaper {
     fn drop(&mut self) {
         for entry in std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten() {
-            if let Some(pid) =
-                std::fs::read_to_string(entry.path().join("vmm.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) on a pid this test's VMs recorded.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            // The VMM and its vsock daemon (which would otherwise outlive the test).
+            for file in ["vmm.pid", "vsock.pid"] {
+                let pid =
+                    std::fs::read_to_string(entry.path().join(file)).ok().and_then(|s| s.trim().parse::<i32>().ok());
+                if let Some(pid) = pid {
+                    // SAFETY: kill(2) on a pid this test's VMs recorded.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
             }
         }
     }
