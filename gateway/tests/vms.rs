@@ -34,6 +34,8 @@ struct Node {
     root: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
+    /// What moat-node logged, printed if the test fails.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Node {
@@ -51,7 +53,7 @@ impl Node {
         args.push(certs.display().to_string());
         args.extend(["--storage-root".to_string(), root.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut node = Node { name: name.into(), root, args, child: None };
+        let mut node = Node { name: name.into(), root, args, child: None, log: Default::default() };
         node.start().await;
         node
     }
@@ -68,7 +70,8 @@ impl Node {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        common::wait_for_field(&mut child, "moat-node listening", "listen=").await;
+        let (_, log) = common::wait_for_field(&mut child, "moat-node listening", "listen=").await;
+        self.log = log;
         self.child = Some(child);
     }
 
@@ -88,6 +91,12 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- moat-node {} log ---", self.name);
+            for line in self.log.lock().map(|l| l.clone()).unwrap_or_default() {
+                eprintln!("{line}");
+            }
+        }
         for entry in std::fs::read_dir(self.root.join("vms")).into_iter().flatten().flatten() {
             // The VMM and its vsock daemon (which would otherwise outlive the test).
             for file in ["vmm.pid", "vsock.pid"] {

@@ -104,6 +104,19 @@ pub struct HttpMoat {
     pub key: String,
 }
 
+impl Drop for HttpMoat {
+    /// A failing test shows what the gateway logged last.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+            eprintln!("--- moat serve log (last 60 lines) ---");
+            for line in &log[log.len().saturating_sub(60)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 impl HttpMoat {
     /// An rmcp client over HTTP authenticated with `key`.
     pub async fn client(&self, key: &str) -> RunningService<RoleClient, ()> {
