@@ -76,8 +76,8 @@ enum ImageCommand {
         /// A static moat-guest binary to include in the image.
         #[arg(long)]
         guest: Option<std::path::PathBuf>,
-        /// The image recipe directory [default: service-vms/base next to the moat binary's source, or
-        /// /usr/share/moat/service-vms/base]
+        /// A recipe directory with build.sh, init and modules [default: the service-vms/base recipe built
+        /// into this binary]
         #[arg(long, env = "MOAT_IMAGE_RECIPE")]
         recipe: Option<std::path::PathBuf>,
     },

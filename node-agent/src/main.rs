@@ -53,7 +53,8 @@ struct VmArgs {
     #[arg(long, env = "MOAT_NODE_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     accel: String,
     /// The vsock device daemon (rust-vmm's vhost-device-vsock) that lets the host reach guest
-    /// agents: a path, or a name looked up in PATH. Without it VMs run, unreachable inside.
+    /// agents: a path, or a name looked up in PATH. Not needed where /dev/vhost-vsock exists (the
+    /// kernel's vsock is used); without either, VMs run but their agents cannot be reached.
     #[arg(long, env = "MOAT_NODE_VHOST_VSOCK", default_value = "vhost-device-vsock")]
     vhost_vsock: String,
 }
