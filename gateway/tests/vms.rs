@@ -84,6 +84,13 @@ impl Node {
         assert!(status.success(), "moat-node {} exited {status}", self.name);
     }
 
+    /// SIGHUP: reload the node certificate.
+    fn hangup(&self) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("node running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    }
+
     fn vmm_pid(&self, id: &str) -> i32 {
         std::fs::read_to_string(self.root.join("vms").join(id).join("vmm.pid")).unwrap().trim().parse().unwrap()
     }
@@ -337,8 +344,46 @@ async fn vm_faults_and_node_identity() {
     let after = call_ok(&admin, "node_inspect", json!({"node": "n2"})).await;
     assert_eq!(after["node"]["reachable"], true, "{after}");
 
+    // A node's certificate renewed in place: re-enroll, SIGHUP the node, and new handshakes get the
+    // new certificate from the same process.
+    let first_cert = |path: &Path| moat_node::tls::read_certs(path).unwrap().remove(0).as_ref().to_vec();
+    assert_eq!(served_cert(&n2_address, &pki).await, first_cert(&certs.join("node.pem")));
+    let (ok, out, err) =
+        home.run(&["node", "enroll", "n2", "--address", &n2_address, "--out", certs.to_str().unwrap()]).await;
+    assert!(ok, "{out}{err}");
+    let renewed = first_cert(&certs.join("node.pem"));
+    n2.hangup();
+    until("n2 to serve its renewed certificate", Duration::from_secs(10), async || {
+        served_cert(&n2_address, &pki).await == renewed
+    })
+    .await;
+    moat.hangup();
+    let renewed_ok = call_ok(&admin, "node_inspect", json!({"node": "n2"})).await;
+    assert_eq!(renewed_ok["node"]["reachable"], true, "{renewed_ok}");
+
     admin.cancel().await.unwrap();
     assert!(moat.terminate().await.success());
+}
+
+/// The certificate (DER) a node presents to the gateway's client certificate.
+async fn served_cert(address: &str, pki: &Path) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in moat_node::tls::read_certs(&pki.join("node-ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(moat_node::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            moat_node::tls::read_certs(&pki.join("gateway.pem")).unwrap(),
+            moat_node::tls::read_key(&pki.join("gateway.key")).unwrap(),
+        )
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(address.trim_start_matches("https://")).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("n2").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
 }
 
 /// GetNodeInfo over mTLS with the given client certificate; the node's name, or the error.
