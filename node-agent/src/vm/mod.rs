@@ -416,7 +416,7 @@ impl VmManager {
             started_at: String::new(),
             console_start,
         })?;
-        let child = match vmm.launch(&vm.dir, &vm.config) {
+        let child = match vmm.launch(&vm.dir, &vm.config).await {
             Ok(child) => child,
             Err(source) => {
                 let log = vmm_log_tail(&vm.dir);

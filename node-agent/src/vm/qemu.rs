@@ -31,7 +31,7 @@ impl Qemu {
     }
 
     /// Starts the VM's vsock device daemon and waits for its vhost-user socket.
-    fn start_vsock(&self, dir: &VmDir, daemon: &std::path::Path) -> Result<(), VmmError> {
+    async fn start_vsock(&self, dir: &VmDir, daemon: &std::path::Path) -> Result<(), VmmError> {
         let _ = std::fs::remove_file(dir.vhost_socket());
         let _ = std::fs::remove_file(dir.vsock_socket());
         let vm = format!(
@@ -55,7 +55,7 @@ impl Qemu {
                     detail: format!("the vsock daemon made no socket within {VSOCK_READY_TIMEOUT:?}; see vsock.log"),
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
     }
@@ -122,16 +122,22 @@ impl Vmm for Qemu {
         self.accel
     }
 
-    fn launch(&self, dir: &VmDir, config: &VmConfig) -> Result<tokio::process::Child, VmmError> {
-        let _ = std::fs::remove_file(dir.qmp_socket());
-        match &self.vsock {
-            VsockMode::Hybrid { daemon } => self.start_vsock(dir, daemon)?,
-            VsockMode::Kernel => allocate_cid(dir)?,
-            VsockMode::Unavailable(_) => {}
-        }
-        cmd::spawn_detached(&self.argv(dir, config), &dir.vmm_log()).map_err(|e| {
-            self.cleanup(dir);
-            VmmError::Launch { vmm: "qemu", detail: crate::api::error_chain(&e) }
+    fn launch<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        config: &'a VmConfig,
+    ) -> BoxFuture<'a, Result<tokio::process::Child, VmmError>> {
+        Box::pin(async move {
+            let _ = std::fs::remove_file(dir.qmp_socket());
+            match &self.vsock {
+                VsockMode::Hybrid { daemon } => self.start_vsock(dir, daemon).await?,
+                VsockMode::Kernel => allocate_cid(dir)?,
+                VsockMode::Unavailable(_) => {}
+            }
+            cmd::spawn_detached(&self.argv(dir, config), &dir.vmm_log()).map_err(|e| {
+                self.cleanup(dir);
+                VmmError::Launch { vmm: "qemu", detail: crate::api::error_chain(&e) }
+            })
         })
     }
 

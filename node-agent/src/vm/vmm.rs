@@ -44,8 +44,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// "qemu", "firecracker", "cloud-hypervisor".
     fn kind(&self) -> &'static str;
     fn accel(&self) -> Accel;
-    /// Starts the VMM process for `config`; the process must outlive moat-node.
-    fn launch(&self, dir: &VmDir, config: &VmConfig) -> Result<tokio::process::Child, VmmError>;
+    /// Starts the VMM process for `config` (and any helper it needs first, e.g. a vsock device
+    /// daemon); the process must outlive moat-node.
+    fn launch<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        config: &'a VmConfig,
+    ) -> BoxFuture<'a, Result<tokio::process::Child, VmmError>>;
     /// Resolves once the VMM's control socket answers and the guest is executing.
     fn wait_running<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>>;
     /// Asks the guest to power off (ACPI power button); does not wait for it.
