@@ -121,46 +121,38 @@ pub async fn heartbeat(shared: std::sync::Arc<Shared>, every: std::time::Duratio
     }
 }
 
+/// One heartbeat for one node: the same contact as `node_inspect` (facts recorded, a failure
+/// counted as a miss), then its VM states.
 async fn beat(shared: &Shared, row: &NodeRow) {
-    let address = shared.nodes.address_of(&row.name, &row.address);
-    let answer = async {
-        let mut client = shared.nodes.client(&row.name, address)?;
-        let info = client
-            .get_node_info(crate::node_client::request(GetNodeInfoRequest {}, CALL_TIMEOUT))
-            .await
-            .map_err(|s| describe_status(&s))?
-            .into_inner();
-        let vms = client
-            .list_vms(crate::node_client::request(moat_proto::node::v1::ListVmsRequest {}, CALL_TIMEOUT))
-            .await
-            .map_err(|s| describe_status(&s))?
-            .into_inner()
-            .vms;
-        Ok::<_, String>((info, vms))
-    }
-    .await;
-    let recorded = match answer {
-        Ok((info, vms)) => {
-            if row.missed_heartbeats >= MISSED_HEARTBEATS_UNREACHABLE {
-                tracing::info!(node = %row.name, "node is reachable again");
+    let recorded = async {
+        let detail = refresh(&shared.state, &shared.nodes, row).await?;
+        if !detail.reachable {
+            if row.missed_heartbeats + 1 == MISSED_HEARTBEATS_UNREACHABLE {
+                let error = detail.error.unwrap_or_default();
+                tracing::warn!(node = %row.name, %error, "node unreachable: {MISSED_HEARTBEATS_UNREACHABLE} heartbeats missed");
             }
-            let detail = trans::node_detail(&row.name, address, info, String::new());
-            let json = serde_json::to_string(&detail).expect("tool output types serialize");
-            match shared.state.node_seen(&row.name, &json).await {
-                Ok(_) => crate::vms::sync_node(&shared.state, &row.name, &vms).await,
-                Err(e) => Err(e),
-            }
+            return Ok(());
         }
-        Err(error) => match shared.state.heartbeat_missed(&row.name, &error).await {
-            Ok(missed) => {
-                if missed == MISSED_HEARTBEATS_UNREACHABLE {
-                    tracing::warn!(node = %row.name, %error, "node unreachable: {missed} heartbeats missed");
-                }
+        if row.missed_heartbeats >= MISSED_HEARTBEATS_UNREACHABLE {
+            tracing::info!(node = %row.name, "node is reachable again");
+        }
+        let address = shared.nodes.address_of(&row.name, &row.address);
+        let listed = match shared.nodes.client(&row.name, address) {
+            Ok(mut client) => client
+                .list_vms(crate::node_client::request(moat_proto::node::v1::ListVmsRequest {}, CALL_TIMEOUT))
+                .await
+                .map_err(|s| describe_status(&s)),
+            Err(e) => Err(e),
+        };
+        match listed {
+            Ok(answer) => crate::vms::sync_node(&shared.state, &row.name, &answer.into_inner().vms).await,
+            Err(error) => {
+                tracing::warn!(node = %row.name, %error, "heartbeat: cannot list the node's VMs");
                 Ok(())
             }
-            Err(e) => Err(e),
-        },
-    };
+        }
+    }
+    .await;
     if let Err(e) = recorded {
         tracing::warn!(node = %row.name, error = %e, "heartbeat: cannot record the node's state");
     }

@@ -198,8 +198,9 @@ impl State {
         Ok(at)
     }
 
+    /// Records a failed contact (a live call or a heartbeat): the error, and one more miss in a row.
     pub async fn node_failed(&self, name: &str, error: &str) -> Result<(), StateError> {
-        sqlx::query("UPDATE nodes SET last_error = ? WHERE name = ?")
+        sqlx::query("UPDATE nodes SET last_error = ?, missed_heartbeats = missed_heartbeats + 1 WHERE name = ?")
             .bind(error)
             .bind(name)
             .execute(&self.pool)

@@ -246,19 +246,6 @@ impl State {
         sqlx::query("DELETE FROM vms WHERE id = ?").bind(id).execute(self.pool()).await?;
         Ok(())
     }
-
-    /// Counts a missed heartbeat; returns how many in a row.
-    pub async fn heartbeat_missed(&self, node: &str, error: &str) -> Result<i64, StateError> {
-        let missed: Option<i64> = sqlx::query_scalar(
-            "UPDATE nodes SET missed_heartbeats = missed_heartbeats + 1, last_error = ? WHERE name = ?
-             RETURNING missed_heartbeats",
-        )
-        .bind(error)
-        .bind(node)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(missed.unwrap_or(0))
-    }
 }
 
 #[cfg(test)]

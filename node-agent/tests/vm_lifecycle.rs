@@ -165,7 +165,11 @@ async fn failed_creates_leave_nothing_behind() {
     assert!(!tmp.path().join("vms/vm-b3").exists(), "a failed start rolls back the create");
     assert!(vms.list().is_empty());
 
+    // A second manager on the same storage root (another gateway's embedded node) opened first
+    // still finds a VM created after it started.
+    let other = manager(tmp.path());
     vms.create("vm-b4", "beta", 1, 256, "", false).await.unwrap();
+    assert_eq!(other.get("vm-b4").unwrap().config.name, "beta");
     let err = vms.create("vm-b4", "beta", 1, 256, "", false).await.unwrap_err().to_string();
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(vms.get("vm-b4").unwrap().status.state, VmState::Stopped);
