@@ -91,6 +91,10 @@ impl Node {
         unsafe { libc::kill(pid as i32, libc::SIGHUP) };
     }
 
+    fn logged(&self, needle: &str) -> bool {
+        self.log.lock().expect("log lock").iter().any(|l| l.contains(needle))
+    }
+
     fn vmm_pid(&self, id: &str) -> i32 {
         std::fs::read_to_string(self.root.join("vms").join(id).join("vmm.pid")).unwrap().trim().parse().unwrap()
     }
@@ -459,9 +463,8 @@ async fn guest_exec_and_files_through_the_gateway() {
     let tmp = tempfile::tempdir().unwrap();
     home.run(&["pki", "init"]).await;
     let images = images_dir(tmp.path());
-    let _n1 =
-        Node::enroll_and_start(&home, tmp.path(), "n1", &["--images", images.to_str().unwrap(), "--accel", "tcg"])
-            .await;
+    let n1 = Node::enroll_and_start(&home, tmp.path(), "n1", &["--images", images.to_str().unwrap(), "--accel", "tcg"])
+        .await;
     let mut moat = home.http_server(&[]).await;
     let alice_key = home.key("alice", "agent").await;
     let (alice, progress) = progress_client(&moat.url, &alice_key).await;
@@ -473,10 +476,25 @@ async fn guest_exec_and_files_through_the_gateway() {
     let not_running = tool_error(&admin, "vm_exec", json!({"vm": stopped["vm"]["id"], "argv": ["true"]})).await;
     assert!(not_running.contains("is stopped; start it first"), "{not_running}");
     guest_ok(&alice, "vm_start", json!({"vm": "box"})).await;
-    until("the agent to answer", Duration::from_secs(60), async || {
-        guest_ok(&alice, "vm_inspect", json!({"vm": "box"})).await["vm"]["agent"]["ready"] == true
-    })
-    .await;
+    // Boot doubles under a parallel build (VM-TESTING.md): the same bound as `wait_ready`, and on
+    // failure what the node knows about the agent and what the console says.
+    let started = Instant::now();
+    loop {
+        let inspect = guest_ok(&alice, "vm_inspect", json!({"vm": "box"})).await;
+        if inspect["vm"]["agent"]["ready"] == true {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let logs = call_ok(&admin, "vm_logs", json!({"vm": stopped["vm"]["id"]})).await;
+            let dir = tmp.path().join("n1/vms").join(stopped["vm"]["id"].as_str().unwrap());
+            let daemon = std::fs::read_to_string(dir.join("vsock.log")).unwrap_or_default();
+            panic!(
+                "the agent did not answer within 120 s: {inspect}\n--- console ---\n{}\n--- vsock.log ---\n{daemon}",
+                logs["text"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // An image whose kernel cannot boot: wait_ready says so, with the console.
     let broken = images.join("broken");
@@ -569,6 +587,11 @@ async fn guest_exec_and_files_through_the_gateway() {
     assert_eq!(after["stdout"], "back\n");
     let logs = call_ok(&admin, "vm_logs", json!({"vm": stopped["vm"]["id"]})).await;
     assert!(logs["text"].as_str().unwrap().contains("moat-guest exited"), "init restarted the agent: {logs}");
+    until("the node to log the agent lost and back", Duration::from_secs(30), async || {
+        n1.logged("guest agent lost")
+            && n1.log.lock().unwrap().iter().filter(|l| l.contains("guest agent ready")).count() >= 2
+    })
+    .await;
 
     // Contents never reach the audit log: only their digest and shape.
     let audit = call_ok(&admin, "audit_query", json!({"tool": "vm_file_write", "principal": "alice"})).await;

@@ -28,10 +28,20 @@ pub struct AgentState {
     pub detail: String,
 }
 
-/// Watches the agent behind `socket` while `running()` holds.
-pub async fn watch(target: vsock::Target, state: Arc<Mutex<AgentState>>, running: impl Fn() -> bool + Send + 'static) {
+/// Watches the agent of VM `vm` behind `target` while `running()` holds. Logs when the agent
+/// becomes ready, when it is lost, and (once per distinct reason) why it is not ready; `fault()`
+/// says when the host side of the VM's vsock is broken, which no retry can mend.
+pub async fn watch(
+    vm: String,
+    target: vsock::Target,
+    state: Arc<Mutex<AgentState>>,
+    running: impl Fn() -> bool + Send + 'static,
+    fault: impl Fn() -> Option<String> + Send + 'static,
+) {
     let set = |f: &dyn Fn(&mut AgentState)| f(&mut state.lock().expect("agent state lock is never poisoned"));
+    let mut attempts = 0u64;
     while running() {
+        attempts += 1;
         let session = async {
             let stream =
                 vsock::connect_to(&target, CONTROL_PORT, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
@@ -48,6 +58,7 @@ pub async fn watch(target: vsock::Target, state: Arc<Mutex<AgentState>>, running
             };
             let hello = ask("{\"type\":\"hello\",\"protocol\":1}\n").await?;
             let version = hello["agent_version"].as_str().unwrap_or_default().to_string();
+            tracing::info!(vm, version, attempts, "guest agent ready");
             set(&|s| {
                 *s = AgentState {
                     ready: true,
@@ -65,6 +76,23 @@ pub async fn watch(target: vsock::Target, state: Arc<Mutex<AgentState>>, running
         }
         .await;
         if let Err(why) = session {
+            let why = match fault() {
+                Some(fault) => format!("{fault} (last attempt: {why})"),
+                None => why,
+            };
+            let (was_ready, same) = {
+                let s = state.lock().expect("agent state lock is never poisoned");
+                // Timings differ from one attempt to the next; the reason is what matters.
+                let shape = |text: &str| text.replace(|c: char| c.is_ascii_digit(), "");
+                (s.ready, shape(&s.detail) == shape(&why))
+            };
+            if !running() {
+                // Stopping or crashed: the lifecycle logs say why.
+            } else if was_ready {
+                tracing::warn!(vm, "guest agent lost: {why}");
+            } else if !same {
+                tracing::info!(vm, attempts, "guest agent not ready yet: {why}");
+            }
             set(&|s| {
                 s.ready = false;
                 s.detail = why.clone();

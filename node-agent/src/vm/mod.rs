@@ -218,7 +218,15 @@ impl VmManager {
             exits: watch::Sender::new(0),
             agent: Arc::default(),
         });
-        self.inner.vms.lock().expect("vm map lock is never poisoned").insert(id.to_string(), vm.clone());
+        {
+            // Two calls may load the same VM at once: the first one in wins, so one monitor
+            // and one agent watcher follow it.
+            let mut vms = self.inner.vms.lock().expect("vm map lock is never poisoned");
+            if vms.contains_key(id) {
+                return;
+            }
+            vms.insert(id.to_string(), vm.clone());
+        }
         if let Some(pid) = adopted {
             self.spawn_monitor(vm.clone(), Process::Adopted(pid));
             self.watch_agent(&vm);
@@ -577,7 +585,9 @@ impl VmManager {
         let Some(target) = vmm.vsock_target(&vm.dir) else { return };
         let watched = vm.clone();
         let running = move || watched.status().state == VmState::Running;
-        tokio::spawn(agent::watch(target, vm.agent.clone(), running));
+        let dir = vm.dir.clone();
+        let fault = move || vmm.vsock_fault(&dir);
+        tokio::spawn(agent::watch(vm.config.id.clone(), target, vm.agent.clone(), running, fault));
     }
 
     fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {

@@ -94,6 +94,18 @@ impl Qemu {
     }
 }
 
+/// The pid of the vsock device daemon serving the VM in `dir`, if it is alive: its command
+/// line names this VM's socket (pids get reused) and it is not a zombie.
+fn vsock_daemon(dir: &VmDir) -> Option<i32> {
+    let pid = std::fs::read_to_string(dir.vsock_pid_file()).ok()?.trim().parse::<i32>().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let needle = dir.vhost_socket().display().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the parenthesised command name: "pid (comm) S ...".
+    let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+    (String::from_utf8_lossy(&cmdline).contains(&needle) && !zombie).then_some(pid)
+}
+
 /// Kernel vsock CIDs are host-wide: take the smallest one (from 3) no other VM here holds.
 /// Two VMs starting at the same instant may pick the same CID; QEMU then refuses the second
 /// ("Address already in use") and its start fails cleanly.
@@ -142,15 +154,9 @@ impl Vmm for Qemu {
     }
 
     fn cleanup(&self, dir: &VmDir) {
-        if let Some(pid) = std::fs::read_to_string(dir.vsock_pid_file()).ok().and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            // Only the daemon serving this VM: its command line names this VM's socket.
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let needle = dir.vhost_socket().display().to_string();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                // SAFETY: kill(2) on the vsock daemon this VM started, checked by its command line.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        if let Some(pid) = vsock_daemon(dir) {
+            // SAFETY: kill(2) on the vsock daemon this VM started, checked by its command line.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = std::fs::remove_file(dir.vsock_pid_file());
         let _ = std::fs::remove_file(dir.vsock_cid_file());
@@ -160,6 +166,18 @@ impl Vmm for Qemu {
 
     fn vsock(&self) -> &VsockMode {
         &self.vsock
+    }
+
+    fn vsock_fault(&self, dir: &VmDir) -> Option<String> {
+        if !matches!(self.vsock, VsockMode::Hybrid { .. }) || vsock_daemon(dir).is_some() {
+            return None;
+        }
+        let log = std::fs::read_to_string(dir.path().join("vsock.log")).unwrap_or_default();
+        let last = log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(" (vsock.log: {l})"));
+        Some(format!(
+            "the VM's vsock device daemon has exited{}; stop and start the VM to give it a new one",
+            last.unwrap_or_default()
+        ))
     }
 
     fn wait_running<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>> {
@@ -248,5 +266,44 @@ mod tests {
         ] {
             assert!(hybrid.contains(want), "{want} missing from {hybrid}");
         }
+    }
+
+    /// A dead vsock daemon is a fault no retry mends, named with its last log line; a live one
+    /// (its command line names the VM's socket) is none.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a stand-in daemon, killed and reaped below
+    fn vsock_fault_says_when_the_daemon_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(tmp.path(), "vm1");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let qemu = Qemu::new("qemu".into(), Accel::Tcg, VsockMode::Hybrid { daemon: "vhost-device-vsock".into() });
+        assert!(qemu.vsock_fault(&dir).unwrap().contains("daemon has exited"), "no pid file: no daemon");
+
+        // A stand-in daemon: a process whose command line names the VM's socket.
+        std::fs::write(dir.vhost_socket(), b"").unwrap();
+        let mut live = std::process::Command::new("tail").arg("-f").arg(dir.vhost_socket()).spawn().unwrap();
+        std::fs::write(dir.vsock_pid_file(), format!("{}\n", live.id())).unwrap();
+        let started = Instant::now();
+        while qemu.vsock_fault(&dir).is_some() {
+            assert!(started.elapsed() < Duration::from_secs(5), "a live daemon counts as exited");
+            std::thread::sleep(Duration::from_millis(10)); // until the exec shows in /proc
+        }
+
+        live.kill().unwrap();
+        std::fs::write(dir.path().join("vsock.log"), "[ERROR vhost_device_vsock] boom\n\n").unwrap();
+        // Killed but not yet reaped is a zombie: gone all the same.
+        let started = Instant::now();
+        let fault = loop {
+            match qemu.vsock_fault(&dir) {
+                Some(fault) => break fault,
+                None => assert!(started.elapsed() < Duration::from_secs(5), "the killed daemon still counts as alive"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(fault.contains("(vsock.log: [ERROR vhost_device_vsock] boom)"), "{fault}");
+        live.wait().unwrap();
+        assert!(qemu.vsock_fault(&dir).is_some());
+        let unix = Qemu::new("qemu".into(), Accel::Tcg, VsockMode::Unavailable(String::new()));
+        assert_eq!(unix.vsock_fault(&dir), None, "no vsock daemon is expected");
     }
 }

@@ -61,6 +61,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn cleanup(&self, dir: &VmDir);
     /// How the host reaches the guest agent over vsock on this node, or why it cannot.
     fn vsock(&self) -> &VsockMode;
+    /// Why the running VM in `dir` cannot be reached over vsock whatever its guest does (a
+    /// helper daemon died), if that is so.
+    fn vsock_fault(&self, _dir: &VmDir) -> Option<String> {
+        None
+    }
     /// Where the running VM in `dir` is reached over vsock, if it can be.
     fn vsock_target(&self, dir: &VmDir) -> Option<super::vsock::Target> {
         match self.vsock() {
