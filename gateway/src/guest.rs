@@ -60,7 +60,22 @@ impl ClientHandler for Forwarder {
     }
 }
 
-/// Opens an MCP session with `vm`'s agent through its node.
+/// How many times a session that stalls before it is initialized is opened afresh.
+const SESSION_ATTEMPTS: u32 = 2;
+
+/// Why one attempt to open a session failed.
+enum Attempt {
+    /// The tunnel opened but the agent never initialized the session (a stalled vsock
+    /// connection, a busy or stopped agent): nothing has been asked of it yet, so a fresh
+    /// connection is safe to try.
+    Stalled(ToolError),
+    /// Anything else (the VM or node is not there, the agent refused): trying again cannot help.
+    Failed(ToolError),
+}
+
+/// Opens an MCP session with `vm`'s agent through its node. A connection that stalls before
+/// the session is initialized is dropped and opened again once (VM-TESTING.md: the vsock
+/// daemon occasionally stalls a connection for good); no request has been sent by then.
 async fn session(
     shared: &Shared,
     vm: &VmRow,
@@ -69,11 +84,30 @@ async fn session(
     if vm.state != "running" {
         return Err(ToolError::Invalid(format!("vm {} is {}; start it first (vm_start)", vm.name, vm.state)));
     }
-    let row = shared.state.node(&vm.node).await?;
+    let mut attempt = 1;
+    loop {
+        match open(shared, vm, progress.clone()).await {
+            Ok(session) => return Ok(session),
+            Err(Attempt::Stalled(e)) if attempt < SESSION_ATTEMPTS => {
+                tracing::warn!(vm = %vm.id, attempt, "{e}; trying a new connection");
+                attempt += 1;
+            }
+            Err(Attempt::Stalled(e) | Attempt::Failed(e)) => return Err(e),
+        }
+    }
+}
+
+/// One attempt at [`session`]: a tunnel through the node, then MCP `initialize`.
+async fn open(
+    shared: &Shared,
+    vm: &VmRow,
+    progress: Option<Progress>,
+) -> Result<RunningService<RoleClient, Forwarder>, Attempt> {
+    let row = shared.state.node(&vm.node).await.map_err(|e| Attempt::Failed(e.into()))?;
     let mut node = shared
         .nodes
         .client(&row.name, shared.nodes.address_of(&row.name, &row.address))
-        .map_err(|e| ToolError::Node(format!("node {}: {e}", vm.node)))?;
+        .map_err(|e| Attempt::Failed(ToolError::Node(format!("node {}: {e}", vm.node))))?;
     let (to_node, outbound) = tokio::sync::mpsc::channel::<GuestFrame>(16);
     let first = GuestFrame {
         vm_id: vm.id.clone(),
@@ -81,19 +115,23 @@ async fn session(
         data: Vec::new(),
         connect_timeout_ms: CONNECT_TIMEOUT.as_millis() as u32,
     };
-    to_node.send(first).await.map_err(|_| ToolError::Node("the node tunnel closed at once".into()))?;
+    to_node.send(first).await.map_err(|_| Attempt::Failed(ToolError::Node("the node tunnel closed at once".into())))?;
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
     request.set_timeout(Duration::from_secs(24 * 3600));
     let mut inbound = node
         .guest_stream(request)
         .await
-        .map_err(|status| match status.code() {
-            tonic::Code::FailedPrecondition | tonic::Code::NotFound => ToolError::Node(status.message().to_string()),
-            _ => ToolError::Node(format!(
-                "node {} is unreachable ({}); nothing ran",
-                vm.node,
-                crate::nodes::describe_status(&status)
-            )),
+        .map_err(|status| {
+            Attempt::Failed(match status.code() {
+                tonic::Code::FailedPrecondition | tonic::Code::NotFound => {
+                    ToolError::Node(status.message().to_string())
+                }
+                _ => ToolError::Node(format!(
+                    "node {} is unreachable ({}); nothing ran",
+                    vm.node,
+                    crate::nodes::describe_status(&status)
+                )),
+            })
         })?
         .into_inner();
     // Splice the gRPC stream to an in-memory pipe the MCP client reads and writes.
@@ -126,8 +164,13 @@ async fn session(
         rmcp::transport::async_rw::AsyncRwTransport::new_client(read, write).with_max_line_length(MAX_MESSAGE);
     match tokio::time::timeout(CONNECT_TIMEOUT, Forwarder { progress }.serve(transport)).await {
         Ok(Ok(session)) => Ok(session),
-        Ok(Err(e)) => Err(ToolError::Node(format!("agent on vm {} did not start an MCP session: {e}", vm.name))),
-        Err(_) => Err(ToolError::Node(format!("agent on vm {} did not answer within {CONNECT_TIMEOUT:?}", vm.name))),
+        Ok(Err(e)) => {
+            Err(Attempt::Stalled(ToolError::Node(format!("agent on vm {} did not start an MCP session: {e}", vm.name))))
+        }
+        Err(_) => Err(Attempt::Stalled(ToolError::Node(format!(
+            "agent on vm {} did not answer within {CONNECT_TIMEOUT:?}",
+            vm.name
+        )))),
     }
 }
 

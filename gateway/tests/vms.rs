@@ -593,6 +593,21 @@ async fn guest_exec_and_files_through_the_gateway() {
     })
     .await;
 
+    // An agent that stops answering (SIGSTOP: the guest kernel still accepts its connections)
+    // stalls a new session before `initialize` is answered: the gateway drops that connection
+    // after its timeout and opens another, which the agent answers once it continues.
+    // The call starts once the node sees the agent gone (its pings stop: 1-7 s after the stop);
+    // its first connection stalls 10 s, its second is answered when the agent continues at 19.5 s.
+    let stall = "sleep 0.5; kill -STOP $(pidof moat-guest); sleep 19; kill -CONT $(pidof moat-guest)";
+    guest_ok(&alice, "vm_exec_start", json!({"vm": "box", "command": stall})).await;
+    until("the node to see the agent stopped", Duration::from_secs(9), async || {
+        guest_ok(&alice, "vm_inspect", json!({"vm": "box"})).await["vm"]["agent"]["ready"] == false
+    })
+    .await;
+    let resumed = guest_ok(&alice, "vm_exec", json!({"vm": "box", "argv": ["echo", "resumed"]})).await;
+    assert_eq!(resumed["stdout"], "resumed\n");
+    assert!(moat.logged("agent on vm box did not answer within 10s; trying a new connection"));
+
     // Contents never reach the audit log: only their digest and shape.
     let audit = call_ok(&admin, "audit_query", json!({"tool": "vm_file_write", "principal": "alice"})).await;
     let text = audit.to_string();
