@@ -73,6 +73,9 @@ pub struct CallContext {
     pub cancel: tokio_util::sync::CancellationToken,
     /// Where to send progress for this call, when the client asked for it.
     pub progress: Option<crate::guest::Progress>,
+    /// The id of the existing VM the authorizer judged, when the call names one: handlers act
+    /// on exactly this VM, never on whatever the caller's `vm` argument resolves to by then.
+    pub vm: Option<String>,
 }
 
 /// One MCP server instance; cheap to clone (one per HTTP session or stdio connection).
@@ -126,6 +129,7 @@ impl Gateway {
                 .meta
                 .get_progress_token()
                 .map(|token| crate::guest::Progress { peer: ctx.peer.clone(), token }),
+            vm: None,
         })
     }
 
@@ -228,8 +232,14 @@ impl Gateway {
         };
         record.decision = Decision::Allowed;
         let seq = self.audit(&record).await?;
+        // A VM named by name is pinned to the one just authorized: were it deleted and the name
+        // taken by another owner's VM meanwhile, the handler must not act on that one.
+        let mut ctx = ctx.clone();
+        if resource.kind == ResourceKind::Vm && resource.owner.is_some() && !matches!(call, ToolCall::VmCreate(_)) {
+            ctx.vm = Some(resource.id.clone());
+        }
         let started = std::time::Instant::now();
-        let answer = respond(handlers::dispatch(&self.shared, ctx, call).await);
+        let answer = respond(handlers::dispatch(&self.shared, &ctx, call).await);
         let (outcome, code) = match &answer {
             Ok(result) if result.is_error == Some(true) => (Outcome::ToolError, None),
             Ok(_) => (Outcome::Ok, None),

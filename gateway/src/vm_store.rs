@@ -249,10 +249,10 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn row(id: &str, name: &str, owner: &str, node: &str, vcpus: i64, memory_mib: i64) -> VmRow {
+    pub(crate) fn row(id: &str, name: &str, owner: &str, node: &str, vcpus: i64, memory_mib: i64) -> VmRow {
         VmRow {
             id: id.into(),
             name: name.into(),

@@ -76,7 +76,16 @@ pub fn not_found(arg: &str) -> String {
 }
 
 pub(crate) async fn row_for(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<VmRow, ToolError> {
-    match resolve(&shared.state, &ctx.principal.name, arg).await? {
+    row_in(&shared.state, &ctx.principal.name, ctx.vm.as_deref(), arg).await
+}
+
+/// The VM a handler acts on: the one the authorizer judged (`pinned`), as it is now, when
+/// there is one (gone since then reads as missing); otherwise `arg` resolved for `caller`.
+async fn row_in(state: &State, caller: &str, pinned: Option<&str>, arg: &str) -> Result<VmRow, ToolError> {
+    if let Some(id) = pinned {
+        return state.vm_by_id(id).await?.ok_or_else(|| ToolError::NotFound(not_found(arg)));
+    }
+    match resolve(state, caller, arg).await? {
         Resolved::One(row) => Ok(*row),
         Resolved::Missing => Err(ToolError::NotFound(not_found(arg))),
         Resolved::Ambiguous(ids) => {
@@ -449,6 +458,30 @@ mod tests {
 
     fn c(name: &str, free_memory_mib: u64, free_vcpus: u64) -> Candidate {
         Candidate { name: name.into(), cpus: 4, memory_mib: 8192, free_memory_mib, free_vcpus }
+    }
+
+    /// Authorization judged alice's `web`; she deletes it and bob's `web` is then the only VM
+    /// of that name. The handler must not act on bob's: the pinned id reads as missing.
+    #[tokio::test]
+    async fn a_vm_authorized_by_name_stays_the_one_acted_on() {
+        use crate::vm_store::tests::row;
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("moat.db")).await.unwrap();
+        let quotas = crate::limits::Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 1 };
+        let room = crate::vm_store::NodeCapacity { cpus: 8, memory_mib: 65536 };
+        state.reserve_vm(&row("vm-a", "web", "alice", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        state.reserve_vm(&row("vm-b", "web", "bob", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        let Resolved::One(judged) = resolve(&state, "alice", "web").await.unwrap() else { panic!("alice's web") };
+        assert_eq!(judged.id, "vm-a");
+        assert_eq!(row_in(&state, "alice", Some(&judged.id), "web").await.unwrap().id, "vm-a");
+
+        state.delete_vm_row("vm-a").await.unwrap();
+        let unpinned = row_in(&state, "alice", None, "web").await.unwrap();
+        assert_eq!(unpinned.owner, "bob", "by name alone the call would now reach bob's VM");
+        match row_in(&state, "alice", Some(&judged.id), "web").await {
+            Err(ToolError::NotFound(message)) => assert_eq!(message, not_found("web")),
+            other => panic!("the pinned VM is gone, so the call must find nothing: {other:?}"),
+        }
     }
 
     #[test]
