@@ -28,10 +28,17 @@ pub async fn refresh(state: &State, connector: &NodeConnector, row: &NodeRow) ->
             let mut detail = trans::node_detail(&row.name, address, response.into_inner(), String::new());
             let json = serde_json::to_string(&detail).expect("tool output types serialize");
             detail.last_seen = Some(state.node_seen(&row.name, &json).await?);
+            if row.missed_heartbeats >= MISSED_HEARTBEATS_UNREACHABLE {
+                tracing::info!(node = %row.name, "node is reachable again");
+            }
             Ok(detail)
         }
         Err(error) => {
-            state.node_failed(&row.name, &error).await?;
+            // Heartbeats and live calls (node_inspect, `moat status`) both count: log the one
+            // failure that crosses the line, whichever it is.
+            if state.node_failed(&row.name, &error).await? == MISSED_HEARTBEATS_UNREACHABLE {
+                tracing::warn!(node = %row.name, %error, "node unreachable: {MISSED_HEARTBEATS_UNREACHABLE} contacts in a row failed");
+            }
             Ok(unreachable(row, error))
         }
     }
@@ -101,7 +108,8 @@ pub const MISSED_HEARTBEATS_UNREACHABLE: i64 = 3;
 
 /// Every `every`, asks each node for its facts and VM states and records them: VM crashes
 /// reach the database (and `vm_list`) within one interval, and a node that misses
-/// [`MISSED_HEARTBEATS_UNREACHABLE`] beats in a row is logged unreachable until it answers.
+/// [`MISSED_HEARTBEATS_UNREACHABLE`] contacts in a row (heartbeats or live calls) is shown and
+/// logged unreachable until it answers.
 pub async fn heartbeat(shared: std::sync::Arc<Shared>, every: std::time::Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -125,16 +133,8 @@ pub async fn heartbeat(shared: std::sync::Arc<Shared>, every: std::time::Duratio
 /// counted as a miss), then its VM states.
 async fn beat(shared: &Shared, row: &NodeRow) {
     let recorded = async {
-        let detail = refresh(&shared.state, &shared.nodes, row).await?;
-        if !detail.reachable {
-            if row.missed_heartbeats + 1 == MISSED_HEARTBEATS_UNREACHABLE {
-                let error = detail.error.unwrap_or_default();
-                tracing::warn!(node = %row.name, %error, "node unreachable: {MISSED_HEARTBEATS_UNREACHABLE} heartbeats missed");
-            }
+        if !refresh(&shared.state, &shared.nodes, row).await?.reachable {
             return Ok(());
-        }
-        if row.missed_heartbeats >= MISSED_HEARTBEATS_UNREACHABLE {
-            tracing::info!(node = %row.name, "node is reachable again");
         }
         let address = shared.nodes.address_of(&row.name, &row.address);
         let listed = match shared.nodes.client(&row.name, address) {

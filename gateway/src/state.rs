@@ -199,13 +199,17 @@ impl State {
     }
 
     /// Records a failed contact (a live call or a heartbeat): the error, and one more miss in a row.
-    pub async fn node_failed(&self, name: &str, error: &str) -> Result<(), StateError> {
-        sqlx::query("UPDATE nodes SET last_error = ?, missed_heartbeats = missed_heartbeats + 1 WHERE name = ?")
-            .bind(error)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Records a failed contact with node `name`; returns how many in a row have failed now.
+    pub async fn node_failed(&self, name: &str, error: &str) -> Result<i64, StateError> {
+        let missed: Option<i64> = sqlx::query_scalar(
+            "UPDATE nodes SET last_error = ?, missed_heartbeats = missed_heartbeats + 1 WHERE name = ? \
+             RETURNING missed_heartbeats",
+        )
+        .bind(error)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(missed.unwrap_or(0))
     }
 
     pub async fn close(&self) {
@@ -262,5 +266,24 @@ mod tests {
         assert!(matches!(state.node("n1").await, Err(StateError::UnknownNode(_))));
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&state.pool).await.unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    /// Failed contacts count up (whoever made them) until one succeeds; the count decides
+    /// when a node is shown unreachable.
+    #[tokio::test]
+    async fn failed_contacts_count_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("moat.db")).await.unwrap();
+        state.add_node("n1", "https://127.0.0.1:7443").await.unwrap();
+        for want in 1..=3 {
+            assert_eq!(state.node_failed("n1", "connection refused").await.unwrap(), want);
+        }
+        let row = state.node("n1").await.unwrap();
+        assert!(row.is_unreachable());
+        assert_eq!(row.last_error.as_deref(), Some("connection refused"));
+        state.node_seen("n1", "{}").await.unwrap();
+        assert!(!state.node("n1").await.unwrap().is_unreachable());
+        assert_eq!(state.node_failed("n1", "again").await.unwrap(), 1);
+        assert_eq!(state.node_failed("gone", "x").await.unwrap(), 0, "an unregistered node counts nothing");
     }
 }
