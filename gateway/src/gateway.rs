@@ -51,6 +51,8 @@ pub struct Shared {
     pub keys: keys::KeyChecker,
     /// Benchmarks only: validate and dispatch, nothing else (see `--insecure-bench-no-pipeline`).
     pub no_pipeline: bool,
+    /// MCP sessions with guest agents, kept per VM.
+    pub guest: crate::guest::Sessions,
 }
 
 /// How a stdio connection's caller is identified.

@@ -70,6 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         audit,
         keys: key_checker,
         no_pipeline: config.insecure_no_pipeline,
+        guest: crate::guest::Sessions::default(),
     });
     if config.insecure_no_pipeline {
         tracing::warn!("--insecure-bench-no-pipeline: NO authentication, authorization, rate limits or audit");

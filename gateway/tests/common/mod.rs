@@ -133,7 +133,12 @@ impl HttpMoat {
 
     /// Lines the server logged so far.
     pub fn logged(&self, needle: &str) -> bool {
-        self.log.lock().expect("log lock").iter().any(|l| l.contains(needle))
+        self.logged_times(needle) > 0
+    }
+
+    /// How many log lines so far contain `needle`.
+    pub fn logged_times(&self, needle: &str) -> usize {
+        self.log.lock().expect("log lock").iter().filter(|l| l.contains(needle)).count()
     }
 
     pub fn base(&self) -> String {
