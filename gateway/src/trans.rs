@@ -87,21 +87,27 @@ pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
         created_at: row.created_at.clone(),
         started_at: row.started_at.clone(),
         stale,
-        agent: None,
+        // As of the node's last heartbeat; callers that just asked the node replace it.
+        agent: (row.state == "running")
+            .then(|| row.agent.as_deref().and_then(|json| serde_json::from_str(json).ok()))
+            .flatten(),
     }
 }
 
 /// A stored VM with what its node just said about the guest agent.
 pub fn vm_info_live(row: &VmRow, vm: &pb::Vm) -> VmInfo {
-    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let mut info = vm_info(row, None);
-    if vm.state == "running" {
-        info.agent = Some(AgentInfo {
-            ready: vm.agent_ready,
-            version: some(&vm.agent_version),
-            last_seen: some(&vm.agent_last_seen),
-            detail: some(&vm.agent_detail),
-        });
-    }
+    info.agent = agent_info(vm);
     info
+}
+
+/// The guest agent of a VM as its node reported it; none unless the VM runs.
+pub fn agent_info(vm: &pb::Vm) -> Option<AgentInfo> {
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    (vm.state == "running").then(|| AgentInfo {
+        ready: vm.agent_ready,
+        version: some(&vm.agent_version),
+        last_seen: some(&vm.agent_last_seen),
+        detail: some(&vm.agent_detail),
+    })
 }

@@ -27,6 +27,8 @@ pub struct VmRow {
     pub created_at: String,
     pub started_at: Option<String>,
     pub updated_at: String,
+    /// The guest agent as the last heartbeat reported it (JSON `AgentInfo` without `last_seen`).
+    pub agent: Option<String>,
 }
 
 impl VmRow {
@@ -216,7 +218,7 @@ impl State {
         let started = (!vm.started_at.is_empty()).then_some(vm.started_at.as_str());
         sqlx::query(
             "UPDATE vms SET state = ?, reason = ?, vmm = ?, accel = ?, started_at = COALESCE(?, started_at),
-                            updated_at = ?
+                            updated_at = ?, agent = ?
              WHERE id = ?",
         )
         .bind(&vm.state)
@@ -225,6 +227,7 @@ impl State {
         .bind(&vm.accel)
         .bind(started)
         .bind(now())
+        .bind(reported_agent(vm))
         .bind(&spec.id)
         .execute(self.pool())
         .await?;
@@ -248,6 +251,15 @@ impl State {
     }
 }
 
+/// The agent part of a node's report on a running VM, as stored (no `last_seen`: it changes
+/// with every ping and would rewrite the row on every heartbeat).
+pub fn reported_agent(vm: &pb::Vm) -> Option<String> {
+    crate::trans::agent_info(vm).map(|mut agent| {
+        agent.last_seen = None;
+        serde_json::to_string(&agent).expect("tool output types serialize")
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -269,6 +281,7 @@ pub(crate) mod tests {
             created_at: now(),
             started_at: None,
             updated_at: now(),
+            agent: None,
         }
     }
 

@@ -229,6 +229,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
         created_at: at.clone(),
         started_at: None,
         updated_at: at,
+        agent: None,
     };
     let quotas = shared.authz.bundle().limiter.config().quotas(ctx.principal.role).clone();
     let capacity = NodeCapacity { cpus: chosen.cpus, memory_mib: chosen.memory_mib };
@@ -441,7 +442,7 @@ pub async fn sync_node(state: &State, node: &str, reported: &[pb::Vm]) -> Result
         let Some(spec) = &vm.spec else { continue };
         if let Some(row) = state.vm_by_id(&spec.id).await?
             && row.node == node
-            && (row.state != vm.state || row.reason != vm.reason)
+            && (row.state != vm.state || row.reason != vm.reason || row.agent != crate::vm_store::reported_agent(vm))
         {
             if vm.state == "crashed" {
                 tracing::warn!(vm = %spec.id, node, reason = %vm.reason, "vm crashed");

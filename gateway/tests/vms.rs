@@ -601,6 +601,19 @@ async fn guest_exec_and_files_through_the_gateway() {
     })
     .await;
 
+    // vm_list shows each VM's agent as of the node's last heartbeat (no last_seen); a VM that
+    // does not run has none.
+    until("vm_list to show box's agent ready", Duration::from_secs(20), async || {
+        let listed = guest_ok(&alice, "vm_list", json!({})).await;
+        listed["vms"].as_array().unwrap().iter().any(|vm| {
+            vm["name"] == "box" && vm["agent"]["ready"] == true && vm["agent"]["last_seen"].is_null()
+        })
+    })
+    .await;
+    let listed = call_ok(&admin, "vm_list", json!({})).await;
+    let never = listed["vms"].as_array().unwrap().iter().find(|vm| vm["name"] == "never").unwrap();
+    assert!(never["state"] != "running" && never["agent"].is_null(), "{never}");
+
     // An agent that stops answering (SIGSTOP: the guest kernel still accepts its connections).
     // The kept session fails its ping and is replaced; the new connection stalls before
     // `initialize` is answered, is dropped after its timeout and opened once more, and that one

@@ -166,7 +166,8 @@ pub struct VmInfo {
     pub started_at: Option<String>,
     /// Set when the node could not be asked just now: the state shown is the last one known.
     pub stale: Option<String>,
-    /// The guest agent, as its node sees it (shown when the node was asked just now).
+    /// The guest agent, as its node sees it: asked just now by vm_inspect and the lifecycle
+    /// tools; as of the node's last heartbeat in vm_list (without `last_seen`).
     pub agent: Option<AgentInfo>,
 }
 
