@@ -605,9 +605,11 @@ async fn guest_exec_and_files_through_the_gateway() {
     // does not run has none.
     until("vm_list to show box's agent ready", Duration::from_secs(20), async || {
         let listed = guest_ok(&alice, "vm_list", json!({})).await;
-        listed["vms"].as_array().unwrap().iter().any(|vm| {
-            vm["name"] == "box" && vm["agent"]["ready"] == true && vm["agent"]["last_seen"].is_null()
-        })
+        listed["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|vm| vm["name"] == "box" && vm["agent"]["ready"] == true && vm["agent"]["last_seen"].is_null())
     })
     .await;
     let listed = call_ok(&admin, "vm_list", json!({})).await;
