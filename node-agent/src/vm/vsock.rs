@@ -63,38 +63,48 @@ pub async fn connect_to(target: &Target, port: u32, deadline: Duration) -> Resul
     match target {
         Target::Hybrid(socket) => Ok(Box::new(connect(socket, port, deadline).await?)),
         Target::Kernel(cid) => {
-            let started = Instant::now();
-            let mut backoff = Duration::from_millis(20);
-            loop {
-                let addr = tokio_vsock::VsockAddr::new(*cid, port);
-                let last = match tokio::time::timeout(ATTEMPT_TIMEOUT, tokio_vsock::VsockStream::connect(addr)).await {
-                    Ok(Ok(stream)) => return Ok(Box::new(stream)),
-                    Ok(Err(e)) => format!("connect to cid {cid}: {e}"),
-                    Err(_) => format!("no answer within {ATTEMPT_TIMEOUT:?}"),
-                };
-                if started.elapsed() + backoff > deadline {
-                    return Err(VsockError::NotListening { port, waited: started.elapsed(), last });
+            let cid = *cid;
+            let stream = retry(port, deadline, || async move {
+                let addr = tokio_vsock::VsockAddr::new(cid, port);
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, tokio_vsock::VsockStream::connect(addr)).await {
+                    Ok(Ok(stream)) => Ok(stream),
+                    Ok(Err(e)) => Err(format!("connect to cid {cid}: {e}")),
+                    Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
+            })
+            .await?;
+            Ok(Box::new(stream))
         }
     }
 }
 
 /// Connects to guest `port` through the hybrid socket, retrying with backoff until `deadline`.
 pub async fn connect(socket: &Path, port: u32, deadline: Duration) -> Result<UnixStream, VsockError> {
+    retry(port, deadline, || async move {
+        if !socket.exists() {
+            return Err(VsockError::NoSocket(socket.display().to_string()).to_string());
+        }
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(socket, port)).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no reply within {ATTEMPT_TIMEOUT:?}")),
+        }
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds, backing off from 20 ms to 500 ms between tries; gives up
+/// with the last reason once another try would end past `deadline`.
+async fn retry<T, F: Future<Output = Result<T, String>>>(
+    port: u32,
+    deadline: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, VsockError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(20);
     loop {
-        let last = if !socket.exists() {
-            VsockError::NoSocket(socket.display().to_string()).to_string()
-        } else {
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(socket, port)).await {
-                Ok(Ok(stream)) => return Ok(stream),
-                Ok(Err(why)) => why,
-                Err(_) => format!("no reply within {ATTEMPT_TIMEOUT:?}"),
-            }
+        let last = match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(why) => why,
         };
         if started.elapsed() + backoff > deadline {
             return Err(VsockError::NotListening { port, waited: started.elapsed(), last });
