@@ -234,12 +234,8 @@ impl Gateway {
         };
         record.decision = Decision::Allowed;
         let seq = self.audit(&record).await?;
-        // A VM named by name is pinned to the one just authorized: were it deleted and the name
-        // taken by another owner's VM meanwhile, the handler must not act on that one.
         let mut ctx = ctx.clone();
-        if resource.kind == ResourceKind::Vm && resource.owner.is_some() && !matches!(call, ToolCall::VmCreate(_)) {
-            ctx.vm = Some(resource.id.clone());
-        }
+        ctx.vm = pinned_vm(&call, &resource);
         let started = std::time::Instant::now();
         let answer = respond(handlers::dispatch(&self.shared, &ctx, call).await);
         let (outcome, code) = match &answer {
@@ -250,6 +246,14 @@ impl Gateway {
         self.shared.audit.record_outcome(&record, seq, outcome, code, started.elapsed());
         answer
     }
+}
+
+/// The existing VM a call was authorized on, by id. A VM named by name is pinned to the one
+/// just judged: were it deleted and the name taken by another owner's VM meanwhile, the handler
+/// must not act on that one. A VM being created, or one that was not found (no owner), is not.
+fn pinned_vm(call: &ToolCall, resource: &ResourceRef) -> Option<String> {
+    let existing = resource.kind == ResourceKind::Vm && resource.owner.is_some();
+    (existing && !matches!(call, ToolCall::VmCreate(_))).then(|| resource.id.clone())
 }
 
 /// The one mapping from a handler outcome to an MCP answer.
@@ -456,5 +460,26 @@ mod tests {
         let shown = bounded(&long);
         assert_eq!(shown.chars().count(), 129, "128 characters and an ellipsis");
         assert!(unknown_tool(&long).message.len() < 400);
+    }
+
+    #[test]
+    fn calls_on_an_existing_vm_are_pinned_to_the_judged_id() {
+        let call = |tool, args: Value| ToolCall::decode(tool, args.as_object().cloned()).unwrap();
+        let vm = |id: &str, owner: Option<&str>| ResourceRef {
+            kind: ResourceKind::Vm,
+            id: id.into(),
+            owner: owner.map(String::from),
+            labels: Vec::new(),
+        };
+        let exec = call(ToolName::VmExec, json!({"vm": "web", "argv": ["true"]}));
+        assert_eq!(pinned_vm(&exec, &vm("vm-a1", Some("alice"))).as_deref(), Some("vm-a1"));
+        let stop = call(ToolName::VmStop, json!({"vm": "web"}));
+        assert_eq!(pinned_vm(&stop, &vm("vm-a1", Some("alice"))).as_deref(), Some("vm-a1"));
+        assert_eq!(pinned_vm(&stop, &vm("web", None)), None, "not found: the handler says so");
+        let create = call(ToolName::VmCreate, json!({"name": "web", "vcpus": 1, "memory_mib": 256}));
+        assert_eq!(pinned_vm(&create, &vm("web", Some("alice"))), None, "a new VM has no id yet");
+        let node = call(ToolName::NodeInspect, json!({"node": "n1"}));
+        let n1 = ResourceRef { kind: ResourceKind::Node, id: "n1".into(), owner: None, labels: Vec::new() };
+        assert_eq!(pinned_vm(&node, &n1), None);
     }
 }
