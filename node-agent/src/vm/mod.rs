@@ -583,8 +583,14 @@ impl VmManager {
             return;
         }
         let Some(target) = vmm.vsock_target(&vm.dir) else { return };
+        // This run of the VM only: a watcher from before a quick stop and start ends instead of
+        // watching alongside the new one.
         let watched = vm.clone();
-        let running = move || watched.status().state == VmState::Running;
+        let run = vm.status().started_at;
+        let running = move || {
+            let status = watched.status();
+            status.state == VmState::Running && status.started_at == run
+        };
         let dir = vm.dir.clone();
         let fault = move || vmm.vsock_fault(&dir);
         tokio::spawn(agent::watch(vm.config.id.clone(), target, vm.agent.clone(), running, fault));
