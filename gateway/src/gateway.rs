@@ -234,10 +234,16 @@ impl Gateway {
         };
         record.decision = Decision::Allowed;
         let seq = self.audit(&record).await?;
-        let mut ctx = ctx.clone();
-        ctx.vm = pinned_vm(&call, &resource);
+        let pinned;
+        let ctx = match pinned_vm(&call, &resource) {
+            Some(id) => {
+                pinned = CallContext { vm: Some(id), ..ctx.clone() };
+                &pinned
+            }
+            None => ctx,
+        };
         let started = std::time::Instant::now();
-        let answer = respond(handlers::dispatch(&self.shared, &ctx, call).await);
+        let answer = respond(handlers::dispatch(&self.shared, ctx, call).await);
         let (outcome, code) = match &answer {
             Ok(result) if result.is_error == Some(true) => (Outcome::ToolError, None),
             Ok(_) => (Outcome::Ok, None),

@@ -138,7 +138,7 @@ impl HttpMoat {
 
     /// How many log lines so far contain `needle`.
     pub fn logged_times(&self, needle: &str) -> usize {
-        self.log.lock().expect("log lock").iter().filter(|l| l.contains(needle)).count()
+        lines_with(&self.log, needle)
     }
 
     pub fn base(&self) -> String {
@@ -226,4 +226,9 @@ pub async fn call_err(
         Err(rmcp::ServiceError::McpError(e)) => (e.code.0, e.message.to_string(), e.data),
         other => panic!("{tool}: expected a JSON-RPC error, got {other:?}"),
     }
+}
+
+/// How many lines of a captured log contain `needle`.
+pub fn lines_with(log: &std::sync::Mutex<Vec<String>>, needle: &str) -> usize {
+    log.lock().expect("log lock").iter().filter(|l| l.contains(needle)).count()
 }
