@@ -90,9 +90,11 @@ pub enum VsockMode {
 }
 
 impl VsockMode {
-    /// Kernel vhost-vsock when /dev/vhost-vsock exists, else the hybrid daemon if installed.
+    /// Kernel vhost-vsock when /dev/vhost-vsock can be opened (existing is not enough: a
+    /// container may see the node without the right to use it), else the hybrid daemon if
+    /// installed.
     pub fn detect(daemon: &str) -> VsockMode {
-        if std::path::Path::new("/dev/vhost-vsock").exists() {
+        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-vsock").is_ok() {
             return VsockMode::Kernel;
         }
         match which(daemon) {
