@@ -99,7 +99,7 @@ async fn main() {
     println!("| path | p50 µs | p99 µs |");
     println!("|---|---|---|");
     // Raw: the agent's control channel over hybrid vsock, one ping per round trip.
-    let stream = moat_node::vm::vsock::connect(&socket, 100, Duration::from_secs(30)).await.unwrap();
+    let stream = moat_node::vsock::connect(&socket, 100, Duration::from_secs(30)).await.unwrap();
     let (read, mut write) = stream.into_split();
     let mut replies = BufReader::new(read).lines();
     let mut raw = Vec::with_capacity(n);
@@ -114,7 +114,7 @@ async fn main() {
     raw.sort();
     println!("| raw hybrid vsock: control ping/pong (no moat) | {:.0} | {:.0} |", pct(&raw, 0.5), pct(&raw, 0.99));
     // MCP exec straight to the agent over hybrid vsock: the guest's own cost of `true`.
-    let stream = moat_node::vm::vsock::connect(&socket, 200, Duration::from_secs(30)).await.unwrap();
+    let stream = moat_node::vsock::connect(&socket, 200, Duration::from_secs(30)).await.unwrap();
     let (r, w) = stream.into_split();
     let direct = ().serve((r, w)).await.unwrap();
     let direct_times = timed(n, || async {

@@ -13,12 +13,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use moat_gateway::node_client::NodeConnector;
-use moat_gateway::pki::Pki;
+use moat_gateway::nodes::client::NewVm;
+use moat_gateway::nodes::connector::NodeConnector;
+use moat_gateway::nodes::pki::Pki;
 use moat_node::server::{ListenAddr, Listener};
 use moat_node::tls::ServerTls;
 use moat_node::vm::{Accel, VmManager};
-use moat_proto::node::v1 as pb;
+use moat_tools::VmState;
 
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -83,15 +84,15 @@ async fn main() {
         ("plain TCP, loopback (--insecure-loopback)", format!("http://{plain}")),
         ("Unix socket (embedded node)", unix),
     ] {
-        let mut client = connector.client("bench", &address).unwrap();
+        let client = connector.node("bench", &address).unwrap();
         for _ in 0..200 {
-            client.list_vms(pb::ListVmsRequest {}).await.unwrap();
+            client.list_vms().await.unwrap();
         }
         let mut times = Vec::with_capacity(n);
         let started = Instant::now();
         for _ in 0..n {
             let t = Instant::now();
-            client.list_vms(pb::ListVmsRequest {}).await.unwrap();
+            client.list_vms().await.unwrap();
             times.push(t.elapsed());
         }
         let total = started.elapsed();
@@ -107,27 +108,25 @@ async fn main() {
     println!(
         "\nvm_create → running and → guest ready, over mTLS, QEMU TCG, 1 vCPU, 256 MiB, {vms} VMs one after another:\n"
     );
-    let mut client = connector.client("bench", &format!("https://{mtls}")).unwrap();
+    let client = connector.node("bench", &format!("https://{mtls}")).unwrap();
     let (mut running, mut ready) = (Vec::new(), Vec::new());
     for i in 0..vms {
         let id = format!("vm-bench{i}");
-        let spec =
-            pb::VmSpec { id: id.clone(), name: format!("b{i}"), vcpus: 1, memory_mib: 256, image: "base".into() };
+        let new = NewVm { id: id.clone(), name: format!("b{i}"), vcpus: 1, memory_mib: 256, image: "base".into() };
         let started = Instant::now();
-        let vm = client.create_vm(pb::CreateVmRequest { spec: Some(spec), start: true }).await.unwrap().into_inner();
-        assert_eq!(vm.state, "running");
+        let vm = client.create_vm(&new, true, Duration::from_secs(90)).await.unwrap();
+        assert_eq!(vm.state, VmState::Running);
         running.push(started.elapsed());
         loop {
-            let logs =
-                client.vm_logs(pb::VmLogsRequest { id: id.clone(), tail_bytes: 4096 }).await.unwrap().into_inner();
-            if logs.text.contains("moat-init: ready") {
+            let (text, _) = client.vm_logs(&id, 4096).await.unwrap();
+            if text.contains("moat-init: ready") {
                 break;
             }
             assert!(started.elapsed() < Duration::from_secs(120), "guest never became ready");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         ready.push(started.elapsed());
-        client.delete_vm(pb::VmRef { id }).await.unwrap();
+        client.delete_vm(&id, Duration::from_secs(30)).await.unwrap();
     }
     running.sort();
     ready.sort();

@@ -8,12 +8,58 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::authz::PolicySource;
 use crate::principal::Role;
-use crate::state::Durability;
 
 /// Room for vm_file_write's largest content (32 MiB, about 43 MiB in base64) and framing.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 48 * 1024 * 1024;
+
+/// What a committed write survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The gateway process crashing or being killed (default).
+    Process,
+    /// The machine losing power: every commit is fsynced (slower).
+    Power,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(Durability::Process),
+            "power" => Ok(Durability::Power),
+            _ => Err(format!("durability `{s}`: use process (survives crashes) or power (fsync every commit)")),
+        }
+    }
+}
+
+/// Where policies come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The files in `policies/`, compiled into the binary.
+    Embedded,
+    /// `moat.cedarschema`, `moat.cedar` and `limits.toml` in a directory.
+    Dir(PathBuf),
+}
+
+impl std::fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicySource::Embedded => f.write_str("built-in policies"),
+            PolicySource::Dir(d) => write!(f, "{}", d.display()),
+        }
+    }
+}
+
+/// What one principal of a role may hold at once.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    pub running_vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub workspaces: u32,
+}
 
 /// The settled configuration a gateway runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -238,18 +284,9 @@ fn read_file(path: &Path, explicit: bool) -> anyhow::Result<(FileConfig, bool)> 
     }
 }
 
-/// 1-63 of a-z, 0-9 and '-', not starting or ending with '-'.
-pub fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
 /// Node names are DNS labels: they appear in URLs, certificates and resource ids.
 pub fn validate_node_name(name: &str) -> anyhow::Result<()> {
-    if !is_dns_label(name) {
+    if !crate::names::is_dns_label(name) {
         bail!("node name `{name}` is not a DNS label: use 1-63 of a-z, 0-9 and '-', not starting or ending with '-'");
     }
     Ok(())

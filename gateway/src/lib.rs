@@ -1,31 +1,25 @@
 //! The moat gateway: MCP transports (stdio, Streamable HTTP), the tool-call
 //! pipeline, durable state, and routing to node agents over gRPC.
 //!
-//! Code map: [`gateway`] is the MCP server and pipeline; [`handlers`] does
-//! each tool; [`catalog`] lists tools and validates arguments; [`state`] is
-//! SQLite; [`nodes`] and [`node_client`] reach node agents; [`trans`]
-//! converts proto types; [`stdio`] and [`http`] are the transports;
-//! [`serve`] wires it together; [`config`] resolves settings.
+//! Modules, top to bottom; a module uses only those below it (`tests/layering.rs`
+//! checks it): [`cli`] (operator subcommands) → [`serve`] (wiring) → [`mcp`] (the
+//! server handler, the pipeline and the one outcome → MCP mapping, catalog, prompts,
+//! stdio, http) → [`tools`] (one file per domain, the exhaustive dispatch,
+//! `ToolError`) → [`app`] (what every call shares) → [`security`] (authz, limits,
+//! resource refs) and [`guest`] (sessions with guest agents) → [`nodes`] (node
+//! clients, conversions, registry and heartbeat, PKI) → [`store`] (all SQL) → the
+//! leaves [`config`], [`principal`], [`names`], [`image`].
 
-pub mod audit;
-pub mod authz;
-pub mod catalog;
+pub mod app;
+pub mod cli;
 pub mod config;
-pub mod gateway;
 pub mod guest;
-pub mod handlers;
-pub mod http;
 pub mod image;
-pub mod keys;
-pub mod limits;
-pub mod node_client;
+pub mod mcp;
+pub mod names;
 pub mod nodes;
-pub mod pki;
 pub mod principal;
-pub mod prompts;
+pub mod security;
 pub mod serve;
-pub mod state;
-pub mod stdio;
-pub mod trans;
-pub mod vm_store;
-pub mod vms;
+pub mod store;
+pub mod tools;

@@ -8,18 +8,19 @@ use moat_node::server::{ListenAddr, Listener};
 use rmcp::ServiceExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::AuditLog;
-use crate::authz::Authz;
-use crate::catalog::Catalog;
+use crate::app::Shared;
 use crate::config::Config;
-use crate::gateway::{Gateway, Shared, StdioIdentity};
-use crate::http::HttpServer;
-use crate::keys;
-use crate::node_client::NodeConnector;
+use crate::mcp::catalog::Catalog;
+use crate::mcp::http::HttpServer;
+use crate::mcp::prompts::Prompts;
+use crate::mcp::{Gateway, Server, StdioIdentity, stdio};
+use crate::nodes::connector::NodeConnector;
+use crate::nodes::pki::Pki;
 use crate::principal::Principal;
-use crate::prompts::Prompts;
-use crate::state::State;
-use crate::stdio;
+use crate::security::authz::Authz;
+use crate::store::State;
+use crate::store::audit::AuditLog;
+use crate::store::keys;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let prompts =
@@ -60,30 +61,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shared = Arc::new(Shared {
         state: state.clone(),
-        nodes: NodeConnector::new(
-            crate::pki::Pki::at(&config.state_dir),
+        nodes: Arc::new(NodeConnector::new(
+            Pki::at(&config.state_dir),
             Some((&config.node_name, &format!("unix:{}", socket.display()))),
-        ),
-        catalog: Catalog::build(),
-        prompts,
+        )),
         authz,
         audit,
         keys: key_checker,
-        no_pipeline: config.insecure_no_pipeline,
         guest: crate::guest::Sessions::default(),
+    });
+    let mcp = Arc::new(Server {
+        shared: shared.clone(),
+        catalog: Catalog::build(),
+        prompts,
+        no_pipeline: config.insecure_no_pipeline,
     });
     if config.insecure_no_pipeline {
         tracing::warn!("--insecure-bench-no-pipeline: NO authentication, authorization, rate limits or audit");
     }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
-    tokio::spawn(crate::nodes::heartbeat(shared.clone(), config.heartbeat, shutdown.clone()));
+    tokio::spawn(crate::nodes::heartbeat(state.clone(), shared.nodes.clone(), config.heartbeat, shutdown.clone()));
     if let Err(missing) = crate::image::check(&config.images_dir().join("base")) {
         tracing::warn!("{missing}");
     }
 
     let result = match config.http {
         Some(addr) => {
-            let server = HttpServer::bind(addr, &config, shared.clone(), shutdown.clone())
+            let server = HttpServer::bind(addr, &config, mcp.clone(), shutdown.clone())
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let bound = server.local_addr()?;
@@ -97,11 +101,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 );
             }
             let stdio_task = config.stdio_with_http.then(|| {
-                let shared = shared.clone();
+                let mcp = mcp.clone();
                 let identity = identity.clone();
                 let max = config.max_body_bytes;
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { serve_stdio(shared, identity, max, shutdown).await })
+                tokio::spawn(async move { serve_stdio(mcp, identity, max, shutdown).await })
             });
             let result = server.run(shutdown.clone()).await.context("HTTP server failed");
             if let Some(task) = stdio_task {
@@ -111,7 +115,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => {
             tracing::info!("moat serving MCP on stdio");
-            let result = serve_stdio(shared.clone(), identity, config.max_body_bytes, shutdown.clone()).await;
+            let result = serve_stdio(mcp.clone(), identity, config.max_body_bytes, shutdown.clone()).await;
             shutdown.cancel();
             result
         }
@@ -146,12 +150,12 @@ fn remove_stale_sockets(dir: &std::path::Path) {
 
 /// Serves one stdio connection until EOF or shutdown.
 async fn serve_stdio(
-    shared: Arc<Shared>,
+    server: Arc<Server>,
     identity: StdioIdentity,
     max_line: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let gateway = Gateway::stdio(shared, identity);
+    let gateway = Gateway::stdio(server, identity);
     let running = match gateway.serve_with_ct(stdio::stdio(max_line), shutdown.child_token()).await {
         Ok(running) => running,
         // EOF or shutdown before the client initialized: nothing to serve.

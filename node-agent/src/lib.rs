@@ -2,22 +2,26 @@
 //! (`proto/moat/node/v1`) over TCP, or over a Unix socket when embedded in
 //! `moat serve`, and does the host work behind it.
 //!
-//! Module map: [`api`] is the tonic service (thin: decode, call, encode);
-//! [`probe`] reads host facts; [`kvm`] decides whether KVM can actually run
-//! guests; [`cmd`] is the only place that runs external programs;
-//! [`server`] binds listeners (mTLS via [`tls`]) and shuts down gracefully; [`vm`] runs VMs
-//! (their directories, VMM processes and states); [`trans`] is the one
-//! module converting domain types to proto types.
+//! Module map, top to bottom (a module uses only those below it; `tests/layering.rs`
+//! checks): [`api`] is the tonic service (decode, call, encode; its `trans` is the one
+//! place converting between proto and domain types, its `status` the one error →
+//! `Status` map, [`api::tunnel`] the guest stream); [`vm`] runs VMs (state machine,
+//! monitor, agent watcher); [`vmm`] is the narrow driver trait with detection and the
+//! QEMU driver; [`dir`] is one VM's directory on disk; [`probe`] and [`kvm`] read host
+//! facts; [`vsock`] reaches guest ports; [`server`] and [`tls`] bind listeners; [`cmd`]
+//! is the only place that runs external programs; [`errors`] writes cause chains.
 
 pub mod api;
 pub mod cmd;
+pub mod dir;
+pub mod errors;
 pub mod kvm;
 pub mod probe;
 pub mod server;
 pub mod tls;
-mod trans;
-pub mod tunnel;
 pub mod vm;
+pub mod vmm;
+pub mod vsock;
 
 pub use api::NodeApi;
 pub use server::{ListenAddr, NodeServerError, serve};

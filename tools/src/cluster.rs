@@ -70,7 +70,7 @@ pub struct NodeSummary {
 #[serde(deny_unknown_fields)]
 pub struct NodeInspectInput {
     /// Name of the node, as `node_list` shows it.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub node: String,
 }
 
@@ -112,6 +112,36 @@ pub struct NodeDetail {
     pub vm_count: Option<u32>,
     pub allocated_vcpus: Option<u32>,
     pub allocated_memory_mib: Option<u64>,
+}
+
+impl NodeDetail {
+    /// A node never heard from: its name and address, nothing else known.
+    pub fn unknown(name: &str, address: &str) -> NodeDetail {
+        NodeDetail {
+            name: name.to_string(),
+            address: address.to_string(),
+            reachable: false,
+            error: None,
+            last_seen: None,
+            hostname: None,
+            agent_version: None,
+            cpus: None,
+            memory_total_mib: None,
+            memory_available_mib: None,
+            kernel: None,
+            arch: None,
+            kvm: None,
+            vmms: Vec::new(),
+            storage: None,
+            runtime: None,
+            accel: None,
+            runtime_detail: None,
+            images: Vec::new(),
+            vm_count: None,
+            allocated_vcpus: None,
+            allocated_memory_mib: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod cluster;
 pub mod guest;
+pub mod names;
 pub mod vm;
 pub mod vm_guest;
 
@@ -23,7 +24,7 @@ pub use cluster::{
 };
 pub use vm::{
     AgentInfo, LabelValue, VmCreateInput, VmDeleteOutput, VmInfo, VmListInput, VmListOutput, VmLogsInput, VmLogsOutput,
-    VmOutput, VmRefInput, VmStateName, VmStopInput,
+    VmOutput, VmRefInput, VmState, VmStopInput,
 };
 pub use vm_guest::{VmExecIdInput, VmExecInput, VmExecOutputInput, VmFileReadInput, VmFileWriteInput, VmPathInput};
 

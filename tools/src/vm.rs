@@ -17,7 +17,7 @@ pub const MAX_LABELS: usize = 16;
 #[serde(deny_unknown_fields)]
 pub struct VmCreateInput {
     /// VM name, a DNS label (lowercase letters, digits, '-'); unique among your VMs.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub name: String,
     /// Virtual CPUs.
     #[schemars(range(min = 1, max = 64))]
@@ -27,11 +27,11 @@ pub struct VmCreateInput {
     pub memory_mib: u64,
     /// Guest image on the node [default: "base", moat's busybox image].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub image: Option<String>,
     /// Node to place the VM on [default: the reachable node with the most free memory, then vCPUs].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub node: Option<String>,
     /// Labels for finding the VM later (`vm_list {label: "k=v"}`); at most 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,7 +56,7 @@ pub struct LabelValue(#[schemars(length(max = 63), regex(pattern = r"^[A-Za-z0-9
 #[serde(deny_unknown_fields)]
 pub struct VmRefInput {
     /// The VM's id (e.g. "vm-3f9a0c1d2e4b") or name.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
 }
 
@@ -64,7 +64,7 @@ pub struct VmRefInput {
 #[serde(deny_unknown_fields)]
 pub struct VmStopInput {
     /// The VM's id or name.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     /// Kill the VM at once instead of asking the guest to power off [default: false].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,11 +80,11 @@ pub struct VmStopInput {
 pub struct VmListInput {
     /// Only VMs on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub node: Option<String>,
     /// Only VMs in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<VmStateName>,
+    pub state: Option<VmState>,
     /// Only VMs carrying this label, as "key=value".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 127), regex(pattern = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?=[A-Za-z0-9._-]*$"))]
@@ -95,7 +95,7 @@ pub struct VmListInput {
 #[serde(deny_unknown_fields)]
 pub struct VmLogsInput {
     /// The VM's id or name.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     /// Lines from the end of the console [default: 200].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,10 +103,11 @@ pub struct VmLogsInput {
     pub tail: Option<u32>,
 }
 
-/// A VM's lifecycle state.
+/// A VM's lifecycle state: the one definition the node (which drives it), the wire (as the
+/// proto `VmState`), the gateway's database and the tools all use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum VmStateName {
+pub enum VmState {
     Creating,
     Stopped,
     Starting,
@@ -116,31 +117,59 @@ pub enum VmStateName {
     Deleting,
 }
 
-impl VmStateName {
+impl VmState {
+    pub const ALL: [VmState; 7] = [
+        VmState::Creating,
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Crashed,
+        VmState::Deleting,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
-            VmStateName::Creating => "creating",
-            VmStateName::Stopped => "stopped",
-            VmStateName::Starting => "starting",
-            VmStateName::Running => "running",
-            VmStateName::Stopping => "stopping",
-            VmStateName::Crashed => "crashed",
-            VmStateName::Deleting => "deleting",
+            VmState::Creating => "creating",
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Crashed => "crashed",
+            VmState::Deleting => "deleting",
         }
     }
 
-    pub fn parse(s: &str) -> Option<VmStateName> {
-        [
-            VmStateName::Creating,
-            VmStateName::Stopped,
-            VmStateName::Starting,
-            VmStateName::Running,
-            VmStateName::Stopping,
-            VmStateName::Crashed,
-            VmStateName::Deleting,
-        ]
-        .into_iter()
-        .find(|v| v.as_str() == s)
+    pub fn parse(s: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// Whether a VMM process may exist in this state.
+    pub const fn has_process(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Stopping)
+    }
+
+    /// Whether a VM in this state holds a running-VM quota slot.
+    pub const fn is_live(self) -> bool {
+        matches!(self, VmState::Creating | VmState::Starting | VmState::Running | VmState::Stopping)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored state name that is not a [`VmState`].
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a VM state")]
+pub struct UnknownVmState(pub String);
+
+impl TryFrom<String> for VmState {
+    type Error = UnknownVmState;
+    fn try_from(s: String) -> Result<VmState, UnknownVmState> {
+        VmState::parse(&s).ok_or(UnknownVmState(s))
     }
 }
 
@@ -152,7 +181,7 @@ pub struct VmInfo {
     /// The principal that created the VM.
     pub owner: String,
     pub node: String,
-    pub state: VmStateName,
+    pub state: VmState,
     /// Why the VM is in this state, when that says more than the state (the crash cause, say).
     pub reason: Option<String>,
     pub vcpus: u32,
@@ -172,7 +201,7 @@ pub struct VmInfo {
 }
 
 /// Whether a VM's guest agent answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentInfo {
     /// True when the agent answers: vm_exec and vm_file_* will work.
     pub ready: bool,

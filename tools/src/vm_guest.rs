@@ -18,7 +18,7 @@ use crate::{ActionGroup, Hints, ResourceKind, ToolClass, ToolName, ToolSpec, sch
 #[serde(deny_unknown_fields)]
 pub struct VmExecInput {
     /// The VM's id or name.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     /// Program and arguments, run directly (no shell). Give this or `command`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,7 +53,7 @@ impl From<VmExecInput> for ExecInput {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmExecIdInput {
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     /// The id vm_exec_start returned.
     #[schemars(length(min = 1, max = 64))]
@@ -69,7 +69,7 @@ impl From<VmExecIdInput> for ExecIdInput {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmExecOutputInput {
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     #[schemars(length(min = 1, max = 64))]
     pub id: String,
@@ -90,7 +90,7 @@ impl From<VmExecOutputInput> for ExecOutputInput {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmFileReadInput {
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     /// Absolute path inside the VM.
     #[schemars(length(min = 1, max = 4096))]
@@ -116,7 +116,7 @@ impl From<VmFileReadInput> for FileReadInput {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmFileWriteInput {
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     /// Absolute path inside the VM; replaced atomically.
     #[schemars(length(min = 1, max = 4096))]
@@ -150,7 +150,7 @@ impl From<VmFileWriteInput> for FileWriteInput {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmPathInput {
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub vm: String,
     /// Absolute path inside the VM.
     #[schemars(length(min = 1, max = 4096))]

@@ -184,7 +184,7 @@ pub async fn connect(server: Server, http: bool, version: ProtocolVersion) -> Co
         let server_log = matches!(server, Server::Moat { .. }).then(|| home.path().join("server.log"));
         let stderr: Stdio = match &server_log {
             Some(path) => {
-                cmd.env("MOAT_LOG", "warn,moat_gateway::gateway=debug");
+                cmd.env("MOAT_LOG", "warn,moat_gateway::mcp=debug");
                 std::fs::File::create(path).expect("log file").into()
             }
             None => Stdio::null(),

@@ -1,6 +1,6 @@
 //! The tonic `NodeService`: decode the request, call the module that does the
-//! work, encode the answer. Node errors become `tonic::Status` in exactly one
-//! place each, [`probe_status`] and [`vm_status`].
+//! work, encode the answer. Conversions live in `trans`, the one error →
+//! `tonic::Status` mapping in `status`, the guest tunnel in [`tunnel`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,9 +8,14 @@ use std::time::Duration;
 use moat_proto::node::v1::{self as pb, GetNodeInfoRequest, NodeInfo, node_service_server::NodeService};
 use tonic::{Request, Response, Status};
 
-use crate::probe::{self, ProbeError};
-use crate::trans;
-use crate::vm::{VmError, VmManager};
+mod status;
+mod trans;
+pub mod tunnel;
+
+use status::{probe_status, vm_status};
+
+use crate::probe;
+use crate::vm::VmManager;
 
 /// Node identity and configuration the service needs to answer.
 #[derive(Debug, Clone)]
@@ -98,7 +103,7 @@ impl NodeService for NodeApi {
             ms => Duration::from_millis(u64::from(ms)),
         };
         let stream = self.vms.guest_connect(&first.vm_id, first.port, wait).await.map_err(vm_status)?;
-        Ok(Response::new(Box::pin(crate::tunnel::splice(stream, first.data, inbound))))
+        Ok(Response::new(Box::pin(tunnel::splice(stream, first.data, inbound))))
     }
 
     async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<pb::VmLogsResponse>, Status> {
@@ -106,40 +111,4 @@ impl NodeService for NodeApi {
         let (text, truncated) = self.vms.logs(&request.id, request.tail_bytes).map_err(vm_status)?;
         Ok(Response::new(pb::VmLogsResponse { text, truncated }))
     }
-}
-
-fn probe_status(err: ProbeError) -> Status {
-    // Keep the cause chain in the message: the gateway shows it to an operator.
-    let message = error_chain(&err);
-    match err {
-        ProbeError::Read { .. } => Status::internal(message),
-        ProbeError::Storage { .. } => Status::failed_precondition(message),
-    }
-}
-
-fn vm_status(err: VmError) -> Status {
-    let message = error_chain(&err);
-    match err {
-        VmError::NotFound(_) => Status::not_found(message),
-        VmError::Exists(_) => Status::already_exists(message),
-        VmError::Invalid(_) => Status::invalid_argument(message),
-        VmError::NoRuntime { .. } | VmError::NoImage { .. } | VmError::WrongState { .. } => {
-            Status::failed_precondition(message)
-        }
-        VmError::Vmm { .. } => Status::aborted(message),
-        VmError::NoVsock { .. } | VmError::AgentUnreachable { .. } => Status::failed_precondition(message),
-        VmError::Io { .. } => Status::internal(message),
-    }
-}
-
-/// `err: cause: cause's cause`, the form operators read in logs and tool errors.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

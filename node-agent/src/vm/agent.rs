@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::vsock;
+use crate::vsock;
 
 /// The agent's control port inside every VM.
 pub const CONTROL_PORT: u32 = 100;

@@ -5,11 +5,8 @@
 //! re-adopts VMs whose VMM is still running instead of killing them.
 
 pub mod agent;
-pub mod dir;
-pub mod qemu;
-pub mod qmp;
-pub mod vmm;
-pub mod vsock;
+mod console;
+mod monitor;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use dir::{VmConfig, VmDir, VmState, VmStatus};
-pub use vmm::{Accel, Runtime, Vmm, VmmError, VsockMode};
+pub use crate::dir::{VmConfig, VmDir, VmState, VmStatus};
+pub use crate::vmm::{Accel, Runtime, Vmm, VmmError, VsockMode};
+use crate::vsock;
+use console::{console_panic, last_lines, vmm_log_tail};
 
 /// How long a graceful stop waits for the guest before killing the VMM, unless the caller says.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -597,122 +596,8 @@ impl VmManager {
     }
 
     fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {
-        let vmm = self.vmm().ok();
-        tokio::spawn(async move {
-            let exited = async {
-                match process {
-                    Process::Child(mut child) => Exit::Status(child.wait().await),
-                    Process::Adopted(pid) => {
-                        wait_for_exit(pid).await;
-                        Exit::Unknown
-                    }
-                }
-            };
-            tokio::pin!(exited);
-            let mut rotate = tokio::time::interval(Duration::from_secs(2));
-            let exit = loop {
-                tokio::select! {
-                    exit = &mut exited => break exit,
-                    _ = rotate.tick() => {
-                        if let Err(e) = vm.dir.rotate_console() {
-                            tracing::warn!(vm = %vm.config.id, error = %e, "cannot rotate the console log");
-                        }
-                    }
-                }
-            };
-            if let Some(vmm) = vmm {
-                vmm.cleanup(&vm.dir);
-            }
-            record_exit(&vm, exit);
-            vm.exits.send_modify(|n| *n += 1);
-        });
+        monitor::spawn(vm, process, self.vmm().ok());
     }
-}
-
-/// Decides what a VMM exit means and records it.
-fn record_exit(vm: &Vm, exit: Exit) {
-    let status = vm.status();
-    let (state, reason) = if matches!(status.state, VmState::Stopping | VmState::Deleting) {
-        (VmState::Stopped, status.reason.clone())
-    } else if let Some(line) = console_panic(&vm.dir, status.console_start) {
-        (VmState::Crashed, format!("guest kernel panic: {line}"))
-    } else {
-        match exit {
-            Exit::Status(Ok(s)) if s.success() => (VmState::Stopped, "the guest powered off".to_string()),
-            Exit::Status(Ok(s)) => {
-                use std::os::unix::process::ExitStatusExt;
-                let how = match (s.code(), s.signal()) {
-                    (_, Some(sig)) => format!("was killed by signal {sig}{}", signal_name(sig)),
-                    (Some(code), _) => format!("exited with status {code}"),
-                    _ => "exited".into(),
-                };
-                (VmState::Crashed, format!("the VMM (pid {}) {how}{}", status.pid, vmm_log_tail(&vm.dir)))
-            }
-            Exit::Status(Err(e)) => (VmState::Crashed, format!("cannot wait for the VMM: {e}")),
-            Exit::Unknown if console_powered_off(&vm.dir, status.console_start) => {
-                (VmState::Stopped, "the guest powered off".to_string())
-            }
-            Exit::Unknown => (
-                VmState::Crashed,
-                format!("the VMM (pid {}) exited; its exit status is unknown since it was re-adopted", status.pid),
-            ),
-        }
-    };
-    vm.dir.clear_pid();
-    if state == VmState::Crashed {
-        tracing::warn!(vm = %vm.config.id, reason = %reason, "vm crashed");
-    } else {
-        tracing::info!(vm = %vm.config.id, reason = %reason, "vm stopped");
-    }
-    if let Err(e) = vm.set_state(state, reason) {
-        tracing::error!(vm = %vm.config.id, error = %e, "cannot record the vm's exit");
-    }
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGKILL => " (SIGKILL)",
-        libc::SIGTERM => " (SIGTERM)",
-        libc::SIGSEGV => " (SIGSEGV)",
-        libc::SIGABRT => " (SIGABRT)",
-        _ => "",
-    }
-}
-
-/// Console output of the current boot (from `start` bytes in), bounded.
-fn console_since(dir: &VmDir, start: u64) -> String {
-    let Ok(len) = std::fs::metadata(dir.console_log()).map(|m| m.len()) else { return String::new() };
-    // Rotation may have shortened the file; then all of it belongs to this boot.
-    let from = if start <= len { start } else { 0 };
-    dir.console_tail((len - from).min(256 * 1024)).map(|(text, _)| text).unwrap_or_default()
-}
-
-fn console_panic(dir: &VmDir, start: u64) -> Option<String> {
-    let text = console_since(dir, start);
-    let line = text.lines().find(|l| l.contains("Kernel panic"))?;
-    // From "Kernel panic" on: the kernel's timestamp prefix says nothing to the reader.
-    line.find("Kernel panic").map(|at| line[at..].trim().to_string())
-}
-
-fn console_powered_off(dir: &VmDir, start: u64) -> bool {
-    console_since(dir, start).contains("reboot: Power down")
-}
-
-/// The console's last `n` non-empty lines, joined with " | ".
-fn last_lines(dir: &VmDir, n: usize) -> String {
-    let (text, _) = dir.console_tail(8192).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-/// The VMM's last few output lines, as "; qemu said: ..." or empty.
-fn vmm_log_tail(dir: &VmDir) -> String {
-    let Ok(text) = std::fs::read_to_string(dir.vmm_log()) else { return String::new() };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    format!("; the VMM said: {}", lines[lines.len().saturating_sub(3)..].join(" | "))
 }
 
 async fn kill_and_wait(vm: &Vm, pid: u32, exits: &mut watch::Receiver<u64>) {
@@ -722,30 +607,5 @@ async fn kill_and_wait(vm: &Vm, pid: u32, exits: &mut watch::Receiver<u64>) {
     }
     if tokio::time::timeout(KILL_WAIT, exits.changed()).await.is_err() {
         tracing::error!(vm = %vm.config.id, pid, "the VMM did not exit after SIGKILL");
-    }
-}
-
-/// Resolves when process `pid` (not our child) exits, via a pidfd.
-async fn wait_for_exit(pid: u32) {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return; // ESRCH: already gone.
-    }
-    // SAFETY: `fd` is a fresh descriptor this function owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: `owned` is a valid open pidfd, moved into the AsyncFd and closed only when it drops.
-    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
-    match registered {
-        Ok(afd) => {
-            let _ = afd.readable().await;
-        }
-        Err(_) => {
-            // Fall back to polling.
-            while Path::new(&format!("/proc/{pid}")).exists() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
     }
 }

@@ -1,0 +1,129 @@
+//! The kept guest sessions, one per VM: reused while they answer, replaced
+//! when they do not, closed when idle; and the bookkeeping of calls in flight
+//! on them (busy counts, progress routes).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use rmcp::RoleClient;
+use rmcp::model::{ClientRequest, ProgressToken};
+use rmcp::service::RunningService;
+
+use super::{Dial, Forwarder, GuestError, PING_TIMEOUT, Routes, session};
+use crate::store::vms::VmRow;
+
+/// A kept session unused this long is closed.
+pub const IDLE: Duration = Duration::from_secs(15);
+
+/// An MCP session with one VM's agent.
+pub(super) struct Session {
+    pub(super) service: RunningService<RoleClient, Forwarder>,
+    pub(super) routes: Routes,
+    last_used: Mutex<Instant>,
+    in_flight: AtomicUsize,
+}
+
+impl Session {
+    pub(super) fn new(service: RunningService<RoleClient, Forwarder>) -> Session {
+        let routes = service.service().routes.clone();
+        Session { service, routes, last_used: Mutex::new(Instant::now()), in_flight: AtomicUsize::new(0) }
+    }
+
+    /// Whether a kept session still reaches its agent: the tunnel is open and a ping is answered.
+    async fn answers(&self) -> Result<(), String> {
+        let peer = self.service.peer();
+        if peer.is_transport_closed() {
+            return Err("its connection closed".into());
+        }
+        let ping = peer.send_request(ClientRequest::PingRequest(Default::default()));
+        match tokio::time::timeout(PING_TIMEOUT, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("ping failed: {e}")),
+            Err(_) => Err(format!("no answer to a ping within {PING_TIMEOUT:?}")),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && self.last_used.lock().expect("last_used lock is never poisoned").elapsed() >= IDLE
+    }
+}
+
+/// Marks a session in use for as long as it lives.
+pub(super) struct Busy<'a>(&'a Session);
+
+impl<'a> Busy<'a> {
+    pub(super) fn new(session: &'a Session) -> Busy<'a> {
+        session.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(session)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        *self.0.last_used.lock().expect("last_used lock is never poisoned") = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sends one request's progress to its caller for as long as it lives.
+pub(super) struct Route {
+    pub(super) routes: Routes,
+    pub(super) token: ProgressToken,
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        self.routes.lock().expect("routes lock is never poisoned").remove(&self.token);
+    }
+}
+
+/// The kept sessions, one per VM.
+#[derive(Default)]
+pub struct Sessions {
+    open: Arc<Mutex<HashMap<String, Arc<Session>>>>,
+}
+
+impl Sessions {
+    /// The kept session with `vm`'s agent if it still answers, else a new one (kept).
+    pub(super) async fn get(&self, dial: &dyn Dial, vm: &VmRow) -> Result<Arc<Session>, GuestError> {
+        let kept = self.open.lock().expect("sessions lock is never poisoned").get(&vm.id).cloned();
+        if let Some(session) = kept {
+            match session.answers().await {
+                Ok(()) => return Ok(session),
+                Err(why) => {
+                    tracing::info!(vm = %vm.id, "the kept guest session is replaced: {why}");
+                    forget(&self.open, &vm.id, &session);
+                }
+            }
+        }
+        let session = Arc::new(Session::new(session(dial, vm).await?));
+        self.open.lock().expect("sessions lock is never poisoned").insert(vm.id.clone(), session.clone());
+        tokio::spawn(close_when_idle(Arc::downgrade(&self.open), vm.id.clone(), Arc::downgrade(&session)));
+        Ok(session)
+    }
+}
+
+/// Drops `session` from the kept ones if it is still the one kept for `vm`; it closes once the
+/// calls using it end.
+fn forget(open: &Mutex<HashMap<String, Arc<Session>>>, vm: &str, session: &Arc<Session>) {
+    let mut open = open.lock().expect("sessions lock is never poisoned");
+    if open.get(vm).is_some_and(|kept| Arc::ptr_eq(kept, session)) {
+        open.remove(vm);
+    }
+}
+
+/// Closes a kept session once it has been idle for [`IDLE`] or its connection has closed.
+async fn close_when_idle(open: Weak<Mutex<HashMap<String, Arc<Session>>>>, vm: String, session: Weak<Session>) {
+    loop {
+        tokio::time::sleep(IDLE / 3).await;
+        let (Some(open), Some(session)) = (open.upgrade(), session.upgrade()) else { return };
+        if session.idle() || session.service.peer().is_transport_closed() {
+            forget(&open, &vm, &session);
+            tracing::debug!(vm, "guest session closed");
+            return;
+        }
+    }
+}

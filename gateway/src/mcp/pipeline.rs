@@ -1,0 +1,226 @@
+//! The tool-call pipeline, in this order: look up the tool (hidden tools answer
+//! as unknown) → validate arguments → authorize the resource → rate limit →
+//! audit (committed before anything acts) → dispatch → audit the outcome.
+//! Outcomes become MCP answers in exactly one place, [`respond`].
+
+use moat_tools::{ResourceKind, ToolCall, ToolName};
+use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, ErrorCode, ErrorData};
+use serde_json::{Value, json};
+
+use super::Gateway;
+use super::catalog;
+use crate::app::CallContext;
+use crate::security::resource::{self, ResourceRef};
+use crate::store::audit::{self, CallRecord, Decision, Outcome};
+use crate::tools::{self, ToolError};
+
+/// JSON-RPC error code for a refused API key (stdio; HTTP answers 401 before MCP).
+pub const UNAUTHENTICATED: i32 = -32001;
+/// JSON-RPC error code for a rate-limited call; `data.retry_after_ms` says when to retry.
+pub const RATE_LIMITED: i32 = -32029;
+/// Results larger than this (as JSON) are not repeated as text.
+const LARGE_RESULT: usize = 256 * 1024;
+
+impl Gateway {
+    /// Commits one audit record, failing the call if it cannot be written.
+    async fn audit(&self, record: &CallRecord) -> Result<i64, ErrorData> {
+        self.server.shared.audit.record_call(record).await.map_err(|e| ErrorData::internal_error(e.to_string(), None))
+    }
+
+    /// What the authorizer judges: nodes and the cluster have no owner; a new VM is owned by
+    /// its creator; an existing VM brings its owner and labels from the database.
+    async fn resource_of(
+        &self,
+        call: &ToolCall,
+        kind: ResourceKind,
+        ctx: &CallContext,
+    ) -> Result<ResourceRef, ErrorData> {
+        let Some(id) = call.resource_id() else { return Ok(ResourceRef::cluster()) };
+        match (kind, call) {
+            (ResourceKind::Vm, ToolCall::VmCreate(input)) => Ok(ResourceRef {
+                kind,
+                id: id.to_string(),
+                owner: Some(ctx.principal.name.clone()),
+                labels: input.labels.iter().flatten().map(|(k, v)| format!("{k}={}", v.0)).collect(),
+            }),
+            (ResourceKind::Vm, _) => {
+                resource::resource(&self.server.shared.state, &ctx.principal.name, id).await.map_err(|e| {
+                    tracing::error!(error = %e, "resolving a VM for authorization failed");
+                    ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
+                })
+            }
+            _ => Ok(ResourceRef { kind, id: id.to_string(), owner: None, labels: Vec::new() }),
+        }
+    }
+
+    /// The whole tool-call pipeline, after authentication.
+    pub(super) async fn call(
+        &self,
+        request: CallToolRequestParams,
+        ctx: &CallContext,
+    ) -> Result<CallToolResult, ErrorData> {
+        if self.server.no_pipeline {
+            let tool = ToolName::parse(&request.name).ok_or_else(|| unknown_tool(&request.name))?;
+            let call = ToolCall::decode(tool, request.arguments)
+                .map_err(|e| ErrorData::invalid_params(e.to_string(), None))?;
+            return respond(tools::dispatch(&self.server.shared, ctx, call).await);
+        }
+        let bundle = self.server.shared.authz.bundle();
+        let mut record = CallRecord {
+            principal: ctx.principal.name.clone(),
+            role: ctx.principal.role.as_str().to_string(),
+            transport: ctx.transport.as_str().to_string(),
+            session: ctx.session.clone(),
+            tool: bounded(&request.name),
+            resource: None,
+            decision: Decision::Denied,
+            args_digest: audit::args_digest(request.arguments.as_ref()),
+            args_shape: audit::args_shape(request.arguments.as_ref()),
+        };
+        // A tool this principal may never call is indistinguishable from one that does not exist.
+        let tool = match ToolName::parse(&request.name) {
+            Some(tool) if bundle.may_ever_call(&ctx.principal, tool) => tool,
+            _ => {
+                self.audit(&record).await?;
+                return Err(unknown_tool(&request.name));
+            }
+        };
+        if let Err(violations) = self.server.catalog.validate(tool, request.arguments.as_ref()) {
+            record.decision = Decision::Invalid;
+            self.audit(&record).await?;
+            let detail: Vec<Value> = violations.iter().map(|v| json!({"path": v.path, "message": v.message})).collect();
+            return Err(ErrorData::invalid_params(
+                catalog::describe(tool, &violations),
+                Some(json!({"tool": tool.as_str(), "violations": detail})),
+            ));
+        }
+        let call = ToolCall::decode(tool, request.arguments).map_err(|e| {
+            tracing::error!(error = %e, source = %e.source, "schema-valid arguments failed to decode");
+            ErrorData::internal_error(format!("{e}: this is a moat bug, please report it"), None)
+        })?;
+        let spec = self.server.catalog.spec(tool);
+        let resource = self.resource_of(&call, spec.resource, ctx).await?;
+        record.resource = Some(format!("{}/{}", resource.kind.as_str(), resource.id));
+        if !bundle.is_allowed(&ctx.principal, tool, &resource) {
+            self.audit(&record).await?;
+            // Do not confirm that someone else's resource exists: answer exactly as for a missing
+            // one, in the caller's own words (never the id a name resolved to).
+            let named = call.resource_id().unwrap_or(&resource.id);
+            let message = match resource.kind {
+                ResourceKind::Vm => resource::not_found(named),
+                kind => format!("no {} named `{named}`", kind.as_str()),
+            };
+            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+        }
+        let _permit = match bundle.limiter.admit(&ctx.principal, spec.class) {
+            Ok(permit) => permit,
+            Err(limited) => {
+                record.decision = Decision::RateLimited;
+                self.audit(&record).await?;
+                let retry_ms = limited.retry_after().map(|d| d.as_millis().max(1) as u64);
+                return Err(ErrorData::new(
+                    ErrorCode(RATE_LIMITED),
+                    limited.to_string(),
+                    Some(json!({"retry_after_ms": retry_ms})),
+                ));
+            }
+        };
+        record.decision = Decision::Allowed;
+        let seq = self.audit(&record).await?;
+        let pinned;
+        let ctx = match resource::pinned_vm(&call, &resource) {
+            Some(id) => {
+                pinned = CallContext { vm: Some(id), ..ctx.clone() };
+                &pinned
+            }
+            None => ctx,
+        };
+        let started = std::time::Instant::now();
+        let answer = respond(tools::dispatch(&self.server.shared, ctx, call).await);
+        let (outcome, code) = match &answer {
+            Ok(result) if result.is_error == Some(true) => (Outcome::ToolError, None),
+            Ok(_) => (Outcome::Ok, None),
+            Err(e) => (Outcome::Error, Some(i64::from(e.code.0))),
+        };
+        self.server.shared.audit.record_outcome(&record, seq, outcome, code, started.elapsed());
+        answer
+    }
+}
+
+/// The one mapping from a handler outcome to an MCP answer.
+fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorData> {
+    match outcome {
+        Ok(value) => {
+            let mut result = CallToolResult::structured(value);
+            // A large result (a file read) goes once, as structured content; its text copy
+            // would double the message. Small results keep the copy for text-only clients.
+            if let Some(ContentBlock::Text(text)) = result.content.first()
+                && text.text.len() > LARGE_RESULT
+            {
+                let summary = format!("{} bytes of JSON in structuredContent", text.text.len());
+                result.content = vec![ContentBlock::text(summary)];
+            }
+            Ok(result)
+        }
+        Err(ToolError::NotFound(message) | ToolError::Invalid(message) | ToolError::Node(message)) => {
+            Ok(CallToolResult::error(vec![ContentBlock::text(message)]))
+        }
+        Err(ToolError::Internal(source)) => {
+            tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "tool failed");
+            Err(ErrorData::internal_error(format!("internal error: {source}; see the gateway log"), None))
+        }
+    }
+}
+
+/// A caller-supplied name as moat repeats it (in errors and the audit log): at most 128 characters.
+pub(super) fn bounded(name: &str) -> String {
+    match name.char_indices().nth(128) {
+        Some((cut, _)) => format!("{}…", &name[..cut]),
+        None => name.to_string(),
+    }
+}
+
+/// The answer for a tool that does not exist, and for one the caller may never call.
+pub(super) fn unknown_tool(name: &str) -> ErrorData {
+    let name = bounded(name);
+    ErrorData::new(
+        ErrorCode::INVALID_PARAMS,
+        format!("unknown tool `{name}`; tools/list shows the tools you can call"),
+        Some(json!({"tool": name})),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_names_are_bounded() {
+        assert_eq!(bounded("whoami"), "whoami");
+        let long = "é".repeat(300);
+        let shown = bounded(&long);
+        assert_eq!(shown.chars().count(), 129, "128 characters and an ellipsis");
+        assert!(unknown_tool(&long).message.len() < 400);
+    }
+
+    #[test]
+    fn calls_on_an_existing_vm_are_pinned_to_the_judged_id() {
+        let call = |tool, args: Value| ToolCall::decode(tool, args.as_object().cloned()).unwrap();
+        let vm = |id: &str, owner: Option<&str>| ResourceRef {
+            kind: ResourceKind::Vm,
+            id: id.into(),
+            owner: owner.map(String::from),
+            labels: Vec::new(),
+        };
+        let exec = call(ToolName::VmExec, json!({"vm": "web", "argv": ["true"]}));
+        assert_eq!(resource::pinned_vm(&exec, &vm("vm-a1", Some("alice"))).as_deref(), Some("vm-a1"));
+        let stop = call(ToolName::VmStop, json!({"vm": "web"}));
+        assert_eq!(resource::pinned_vm(&stop, &vm("vm-a1", Some("alice"))).as_deref(), Some("vm-a1"));
+        assert_eq!(resource::pinned_vm(&stop, &vm("web", None)), None, "not found: the handler says so");
+        let create = call(ToolName::VmCreate, json!({"name": "web", "vcpus": 1, "memory_mib": 256}));
+        assert_eq!(resource::pinned_vm(&create, &vm("web", Some("alice"))), None, "a new VM has no id yet");
+        let node = call(ToolName::NodeInspect, json!({"node": "n1"}));
+        let n1 = ResourceRef { kind: ResourceKind::Node, id: "n1".into(), owner: None, labels: Vec::new() };
+        assert_eq!(resource::pinned_vm(&node, &n1), None);
+    }
+}

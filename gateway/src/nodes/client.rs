@@ -1,0 +1,244 @@
+//! [`NodeClient`]: the typed calls the gateway makes to one node agent. The
+//! only user of the generated gRPC client, and the one place a
+//! `tonic::Status` becomes a [`NodeError`]. Callers pass and get domain types;
+//! `super::trans` converts.
+
+use std::time::Duration;
+
+use moat_proto::node::v1::node_service_client::NodeServiceClient;
+use moat_proto::node::v1::{self as pb, GuestFrame};
+use moat_tools::NodeDetail;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tonic::transport::Channel;
+
+use super::trans;
+use crate::store::vms::VmReport;
+
+/// How long a node may take to answer a quick call (facts, state, logs); calls that boot or
+/// stop VMs pass their own deadline.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes per frame on a guest stream.
+const FRAME: usize = 64 * 1024;
+
+/// Why a node call failed, as the gateway may act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// No answer (down, unreachable, timed out, connection lost): whether the node acted is unknown.
+    #[error("node {node} is unreachable ({detail})")]
+    Unreachable { node: String, detail: String },
+    /// The node does not have what was named (a VM id).
+    #[error("{message}")]
+    NotFound { node: String, message: String },
+    /// The node answered and refused or failed the work; its message says why.
+    #[error("{message}")]
+    Refused { node: String, message: String },
+}
+
+impl NodeError {
+    /// The one mapping from a node's gRPC status to what the gateway makes of it.
+    fn from_status(node: &str, status: tonic::Status) -> NodeError {
+        use tonic::Code;
+        let node = node.to_string();
+        match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                NodeError::Unreachable { node, detail: describe(&status) }
+            }
+            Code::NotFound => NodeError::NotFound { node, message: status.message().to_string() },
+            _ => NodeError::Refused { node, message: status.message().to_string() },
+        }
+    }
+}
+
+/// A status with its code and cause chain, for an operator.
+fn describe(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut message = format!("node did not answer: {} ({:?})", status.message(), status.code());
+    let mut source = status.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// `message` with a deadline the node sees (grpc-timeout) and enforces.
+fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// What a new VM is to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewVm {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub image: String,
+}
+
+/// Calls to one node. Cheap to clone: the channel is shared and cached by the connector.
+#[derive(Debug, Clone)]
+pub struct NodeClient {
+    node: String,
+    inner: NodeServiceClient<Channel>,
+}
+
+impl NodeClient {
+    pub(super) fn new(node: &str, channel: Channel) -> NodeClient {
+        NodeClient { node: node.to_string(), inner: NodeServiceClient::new(channel) }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.node
+    }
+
+    fn failed(&self) -> impl FnOnce(tonic::Status) -> NodeError + '_ {
+        move |status| NodeError::from_status(&self.node, status)
+    }
+
+    /// The node's facts, as `node_inspect` shows them (reachable, never yet seen).
+    pub async fn info(&self, address: &str) -> Result<NodeDetail, NodeError> {
+        let info = self.inner.clone().get_node_info(request(pb::GetNodeInfoRequest {}, CALL_TIMEOUT)).await;
+        Ok(trans::node_detail(&self.node, address, info.map_err(self.failed())?.into_inner(), String::new()))
+    }
+
+    pub async fn create_vm(&self, vm: &NewVm, start: bool, deadline: Duration) -> Result<VmReport, NodeError> {
+        let spec = pb::VmSpec {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            image: vm.image.clone(),
+        };
+        let answer =
+            self.inner.clone().create_vm(request(pb::CreateVmRequest { spec: Some(spec), start }, deadline)).await;
+        Ok(trans::vm_report(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn start_vm(&self, id: &str, deadline: Duration) -> Result<VmReport, NodeError> {
+        let answer = self.inner.clone().start_vm(request(pb::VmRef { id: id.to_string() }, deadline)).await;
+        Ok(trans::vm_report(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    /// Stops a VM: the power button, then a kill after `timeout_s` (or at once with `force`).
+    pub async fn stop_vm(&self, id: &str, force: bool, timeout_s: u32) -> Result<VmReport, NodeError> {
+        let deadline = Duration::from_secs(u64::from(timeout_s) + 20);
+        let message = pb::StopVmRequest { id: id.to_string(), force, timeout_s };
+        let answer = self.inner.clone().stop_vm(request(message, deadline)).await;
+        Ok(trans::vm_report(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn delete_vm(&self, id: &str, deadline: Duration) -> Result<(), NodeError> {
+        let answer = self.inner.clone().delete_vm(request(pb::VmRef { id: id.to_string() }, deadline)).await;
+        answer.map(|_| ()).map_err(self.failed())
+    }
+
+    pub async fn get_vm(&self, id: &str) -> Result<VmReport, NodeError> {
+        let answer = self.inner.clone().get_vm(request(pb::VmRef { id: id.to_string() }, CALL_TIMEOUT)).await;
+        Ok(trans::vm_report(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<VmReport>, NodeError> {
+        let answer = self.inner.clone().list_vms(request(pb::ListVmsRequest {}, CALL_TIMEOUT)).await;
+        Ok(answer.map_err(self.failed())?.into_inner().vms.into_iter().map(trans::vm_report).collect())
+    }
+
+    /// The console's last `tail_bytes`, and whether older output exists.
+    pub async fn vm_logs(&self, id: &str, tail_bytes: u64) -> Result<(String, bool), NodeError> {
+        let message = pb::VmLogsRequest { id: id.to_string(), tail_bytes };
+        let answer = self.inner.clone().vm_logs(request(message, CALL_TIMEOUT)).await;
+        let logs = answer.map_err(self.failed())?.into_inner();
+        Ok((logs.text, logs.truncated))
+    }
+
+    /// A byte stream to `port` of VM `vm_id`'s guest, spliced through the node's `GuestStream`.
+    /// The node waits up to `connect_timeout` for the guest to accept. Dropping the stream
+    /// closes the connection in the guest.
+    pub async fn guest_stream(
+        &self,
+        vm_id: &str,
+        port: u32,
+        connect_timeout: Duration,
+    ) -> Result<DuplexStream, NodeError> {
+        let (to_node, outbound) = tokio::sync::mpsc::channel::<GuestFrame>(16);
+        let first = GuestFrame {
+            vm_id: vm_id.to_string(),
+            port,
+            data: Vec::new(),
+            connect_timeout_ms: u32::try_from(connect_timeout.as_millis()).unwrap_or(u32::MAX),
+        };
+        to_node.send(first).await.expect("the receiver is held just below");
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+        request.set_timeout(Duration::from_secs(24 * 3600));
+        let mut inbound = self.inner.clone().guest_stream(request).await.map_err(self.failed())?.into_inner();
+        // Splice the gRPC stream to an in-memory pipe the caller reads and writes.
+        let (ours, theirs) = tokio::io::duplex(4 * FRAME);
+        let (mut from_caller, mut to_caller) = tokio::io::split(theirs);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; FRAME];
+            loop {
+                match from_caller.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let frame = GuestFrame { data: buf[..n].to_vec(), ..GuestFrame::default() };
+                        if to_node.send(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok(Some(frame)) = inbound.message().await {
+                if to_caller.write_all(&frame.data).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to_caller.shutdown().await;
+        });
+        Ok(ours)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_what_the_gateway_can_act_on() {
+        use tonic::{Code, Status};
+        let cases = [
+            (Code::Unavailable, "unreachable"),
+            (Code::DeadlineExceeded, "unreachable"),
+            (Code::Cancelled, "unreachable"),
+            (Code::Unknown, "unreachable"),
+            (Code::NotFound, "not found"),
+            (Code::FailedPrecondition, "refused"),
+            (Code::InvalidArgument, "refused"),
+            (Code::AlreadyExists, "refused"),
+            (Code::Aborted, "refused"),
+            (Code::Internal, "refused"),
+        ];
+        for (code, want) in cases {
+            let got = match NodeError::from_status("n1", Status::new(code, "why")) {
+                NodeError::Unreachable { node, detail } => {
+                    assert_eq!(node, "n1");
+                    assert!(detail.contains("why"), "{detail}");
+                    "unreachable"
+                }
+                NodeError::NotFound { message, .. } => {
+                    assert_eq!(message, "why");
+                    "not found"
+                }
+                NodeError::Refused { message, .. } => {
+                    assert_eq!(message, "why");
+                    "refused"
+                }
+            };
+            assert_eq!(got, want, "{code:?}");
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! What the authorizer judges: a [`ResourceRef`] (kind, id, owner, labels),
+//! built from the database for an existing VM; how a `vm` argument resolves
+//! (id, else the caller's own name, else a name held by one VM); and the pin
+//! that makes a handler act on exactly the VM that was judged.
+
+use moat_tools::{ResourceKind, ToolCall};
+
+use crate::store::vms::VmRow;
+use crate::store::{State, StateError};
+
+/// What a call acts on, as the authorizer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResourceRef {
+    pub kind: ResourceKind,
+    pub id: String,
+    pub owner: Option<String>,
+    pub labels: Vec<String>,
+}
+
+impl ResourceRef {
+    pub fn cluster() -> ResourceRef {
+        ResourceRef { kind: ResourceKind::Cluster, id: "moat".into(), owner: None, labels: Vec::new() }
+    }
+}
+
+/// Why a `vm` argument names no one VM the caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// Nothing by that id or name (or nothing the caller may see: the words are the same).
+    #[error("{0}")]
+    Missing(String),
+    /// Several other owners' VMs share the name; the caller must pass an id.
+    #[error("{0}")]
+    Ambiguous(String),
+    #[error(transparent)]
+    Store(#[from] StateError),
+}
+
+/// What a `vm` argument names.
+#[derive(Debug)]
+pub enum Resolved {
+    One(Box<VmRow>),
+    Missing,
+    /// Several VMs of other owners share the name; the caller must pass an id.
+    Ambiguous(Vec<String>),
+}
+
+/// Resolves a `vm` argument: an id, else a name among the caller's own VMs, else a name
+/// held by exactly one VM.
+pub async fn resolve(state: &State, caller: &str, arg: &str) -> Result<Resolved, StateError> {
+    if let Some(row) = state.vm_by_id(arg).await? {
+        return Ok(Resolved::One(Box::new(row)));
+    }
+    let mut named = state.vms_named(arg, caller).await?;
+    Ok(match named.len() {
+        0 => Resolved::Missing,
+        _ if named[0].owner == caller => Resolved::One(Box::new(named.swap_remove(0))),
+        1 => Resolved::One(Box::new(named.swap_remove(0))),
+        _ => Resolved::Ambiguous(named.into_iter().map(|r| r.id).collect()),
+    })
+}
+
+/// The authorizer's view of the VM a call names (an unknown VM has no owner, which only
+/// admins may act on; they then learn it does not exist).
+pub async fn resource(state: &State, caller: &str, arg: &str) -> Result<ResourceRef, StateError> {
+    Ok(match resolve(state, caller, arg).await? {
+        Resolved::One(row) => vm_resource(&row),
+        Resolved::Missing | Resolved::Ambiguous(_) => {
+            ResourceRef { kind: ResourceKind::Vm, id: arg.to_string(), owner: None, labels: Vec::new() }
+        }
+    })
+}
+
+pub fn vm_resource(row: &VmRow) -> ResourceRef {
+    ResourceRef {
+        kind: ResourceKind::Vm,
+        id: row.id.clone(),
+        owner: Some(row.owner.clone()),
+        labels: row.labels().into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+    }
+}
+
+/// The answer for a VM that does not exist, and for one the caller may not see.
+pub fn not_found(arg: &str) -> String {
+    format!("no vm named `{arg}`; vm_list shows your VMs")
+}
+
+/// The VM a handler acts on: the one the authorizer judged (`pinned`), as it is now, when
+/// there is one (gone since then reads as missing); otherwise `arg` resolved for `caller`.
+pub async fn vm_row(state: &State, caller: &str, pinned: Option<&str>, arg: &str) -> Result<VmRow, LookupError> {
+    if let Some(id) = pinned {
+        return state.vm_by_id(id).await?.ok_or_else(|| LookupError::Missing(not_found(arg)));
+    }
+    match resolve(state, caller, arg).await? {
+        Resolved::One(row) => Ok(*row),
+        Resolved::Missing => Err(LookupError::Missing(not_found(arg))),
+        Resolved::Ambiguous(ids) => {
+            Err(LookupError::Ambiguous(format!("several VMs are named `{arg}` (ids {}); pass the id", ids.join(", "))))
+        }
+    }
+}
+
+/// The existing VM a call was authorized on, by id. A VM named by name is pinned to the one
+/// just judged: were it deleted and the name taken by another owner's VM meanwhile, the handler
+/// must not act on that one. A VM being created, or one that was not found (no owner), is not.
+pub fn pinned_vm(call: &ToolCall, resource: &ResourceRef) -> Option<String> {
+    let existing = resource.kind == ResourceKind::Vm && resource.owner.is_some();
+    (existing && !matches!(call, ToolCall::VmCreate(_))).then(|| resource.id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Authorization judged alice's `web`; she deletes it and bob's `web` is then the only VM
+    /// of that name. The handler must not act on bob's: the pinned id reads as missing.
+    #[tokio::test]
+    async fn a_vm_authorized_by_name_stays_the_one_acted_on() {
+        use crate::store::vms::tests::row;
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("moat.db")).await.unwrap();
+        let quotas = crate::security::limits::Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 1 };
+        let room = crate::store::vms::NodeCapacity { cpus: 8, memory_mib: 65536 };
+        state.reserve_vm(&row("vm-a", "web", "alice", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        state.reserve_vm(&row("vm-b", "web", "bob", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        let Resolved::One(judged) = resolve(&state, "alice", "web").await.unwrap() else { panic!("alice's web") };
+        assert_eq!(judged.id, "vm-a");
+        assert_eq!(vm_row(&state, "alice", Some(&judged.id), "web").await.unwrap().id, "vm-a");
+
+        state.delete_vm_row("vm-a").await.unwrap();
+        let unpinned = vm_row(&state, "alice", None, "web").await.unwrap();
+        assert_eq!(unpinned.owner, "bob", "by name alone the call would now reach bob's VM");
+        match vm_row(&state, "alice", Some(&judged.id), "web").await {
+            Err(LookupError::Missing(message)) => assert_eq!(message, not_found("web")),
+            other => panic!("the pinned VM is gone, so the call must find nothing: {other:?}"),
+        }
+    }
+}

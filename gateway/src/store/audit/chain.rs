@@ -1,0 +1,233 @@
+//! The hash chain: what a record's hash covers, and `verify`, which walks the
+//! stored rows and names the first edited, missing or reordered one.
+
+use sha2::{Digest, Sha256};
+use sqlx::SqlitePool;
+
+use super::{CallRecord, GENESIS};
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Row {
+    pub(super) ts: String,
+    pub(super) kind: &'static str,
+    pub(super) ref_seq: Option<i64>,
+    pub(super) call: CallRecord,
+    pub(super) outcome: Option<&'static str>,
+    pub(super) error_code: Option<i64>,
+    pub(super) duration_us: Option<i64>,
+}
+
+impl Row {
+    pub(super) fn hash(&self, prev_hash: &str) -> String {
+        let c = &self.call;
+        Hashed {
+            ts: &self.ts,
+            kind: self.kind,
+            ref_seq: self.ref_seq,
+            principal: &c.principal,
+            role: &c.role,
+            transport: &c.transport,
+            session: c.session.as_deref(),
+            tool: &c.tool,
+            resource: c.resource.as_deref(),
+            decision: c.decision.as_str(),
+            args_digest: &c.args_digest,
+            args_shape: &c.args_shape,
+            outcome: self.outcome,
+            error_code: self.error_code,
+            duration_us: self.duration_us,
+        }
+        .hash(prev_hash)
+    }
+}
+
+/// The hashed content of a record, built by field name from a new row (append) or a stored
+/// one (verify), so both hash identically. Everything but `seq`: a moved row breaks the
+/// chain's links (reported as reordered) while a changed field breaks its own hash (edited).
+struct Hashed<'a> {
+    ts: &'a str,
+    kind: &'a str,
+    ref_seq: Option<i64>,
+    principal: &'a str,
+    role: &'a str,
+    transport: &'a str,
+    session: Option<&'a str>,
+    tool: &'a str,
+    resource: Option<&'a str>,
+    decision: &'a str,
+    args_digest: &'a str,
+    args_shape: &'a str,
+    outcome: Option<&'a str>,
+    error_code: Option<i64>,
+    duration_us: Option<i64>,
+}
+
+impl Hashed<'_> {
+    pub(super) fn hash(&self, prev_hash: &str) -> String {
+        use Field::{Int, Text};
+        row_hash(
+            prev_hash,
+            &[
+                Text(Some(self.ts)),
+                Text(Some(self.kind)),
+                Int(self.ref_seq),
+                Text(Some(self.principal)),
+                Text(Some(self.role)),
+                Text(Some(self.transport)),
+                Text(self.session),
+                Text(Some(self.tool)),
+                Text(self.resource),
+                Text(Some(self.decision)),
+                Text(Some(self.args_digest)),
+                Text(Some(self.args_shape)),
+                Text(self.outcome),
+                Int(self.error_code),
+                Int(self.duration_us),
+            ],
+        )
+    }
+}
+
+/// One hashed field. Each is tagged and length-prefixed, so no two records hash alike by
+/// shifting text between fields, and an absent value differs from an empty one.
+enum Field<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+}
+
+fn row_hash(prev_hash: &str, fields: &[Field<'_>]) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    for field in fields {
+        match field {
+            Field::Text(None) | Field::Int(None) => h.update([0u8]),
+            Field::Text(Some(text)) => {
+                h.update([1u8]);
+                h.update((text.len() as u64).to_le_bytes());
+                h.update(text.as_bytes());
+            }
+            Field::Int(Some(n)) => {
+                h.update([2u8]);
+                h.update(n.to_le_bytes());
+            }
+        }
+    }
+    hex(&h.finalize())
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+/// The first problem `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainProblem {
+    /// The record's content no longer matches its hash.
+    Edited { seq: i64 },
+    /// Sequence numbers jump: records were deleted.
+    Missing { after: i64, next: i64 },
+    /// The record does not link to the one before it: moved or forged.
+    Reordered { seq: i64 },
+}
+
+impl std::fmt::Display for ChainProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChainProblem::Edited { seq } => write!(f, "record {seq} was edited: its content does not match its hash"),
+            ChainProblem::Missing { after, next } => {
+                write!(f, "records {}..{} are missing (deleted after {after})", after + 1, next - 1)
+            }
+            ChainProblem::Reordered { seq } => {
+                write!(f, "record {seq} does not follow the record before it: reordered or forged")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub checked: u64,
+    pub problem: Option<ChainProblem>,
+}
+
+/// A row as stored, for verification and export.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct StoredRow {
+    pub(super) seq: i64,
+    pub(super) ts: String,
+    pub(super) kind: String,
+    pub(super) ref_seq: Option<i64>,
+    pub(super) principal: String,
+    pub(super) role: String,
+    pub(super) transport: String,
+    pub(super) session: Option<String>,
+    pub(super) tool: String,
+    pub(super) resource: Option<String>,
+    pub(super) decision: String,
+    pub(super) args_digest: String,
+    pub(super) args_shape: String,
+    pub(super) outcome: Option<String>,
+    pub(super) error_code: Option<i64>,
+    pub(super) duration_us: Option<i64>,
+    pub(super) prev_hash: String,
+    pub(super) hash: String,
+}
+
+impl StoredRow {
+    fn hash_with(&self, prev_hash: &str) -> String {
+        Hashed {
+            ts: &self.ts,
+            kind: &self.kind,
+            ref_seq: self.ref_seq,
+            principal: &self.principal,
+            role: &self.role,
+            transport: &self.transport,
+            session: self.session.as_deref(),
+            tool: &self.tool,
+            resource: self.resource.as_deref(),
+            decision: &self.decision,
+            args_digest: &self.args_digest,
+            args_shape: &self.args_shape,
+            outcome: self.outcome.as_deref(),
+            error_code: self.error_code,
+            duration_us: self.duration_us,
+        }
+        .hash(prev_hash)
+    }
+}
+
+/// Walks the chain in sequence order and reports the first broken, missing or reordered record.
+pub async fn verify(pool: &SqlitePool) -> Result<VerifyReport, sqlx::Error> {
+    use futures::TryStreamExt;
+    let mut rows = sqlx::query_as::<_, StoredRow>(
+        "SELECT seq, ts, kind, ref_seq, principal, role, transport, session, tool, resource, decision, \
+         args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash FROM audit_log ORDER BY seq",
+    )
+    .fetch(pool);
+    let (mut last_seq, mut last_hash, mut checked) = (0i64, GENESIS.to_string(), 0u64);
+    while let Some(r) = rows.try_next().await? {
+        let (seq, prev_hash, hash) = (r.seq, r.prev_hash.clone(), r.hash.clone());
+        let problem = if r.hash_with(&prev_hash) != hash {
+            Some(ChainProblem::Edited { seq })
+        } else if seq != last_seq + 1 {
+            Some(ChainProblem::Missing { after: last_seq, next: seq })
+        } else if prev_hash != last_hash {
+            Some(ChainProblem::Reordered { seq })
+        } else {
+            None
+        };
+        if problem.is_some() {
+            return Ok(VerifyReport { checked, problem });
+        }
+        checked += 1;
+        last_seq = seq;
+        last_hash = hash;
+    }
+    Ok(VerifyReport { checked, problem: None })
+}

@@ -1,0 +1,32 @@
+//! The VM guest tools (`vm_exec*`, `vm_file_*`): the VM the caller named, its
+//! node, and the guest agent's tool of the same name, called through the
+//! guest session pool with the caller's progress and cancellation.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::ToolError;
+use super::vms::row_for;
+use crate::app::{CallContext, Shared};
+use crate::guest;
+
+/// Deadline for guest calls other than vm_exec (file transfers of up to 32 MiB included).
+pub const GUEST_CALL: Duration = Duration::from_secs(120);
+
+/// Runs the guest agent's `tool` with `args` in the VM the caller named.
+pub async fn in_guest(
+    shared: &Shared,
+    ctx: &CallContext,
+    vm: &str,
+    tool: &str,
+    args: impl serde::Serialize,
+    deadline: Duration,
+) -> Result<Value, ToolError> {
+    let vm = row_for(shared, ctx, vm).await?;
+    let node = shared.state.node(&vm.node).await?;
+    let dial = shared.nodes.node(&node.name, &node.address)?;
+    let answer =
+        guest::call(&shared.guest, &dial, &vm, tool, args, deadline, ctx.progress.clone(), &ctx.cancel).await?;
+    Ok(answer)
+}

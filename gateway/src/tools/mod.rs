@@ -1,0 +1,127 @@
+//! What each tool does, as one exhaustive `match` over [`ToolCall`]: adding a
+//! tool to `moat-tools` fails to compile here until it is handled. Each
+//! domain's handlers live in their own file; [`ToolError`] is how any of them
+//! fails, with one `From` per lower boundary (store, node, guest).
+
+pub mod cluster;
+pub mod guest;
+pub mod placement;
+pub mod vms;
+
+use std::time::Duration;
+
+use moat_tools::ToolCall;
+use moat_tools::guest::{ExecIdInput, ExecInput, ExecOutputInput, FileReadInput, FileWriteInput, PathInput};
+use serde_json::Value;
+
+use crate::app::{CallContext, Shared};
+use crate::guest::GuestError;
+use crate::nodes::client::NodeError;
+use crate::security::resource::LookupError;
+use crate::store::StateError;
+use guest::{GUEST_CALL, in_guest};
+
+/// How a tool call can fail once it has been decoded and allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// The caller named something that does not exist; they can fix the call.
+    #[error("{0}")]
+    NotFound(String),
+    /// Well-formed arguments the tool still cannot use (e.g. a malformed time); they can fix the call.
+    #[error("{0}")]
+    Invalid(String),
+    /// A node refused or failed the work (no runtime, VMM error, unreachable); the message
+    /// says what happened and whether anything changed.
+    #[error("{0}")]
+    Node(String),
+    /// moat itself failed; not the caller's doing.
+    #[error("internal error")]
+    Internal(#[source] StateError),
+}
+
+impl From<StateError> for ToolError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::UnknownNode(_) => ToolError::NotFound(e.to_string()),
+            other => ToolError::Internal(other),
+        }
+    }
+}
+
+impl From<NodeError> for ToolError {
+    fn from(e: NodeError) -> Self {
+        ToolError::Node(e.to_string())
+    }
+}
+
+impl From<LookupError> for ToolError {
+    fn from(e: LookupError) -> Self {
+        match e {
+            LookupError::Missing(message) => ToolError::NotFound(message),
+            LookupError::Ambiguous(message) => ToolError::Invalid(message),
+            LookupError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<GuestError> for ToolError {
+    fn from(e: GuestError) -> Self {
+        match e {
+            GuestError::NotRunning { .. } | GuestError::Refused(_) => ToolError::Invalid(e.to_string()),
+            GuestError::Node(e) => e.into(),
+            GuestError::Store(e) => e.into(),
+            GuestError::Agent(_) | GuestError::Cancelled => ToolError::Node(e.to_string()),
+        }
+    }
+}
+
+pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Result<Value, ToolError> {
+    match call {
+        ToolCall::Whoami(_) => Ok(cluster::whoami(ctx)),
+        ToolCall::NodeList(_) => cluster::node_list(shared).await,
+        ToolCall::NodeInspect(input) => cluster::node_inspect(shared, input).await,
+        ToolCall::AuditQuery(input) => cluster::audit_query(shared, input).await,
+        ToolCall::VmCreate(input) => vms::create(shared, ctx, input).await,
+        ToolCall::VmStart(input) => vms::start(shared, ctx, &input.vm).await,
+        ToolCall::VmStop(input) => {
+            vms::stop(shared, ctx, &input.vm, input.force.unwrap_or(false), input.timeout_s).await
+        }
+        ToolCall::VmDelete(input) => vms::delete(shared, ctx, &input.vm).await,
+        ToolCall::VmList(input) => vms::list(shared, ctx, input).await,
+        ToolCall::VmInspect(input) => vms::inspect(shared, ctx, &input.vm).await,
+        ToolCall::VmLogs(input) => vms::logs(shared, ctx, &input.vm, input.tail).await,
+        ToolCall::VmExec(input) => {
+            // The guest kills the process at its timeout; the call gets a little longer to report it.
+            let deadline = Duration::from_secs(u64::from(input.timeout_s.unwrap_or(60)) + 15);
+            in_guest(shared, ctx, &input.vm.clone(), "exec", ExecInput::from(input), deadline).await
+        }
+        ToolCall::VmExecStart(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "exec_start", ExecInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmExecStatus(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "exec_status", ExecIdInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmExecOutput(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "exec_output", ExecOutputInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmExecKill(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "exec_kill", ExecIdInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileRead(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "file_read", FileReadInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileWrite(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "file_write", FileWriteInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileDelete(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "file_delete", PathInput::from(input), GUEST_CALL).await
+        }
+        ToolCall::VmFileList(input) => {
+            in_guest(shared, ctx, &input.vm.clone(), "file_list", PathInput::from(input), GUEST_CALL).await
+        }
+    }
+}
+
+pub fn to_value<T: serde::Serialize>(output: T) -> Value {
+    serde_json::to_value(output).expect("tool output types serialize to JSON")
+}

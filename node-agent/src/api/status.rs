@@ -1,0 +1,32 @@
+//! The one mapping from node errors to `tonic::Status`. The code says what
+//! the gateway may conclude (not found, refused, unreachable); the message
+//! keeps the cause chain, since the gateway shows it to an operator.
+
+use tonic::Status;
+
+use crate::probe::ProbeError;
+use crate::vm::VmError;
+
+pub(super) fn probe_status(err: ProbeError) -> Status {
+    // Keep the cause chain in the message: the gateway shows it to an operator.
+    let message = crate::errors::chain(&err);
+    match err {
+        ProbeError::Read { .. } => Status::internal(message),
+        ProbeError::Storage { .. } => Status::failed_precondition(message),
+    }
+}
+
+pub(super) fn vm_status(err: VmError) -> Status {
+    let message = crate::errors::chain(&err);
+    match err {
+        VmError::NotFound(_) => Status::not_found(message),
+        VmError::Exists(_) => Status::already_exists(message),
+        VmError::Invalid(_) => Status::invalid_argument(message),
+        VmError::NoRuntime { .. } | VmError::NoImage { .. } | VmError::WrongState { .. } => {
+            Status::failed_precondition(message)
+        }
+        VmError::Vmm { .. } => Status::aborted(message),
+        VmError::NoVsock { .. } | VmError::AgentUnreachable { .. } => Status::failed_precondition(message),
+        VmError::Io { .. } => Status::internal(message),
+    }
+}

@@ -1,0 +1,84 @@
+//! The one place moat-node converts between domain types and proto types.
+
+use moat_proto::node::v1 as pb;
+
+use crate::probe::HostInfo;
+use crate::vm::{Runtime, VmManager, VmState, VmView};
+
+pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
+    let is_btrfs = info.storage.is_btrfs();
+    let (runtime, accel, runtime_detail) = match vms.runtime() {
+        Runtime::Ready(vmm) => (vmm.kind().to_string(), vmm.accel().as_str().to_string(), String::new()),
+        Runtime::Missing(detail) => (String::new(), String::new(), detail.clone()),
+    };
+    let defined = vms.list();
+    pb::NodeInfo {
+        name: info.name,
+        hostname: info.hostname,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        cpus: info.cpus,
+        memory_total_bytes: info.memory_total_bytes,
+        memory_available_bytes: info.memory_available_bytes,
+        kernel: info.kernel,
+        arch: info.arch,
+        kvm: Some(pb::KvmStatus { present: info.kvm.present, usable: info.kvm.usable, detail: info.kvm.detail }),
+        vmms: info
+            .vmms
+            .into_iter()
+            .map(|v| pb::VmmInfo {
+                kind: v.kind.to_string(),
+                installed: v.path.is_some(),
+                path: v.path.map(|p| p.display().to_string()).unwrap_or_default(),
+                version: v.version.unwrap_or_default(),
+            })
+            .collect(),
+        storage: Some(pb::StorageInfo {
+            root: info.storage.root.display().to_string(),
+            filesystem: info.storage.filesystem,
+            is_btrfs,
+            total_bytes: info.storage.total_bytes,
+            available_bytes: info.storage.available_bytes,
+        }),
+        runtime,
+        accel,
+        runtime_detail,
+        allocated_vcpus: defined.iter().map(|v| v.config.vcpus).sum(),
+        allocated_memory_mib: defined.iter().map(|v| v.config.memory_mib).sum(),
+        vm_count: defined.len() as u32,
+        images: vms.images(),
+    }
+}
+
+pub(crate) fn vm(view: VmView) -> pb::Vm {
+    pb::Vm {
+        spec: Some(pb::VmSpec {
+            id: view.config.id,
+            name: view.config.name,
+            vcpus: view.config.vcpus,
+            memory_mib: view.config.memory_mib,
+            image: view.config.image,
+        }),
+        state: vm_state(view.status.state) as i32,
+        reason: view.status.reason,
+        vmm: view.vmm.to_string(),
+        accel: view.accel.to_string(),
+        pid: view.status.pid,
+        started_at: view.status.started_at,
+        agent_ready: view.agent.ready,
+        agent_version: view.agent.version,
+        agent_last_seen: view.agent.last_seen,
+        agent_detail: view.agent.detail,
+    }
+}
+
+pub(crate) fn vm_state(state: VmState) -> pb::VmState {
+    match state {
+        VmState::Creating => pb::VmState::Creating,
+        VmState::Stopped => pb::VmState::Stopped,
+        VmState::Starting => pb::VmState::Starting,
+        VmState::Running => pb::VmState::Running,
+        VmState::Stopping => pb::VmState::Stopping,
+        VmState::Crashed => pb::VmState::Crashed,
+        VmState::Deleting => pb::VmState::Deleting,
+    }
+}

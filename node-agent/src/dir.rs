@@ -1,0 +1,238 @@
+//! One VM's directory on the node: everything about the VM lives here, so a
+//! restarted moat-node can find and re-adopt it.
+//!
+//! ```text
+//! <storage-root>/vms/<id>/
+//!   config.json    what to run (written once, at create)
+//!   status.json    last known state and why (rewritten atomically on every change)
+//!   vmm.pid        the VMM's process id while it runs
+//!   qmp.sock       QEMU's control socket
+//!   console.log    serial console output, appended by the VMM
+//!   console.1.log  the previous console.log once it passed the size cap
+//!   vmm.log        the VMM's own stdout and stderr
+//!   vhost.sock     vhost-user socket of the VM's vsock device (hybrid vsock)
+//!   vsock.sock     the host end of the VM's vsock: `CONNECT <port>` reaches the guest
+//!   vsock.pid      the vsock device daemon's process id
+//! ```
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Console output kept per VM: `console.log` rotates into `console.1.log` past this size, so
+/// at most twice this is on disk and the newest output (a kernel panic, say) is always there.
+pub const CONSOLE_CAP: u64 = 1024 * 1024;
+
+/// What to run; fixed at create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub image: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub created_at: String,
+}
+
+/// The one VM state enum, shared with the gateway and the tools.
+pub use moat_tools::VmState;
+
+/// Where a VM is and why; persisted so a restarted node knows what it was doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub state: VmState,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub started_at: String,
+    /// Size of console.log when this boot began: output before it is an earlier boot's.
+    #[serde(default)]
+    pub console_start: u64,
+}
+
+impl VmStatus {
+    pub fn new(state: VmState, reason: impl Into<String>) -> VmStatus {
+        VmStatus { state, reason: reason.into(), pid: 0, started_at: String::new(), console_start: 0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    root: PathBuf,
+}
+
+impl VmDir {
+    pub fn new(vms_root: &Path, id: &str) -> VmDir {
+        VmDir { root: vms_root.join(id) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.root.join("qmp.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+    fn console_prev(&self) -> PathBuf {
+        self.root.join("console.1.log")
+    }
+    /// vhost-user control socket QEMU connects to (hybrid vsock).
+    pub fn vhost_socket(&self) -> PathBuf {
+        self.root.join("vhost.sock")
+    }
+    /// The hybrid vsock socket: connect, send `CONNECT <port>\n`, read `OK ...`, then talk.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+    /// The guest CID allocated for kernel vhost-vsock, while the VM runs.
+    pub fn vsock_cid_file(&self) -> PathBuf {
+        self.root.join("vsock.cid")
+    }
+    pub fn read_cid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.vsock_cid_file()).ok()?.trim().parse().ok()
+    }
+    pub fn vsock_pid_file(&self) -> PathBuf {
+        self.root.join("vsock.pid")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.root.join("vmm.log")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.root.join("vmm.pid")
+    }
+
+    pub fn read_config(&self) -> std::io::Result<VmConfig> {
+        read_json(&self.root.join("config.json"))
+    }
+    pub fn write_config(&self, config: &VmConfig) -> std::io::Result<()> {
+        write_json(&self.root.join("config.json"), config)
+    }
+    pub fn read_status(&self) -> std::io::Result<VmStatus> {
+        read_json(&self.root.join("status.json"))
+    }
+    pub fn write_status(&self, status: &VmStatus) -> std::io::Result<()> {
+        write_json(&self.root.join("status.json"), status)
+    }
+
+    pub fn read_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+    }
+    pub fn write_pid(&self, pid: u32) -> std::io::Result<()> {
+        write_atomic(&self.pid_file(), format!("{pid}\n").as_bytes())
+    }
+    pub fn clear_pid(&self) {
+        let _ = std::fs::remove_file(self.pid_file());
+    }
+
+    /// The last `max` bytes of console output (across the rotation), lossily decoded, and
+    /// whether older output exists beyond them.
+    pub fn console_tail(&self, max: u64) -> std::io::Result<(String, bool)> {
+        let mut bytes = tail_of(&self.console_log(), max)?;
+        let current = bytes.len() as u64;
+        let truncated = if current < max {
+            let older = tail_of(&self.console_prev(), max - current)?;
+            let truncated = std::fs::metadata(self.console_prev()).is_ok_and(|m| m.len() > older.len() as u64);
+            bytes.splice(0..0, older);
+            truncated
+        } else {
+            std::fs::metadata(self.console_log()).is_ok_and(|m| m.len() > max)
+                || std::fs::metadata(self.console_prev()).is_ok_and(|m| m.len() > 0)
+        };
+        Ok((String::from_utf8_lossy(&bytes).into_owned(), truncated))
+    }
+
+    /// Keeps the console log bounded: past [`CONSOLE_CAP`], its contents move to
+    /// `console.1.log` and it starts over. The VMM appends (O_APPEND), so it keeps writing at
+    /// the new end; output written between the copy and the truncate (one syscall apart) is
+    /// the only output that can be lost.
+    pub fn rotate_console(&self) -> std::io::Result<bool> {
+        let path = self.console_log();
+        let Ok(meta) = std::fs::metadata(&path) else { return Ok(false) };
+        if meta.len() <= CONSOLE_CAP {
+            return Ok(false);
+        }
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes)?;
+        write_atomic(&self.console_prev(), &bytes)?;
+        file.set_len(0)?;
+        Ok(true)
+    }
+}
+
+fn tail_of(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<T> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    write_atomic(path, &bytes)
+}
+
+/// Write-then-rename, so a crash leaves either the old file or the new one, never half.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_rotates_and_tail_spans_both_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(tmp.path(), "vm1");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let big = vec![b'a'; CONSOLE_CAP as usize + 10];
+        std::fs::write(dir.console_log(), &big).unwrap();
+        assert!(dir.rotate_console().unwrap());
+        assert_eq!(std::fs::metadata(dir.console_log()).unwrap().len(), 0);
+        std::fs::write(dir.console_log(), b"Kernel panic - not syncing\n").unwrap();
+        let (text, truncated) = dir.console_tail(64).unwrap();
+        assert!(text.ends_with("Kernel panic - not syncing\n"), "{text}");
+        assert_eq!(text.len(), 64);
+        assert!(truncated);
+        let (all, truncated) = dir.console_tail(10 * CONSOLE_CAP).unwrap();
+        assert_eq!(all.len(), big.len() + 27);
+        assert!(!truncated);
+        assert!(!dir.rotate_console().unwrap(), "under the cap nothing rotates");
+    }
+
+    #[test]
+    fn status_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(tmp.path(), "vm1");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let status = VmStatus::new(VmState::Crashed, "qemu killed");
+        dir.write_status(&status).unwrap();
+        assert_eq!(dir.read_status().unwrap(), status);
+        assert!(std::fs::read_to_string(dir.path().join("status.json")).unwrap().contains("\"crashed\""));
+    }
+}
