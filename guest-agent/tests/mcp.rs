@@ -2,7 +2,7 @@
 //! files (a 10 MiB binary round trip), exec with streamed output, exit codes, signals,
 //! timeouts, cancellation killing the process group, background processes re-attached
 //! from a second connection, and bad input.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // spawns the binary under test
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -2,14 +2,15 @@
 //! (`proto/moat/node/v1`) over TCP, or over a Unix socket when embedded in
 //! `moat serve`, and does the host work behind it.
 //!
-//! Module map, top to bottom (a module uses only those below it; `tests/layering.rs`
-//! checks): [`api`] is the tonic service (decode, call, encode; its `trans` is the one
-//! place converting between proto and domain types, its `status` the one error →
-//! `Status` map, [`api::tunnel`] the guest stream); [`vm`] runs VMs (state machine,
-//! monitor, agent watcher); [`vmm`] is the narrow driver trait with detection and the
-//! QEMU driver; [`dir`] is one VM's directory on disk; [`probe`] and [`kvm`] read host
-//! facts; [`vsock`] reaches guest ports; [`server`] and [`tls`] bind listeners; [`cmd`]
-//! is the only place that runs external programs; [`errors`] writes cause chains.
+//! Module map, top to bottom (a module uses only those below it, which
+//! gateway/tests/layering.rs checks): [`server`] binds listeners (mTLS via [`tls`])
+//! and serves [`api`], the tonic service (decode, call, encode; its `trans` is the
+//! one place converting between proto and domain types, its `status` the one
+//! error → `Status` map, [`api::tunnel`] the guest stream); [`vm`] runs VMs (state
+//! machine, monitor, agent watcher); [`vmm`] is the narrow driver trait with
+//! detection and the QEMU driver; [`dir`] is one VM's directory on disk; [`probe`]
+//! and [`kvm`] read host facts; [`vsock`] reaches guest ports; [`cmd`] is the only
+//! place that runs external programs; [`errors`] writes cause chains.
 
 pub mod api;
 pub mod cmd;

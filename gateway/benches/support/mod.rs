@@ -1,6 +1,6 @@
 //! Shared by the bench binaries: a bare rmcp server exposing `whoami`, the
 //! servers under test as child processes, and the measuring loops.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::disallowed_methods)] // starts the servers under test
 
 use std::process::Stdio;
 use std::sync::Arc;
