@@ -5,12 +5,8 @@
 
 use std::sync::Arc;
 
-use moat_tools::guest::{
-    ExecIdInput, ExecInput, ExecOutput, ExecOutputInput, ExecOutputOutput, ExecStartOutput, ExecStatusOutput,
-    FileDeleteOutput, FileListOutput, FileReadInput, FileReadOutput, FileStat, FileWriteInput, FileWriteOutput,
-    PathInput,
-};
-use moat_tools::{JsonObject, schema_object};
+use moat_tools::JsonObject;
+use moat_tools::guest::{ExecIdInput, ExecInput, ExecOutputInput, GuestTool, PathInput};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData, Implementation, ListToolsResult,
     PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
@@ -24,8 +20,7 @@ use serde_json::Value;
 use crate::exec::{self, Jobs};
 use crate::files;
 
-/// Longest JSON-RPC message (line) accepted or sent: a 32 MiB file in base64 plus framing.
-pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+pub use moat_tools::guest::MAX_MESSAGE;
 
 #[derive(Clone, Default)]
 pub struct GuestServer {
@@ -36,65 +31,6 @@ impl GuestServer {
     pub fn new(jobs: Arc<Jobs>) -> GuestServer {
         GuestServer { jobs }
     }
-}
-
-struct Spec {
-    name: &'static str,
-    description: &'static str,
-    read_only: bool,
-    input: JsonObject,
-    output: JsonObject,
-}
-
-fn spec<I: rmcp::schemars::JsonSchema, O: rmcp::schemars::JsonSchema>(
-    name: &'static str,
-    description: &'static str,
-    read_only: bool,
-) -> Spec {
-    Spec { name, description, read_only, input: schema_object::<I>(), output: schema_object::<O>() }
-}
-
-fn specs() -> Vec<Spec> {
-    vec![
-        spec::<FileReadInput, FileReadOutput>(
-            "file_read",
-            "Reads a file (text, or base64 for binary), optionally a byte range.",
-            true,
-        ),
-        spec::<FileWriteInput, FileWriteOutput>(
-            "file_write",
-            "Writes a file atomically (write, fsync, rename) and returns its SHA-256.",
-            false,
-        ),
-        spec::<PathInput, FileDeleteOutput>("file_delete", "Deletes a file or an empty directory.", false),
-        spec::<PathInput, FileListOutput>(
-            "file_list",
-            "Lists a directory with each entry's kind, size, mode and mtime.",
-            true,
-        ),
-        spec::<PathInput, FileStat>("file_stat", "Describes one path: kind, size, mode, mtime.", true),
-        spec::<ExecInput, ExecOutput>(
-            "exec",
-            "Runs a process to completion (argv, or command with /bin/sh -c); output is streamed as progress while it runs.",
-            false,
-        ),
-        spec::<ExecInput, ExecStartOutput>(
-            "exec_start",
-            "Starts a background process and returns its id; it outlives this connection.",
-            false,
-        ),
-        spec::<ExecIdInput, ExecStatusOutput>(
-            "exec_status",
-            "Whether a background process runs, and how it ended.",
-            true,
-        ),
-        spec::<ExecOutputInput, ExecOutputOutput>(
-            "exec_output",
-            "A background process's output from given byte offsets.",
-            true,
-        ),
-        spec::<ExecIdInput, ExecStatusOutput>("exec_kill", "Kills a background process's whole process group.", false),
-    ]
 }
 
 fn decode<T: DeserializeOwned>(args: Option<JsonObject>) -> Result<T, ErrorData> {
@@ -122,12 +58,12 @@ impl ServerHandler for GuestServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let tools = specs()
+        let tools = GuestTool::ALL
             .into_iter()
-            .map(|s| {
-                Tool::new(s.name, s.description, Arc::new(s.input))
-                    .with_raw_output_schema(Arc::new(s.output))
-                    .with_annotations(ToolAnnotations::new().read_only(s.read_only))
+            .map(|t| {
+                Tool::new(t.name(), t.description(), Arc::new(t.input_schema()))
+                    .with_raw_output_schema(Arc::new(t.output_schema()))
+                    .with_annotations(ToolAnnotations::new().read_only(t.read_only()))
             })
             .collect();
         Ok(ListToolsResult::with_all_items(tools))
@@ -139,8 +75,11 @@ impl ServerHandler for GuestServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments;
-        let result = match request.name.as_ref() {
-            "file_read" => {
+        let Some(tool) = GuestTool::parse(&request.name) else {
+            return Err(ErrorData::invalid_params(format!("unknown tool `{}`", request.name), None));
+        };
+        let result = match tool {
+            GuestTool::FileRead => {
                 // Up to 32 MiB: send it once, as structured content, with a one-line text summary
                 // instead of a second serialized copy.
                 let read = files::read(&decode(args)?);
@@ -154,11 +93,11 @@ impl ServerHandler for GuestServer {
                     result
                 })
             }
-            "file_write" => answer(files::write(&decode(args)?)),
-            "file_delete" => answer(files::delete(&decode::<PathInput>(args)?.path)),
-            "file_list" => answer(files::list(&decode::<PathInput>(args)?.path)),
-            "file_stat" => answer(files::stat(&decode::<PathInput>(args)?.path)),
-            "exec" => {
+            GuestTool::FileWrite => answer(files::write(&decode(args)?)),
+            GuestTool::FileDelete => answer(files::delete(&decode::<PathInput>(args)?.path)),
+            GuestTool::FileList => answer(files::list(&decode::<PathInput>(args)?.path)),
+            GuestTool::FileStat => answer(files::stat(&decode::<PathInput>(args)?.path)),
+            GuestTool::Exec => {
                 let input: ExecInput = decode(args)?;
                 let live = context.meta.get_progress_token().map(|token| {
                     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(exec::Pipe, String)>();
@@ -176,14 +115,13 @@ impl ServerHandler for GuestServer {
                 });
                 answer(exec::run(&input, live, context.ct.clone()).await)
             }
-            "exec_start" => answer(self.jobs.start(&decode(args)?)),
-            "exec_status" => answer(self.jobs.status(&decode::<ExecIdInput>(args)?.id)),
-            "exec_output" => {
+            GuestTool::ExecStart => answer(self.jobs.start(&decode(args)?)),
+            GuestTool::ExecStatus => answer(self.jobs.status(&decode::<ExecIdInput>(args)?.id)),
+            GuestTool::ExecOutput => {
                 let input: ExecOutputInput = decode(args)?;
                 answer(self.jobs.output(&input.id, input.stdout_offset.unwrap_or(0), input.stderr_offset.unwrap_or(0)))
             }
-            "exec_kill" => answer(self.jobs.kill(&decode::<ExecIdInput>(args)?.id).await),
-            other => Err(ErrorData::invalid_params(format!("unknown tool `{other}`"), None)),
+            GuestTool::ExecKill => answer(self.jobs.kill(&decode::<ExecIdInput>(args)?.id).await),
         };
         result.map(CallToolResponse::Complete)
     }

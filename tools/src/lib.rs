@@ -22,6 +22,7 @@ pub use cluster::{
     KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary,
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
 };
+pub use guest::{GuestTool, InVm};
 pub use vm::{
     AgentInfo, LabelValue, VmCreateInput, VmDeleteOutput, VmInfo, VmListInput, VmListOutput, VmLogsInput, VmLogsOutput,
     VmOutput, VmRefInput, VmState, VmStopInput,
@@ -31,81 +32,86 @@ pub use vm_guest::{VmExecIdInput, VmExecInput, VmExecOutputInput, VmFileReadInpu
 /// A JSON object, as MCP carries tool schemas and arguments.
 pub type JsonObject = Map<String, Value>;
 
-/// Every tool moat serves. Names are `noun_verb` on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ToolName {
-    Whoami,
-    NodeList,
-    NodeInspect,
-    AuditQuery,
-    VmCreate,
-    VmStart,
-    VmStop,
-    VmDelete,
-    VmList,
-    VmInspect,
-    VmLogs,
-    VmExec,
-    VmExecStart,
-    VmExecStatus,
-    VmExecOutput,
-    VmExecKill,
-    VmFileRead,
-    VmFileWrite,
-    VmFileDelete,
-    VmFileList,
+/// The one declaration of every tool: variant, wire name (`noun_verb`), input type and spec.
+/// [`ToolName`] (with [`ToolName::ALL`], the `tools/list` order), [`ToolCall`] and their
+/// decoding are generated from it, so a tool cannot be listed without being decodable or
+/// decodable without being listed.
+macro_rules! tool_table {
+    ($($variant:ident => $name:literal, $input:ty, $spec:expr;)+) => {
+        /// Every tool moat serves. Names are `noun_verb` on the wire.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ToolName {
+            $($variant,)+
+        }
+
+        impl ToolName {
+            /// All tools, in the order `tools/list` shows them.
+            pub const ALL: &'static [ToolName] = &[$(ToolName::$variant,)+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(ToolName::$variant => $name,)+
+                }
+            }
+
+            pub fn spec(self) -> ToolSpec {
+                match self {
+                    $(ToolName::$variant => $spec,)+
+                }
+            }
+        }
+
+        /// A decoded call: one variant per tool, carrying its typed input.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum ToolCall {
+            $($variant($input),)+
+        }
+
+        impl ToolCall {
+            /// Decodes arguments that already passed [`ToolSpec::input_schema`].
+            ///
+            /// Missing arguments are treated as `{}` so that tools without required
+            /// inputs can be called bare, as MCP clients commonly do.
+            pub fn decode(name: ToolName, arguments: Option<JsonObject>) -> Result<ToolCall, DecodeError> {
+                let args = Value::Object(arguments.unwrap_or_default());
+                Ok(match name {
+                    $(ToolName::$variant => ToolCall::$variant(typed(name, args)?),)+
+                })
+            }
+
+            pub fn name(&self) -> ToolName {
+                match self {
+                    $(ToolCall::$variant(_) => ToolName::$variant,)+
+                }
+            }
+        }
+    };
+}
+
+tool_table! {
+    Whoami => "whoami", WhoamiInput, cluster::whoami_spec();
+    NodeList => "node_list", NodeListInput, cluster::node_list_spec();
+    NodeInspect => "node_inspect", NodeInspectInput, cluster::node_inspect_spec();
+    AuditQuery => "audit_query", AuditQueryInput, audit::audit_query_spec();
+    VmCreate => "vm_create", VmCreateInput, vm::vm_create_spec();
+    VmStart => "vm_start", VmRefInput, vm::vm_start_spec();
+    VmStop => "vm_stop", VmStopInput, vm::vm_stop_spec();
+    VmDelete => "vm_delete", VmRefInput, vm::vm_delete_spec();
+    VmList => "vm_list", VmListInput, vm::vm_list_spec();
+    VmInspect => "vm_inspect", VmRefInput, vm::vm_inspect_spec();
+    VmLogs => "vm_logs", VmLogsInput, vm::vm_logs_spec();
+    VmExec => "vm_exec", VmExecInput, vm_guest::spec::<VmExecInput>(ToolName::VmExec, GuestTool::Exec);
+    VmExecStart => "vm_exec_start", VmExecInput, vm_guest::spec::<VmExecInput>(ToolName::VmExecStart, GuestTool::ExecStart);
+    VmExecStatus => "vm_exec_status", VmExecIdInput, vm_guest::spec::<VmExecIdInput>(ToolName::VmExecStatus, GuestTool::ExecStatus);
+    VmExecOutput => "vm_exec_output", VmExecOutputInput, vm_guest::spec::<VmExecOutputInput>(ToolName::VmExecOutput, GuestTool::ExecOutput);
+    VmExecKill => "vm_exec_kill", VmExecIdInput, vm_guest::spec::<VmExecIdInput>(ToolName::VmExecKill, GuestTool::ExecKill);
+    VmFileRead => "vm_file_read", VmFileReadInput, vm_guest::spec::<VmFileReadInput>(ToolName::VmFileRead, GuestTool::FileRead);
+    VmFileWrite => "vm_file_write", VmFileWriteInput, vm_guest::spec::<VmFileWriteInput>(ToolName::VmFileWrite, GuestTool::FileWrite);
+    VmFileDelete => "vm_file_delete", VmPathInput, vm_guest::spec::<VmPathInput>(ToolName::VmFileDelete, GuestTool::FileDelete);
+    VmFileList => "vm_file_list", VmPathInput, vm_guest::spec::<VmPathInput>(ToolName::VmFileList, GuestTool::FileList);
 }
 
 impl ToolName {
-    /// All tools, in the order `tools/list` shows them.
-    pub const ALL: &'static [ToolName] = &[
-        ToolName::Whoami,
-        ToolName::NodeList,
-        ToolName::NodeInspect,
-        ToolName::AuditQuery,
-        ToolName::VmCreate,
-        ToolName::VmStart,
-        ToolName::VmStop,
-        ToolName::VmDelete,
-        ToolName::VmList,
-        ToolName::VmInspect,
-        ToolName::VmLogs,
-        ToolName::VmExec,
-        ToolName::VmExecStart,
-        ToolName::VmExecStatus,
-        ToolName::VmExecOutput,
-        ToolName::VmExecKill,
-        ToolName::VmFileRead,
-        ToolName::VmFileWrite,
-        ToolName::VmFileDelete,
-        ToolName::VmFileList,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ToolName::Whoami => "whoami",
-            ToolName::NodeList => "node_list",
-            ToolName::NodeInspect => "node_inspect",
-            ToolName::AuditQuery => "audit_query",
-            ToolName::VmCreate => "vm_create",
-            ToolName::VmStart => "vm_start",
-            ToolName::VmStop => "vm_stop",
-            ToolName::VmDelete => "vm_delete",
-            ToolName::VmList => "vm_list",
-            ToolName::VmInspect => "vm_inspect",
-            ToolName::VmLogs => "vm_logs",
-            ToolName::VmExec => "vm_exec",
-            ToolName::VmExecStart => "vm_exec_start",
-            ToolName::VmExecStatus => "vm_exec_status",
-            ToolName::VmExecOutput => "vm_exec_output",
-            ToolName::VmExecKill => "vm_exec_kill",
-            ToolName::VmFileRead => "vm_file_read",
-            ToolName::VmFileWrite => "vm_file_write",
-            ToolName::VmFileDelete => "vm_file_delete",
-            ToolName::VmFileList => "vm_file_list",
-        }
-    }
-
     pub fn parse(name: &str) -> Option<ToolName> {
         ToolName::ALL.iter().copied().find(|t| t.as_str() == name)
     }
@@ -113,31 +119,6 @@ impl ToolName {
     /// The Cedar action a principal needs to call this tool: `Action::"<name>"`.
     pub const fn cedar_action(self) -> &'static str {
         self.as_str()
-    }
-
-    pub fn spec(self) -> ToolSpec {
-        match self {
-            ToolName::Whoami => cluster::whoami_spec(),
-            ToolName::NodeList => cluster::node_list_spec(),
-            ToolName::NodeInspect => cluster::node_inspect_spec(),
-            ToolName::AuditQuery => audit::audit_query_spec(),
-            ToolName::VmCreate => vm::vm_create_spec(),
-            ToolName::VmStart => vm::vm_start_spec(),
-            ToolName::VmStop => vm::vm_stop_spec(),
-            ToolName::VmDelete => vm::vm_delete_spec(),
-            ToolName::VmList => vm::vm_list_spec(),
-            ToolName::VmInspect => vm::vm_inspect_spec(),
-            ToolName::VmLogs => vm::vm_logs_spec(),
-            ToolName::VmExec
-            | ToolName::VmExecStart
-            | ToolName::VmExecStatus
-            | ToolName::VmExecOutput
-            | ToolName::VmExecKill
-            | ToolName::VmFileRead
-            | ToolName::VmFileWrite
-            | ToolName::VmFileDelete
-            | ToolName::VmFileList => vm_guest::specs(self),
-        }
     }
 }
 
@@ -254,87 +235,7 @@ pub fn catalog() -> Vec<ToolSpec> {
     ToolName::ALL.iter().map(|t| t.spec()).collect()
 }
 
-/// A decoded call: one variant per tool, carrying its typed input.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ToolCall {
-    Whoami(WhoamiInput),
-    NodeList(NodeListInput),
-    NodeInspect(NodeInspectInput),
-    AuditQuery(AuditQueryInput),
-    VmCreate(VmCreateInput),
-    VmStart(VmRefInput),
-    VmStop(VmStopInput),
-    VmDelete(VmRefInput),
-    VmList(VmListInput),
-    VmInspect(VmRefInput),
-    VmLogs(VmLogsInput),
-    VmExec(VmExecInput),
-    VmExecStart(VmExecInput),
-    VmExecStatus(VmExecIdInput),
-    VmExecOutput(VmExecOutputInput),
-    VmExecKill(VmExecIdInput),
-    VmFileRead(VmFileReadInput),
-    VmFileWrite(VmFileWriteInput),
-    VmFileDelete(VmPathInput),
-    VmFileList(VmPathInput),
-}
-
 impl ToolCall {
-    /// Decodes arguments that already passed [`ToolSpec::input_schema`].
-    ///
-    /// Missing arguments are treated as `{}` so that tools without required
-    /// inputs can be called bare, as MCP clients commonly do.
-    pub fn decode(name: ToolName, arguments: Option<JsonObject>) -> Result<ToolCall, DecodeError> {
-        let args = Value::Object(arguments.unwrap_or_default());
-        Ok(match name {
-            ToolName::Whoami => ToolCall::Whoami(typed(name, args)?),
-            ToolName::NodeList => ToolCall::NodeList(typed(name, args)?),
-            ToolName::NodeInspect => ToolCall::NodeInspect(typed(name, args)?),
-            ToolName::AuditQuery => ToolCall::AuditQuery(typed(name, args)?),
-            ToolName::VmCreate => ToolCall::VmCreate(typed(name, args)?),
-            ToolName::VmStart => ToolCall::VmStart(typed(name, args)?),
-            ToolName::VmStop => ToolCall::VmStop(typed(name, args)?),
-            ToolName::VmDelete => ToolCall::VmDelete(typed(name, args)?),
-            ToolName::VmList => ToolCall::VmList(typed(name, args)?),
-            ToolName::VmInspect => ToolCall::VmInspect(typed(name, args)?),
-            ToolName::VmLogs => ToolCall::VmLogs(typed(name, args)?),
-            ToolName::VmExec => ToolCall::VmExec(typed(name, args)?),
-            ToolName::VmExecStart => ToolCall::VmExecStart(typed(name, args)?),
-            ToolName::VmExecStatus => ToolCall::VmExecStatus(typed(name, args)?),
-            ToolName::VmExecOutput => ToolCall::VmExecOutput(typed(name, args)?),
-            ToolName::VmExecKill => ToolCall::VmExecKill(typed(name, args)?),
-            ToolName::VmFileRead => ToolCall::VmFileRead(typed(name, args)?),
-            ToolName::VmFileWrite => ToolCall::VmFileWrite(typed(name, args)?),
-            ToolName::VmFileDelete => ToolCall::VmFileDelete(typed(name, args)?),
-            ToolName::VmFileList => ToolCall::VmFileList(typed(name, args)?),
-        })
-    }
-
-    pub fn name(&self) -> ToolName {
-        match self {
-            ToolCall::Whoami(_) => ToolName::Whoami,
-            ToolCall::NodeList(_) => ToolName::NodeList,
-            ToolCall::NodeInspect(_) => ToolName::NodeInspect,
-            ToolCall::AuditQuery(_) => ToolName::AuditQuery,
-            ToolCall::VmCreate(_) => ToolName::VmCreate,
-            ToolCall::VmStart(_) => ToolName::VmStart,
-            ToolCall::VmStop(_) => ToolName::VmStop,
-            ToolCall::VmDelete(_) => ToolName::VmDelete,
-            ToolCall::VmList(_) => ToolName::VmList,
-            ToolCall::VmInspect(_) => ToolName::VmInspect,
-            ToolCall::VmLogs(_) => ToolName::VmLogs,
-            ToolCall::VmExec(_) => ToolName::VmExec,
-            ToolCall::VmExecStart(_) => ToolName::VmExecStart,
-            ToolCall::VmExecStatus(_) => ToolName::VmExecStatus,
-            ToolCall::VmExecOutput(_) => ToolName::VmExecOutput,
-            ToolCall::VmExecKill(_) => ToolName::VmExecKill,
-            ToolCall::VmFileRead(_) => ToolName::VmFileRead,
-            ToolCall::VmFileWrite(_) => ToolName::VmFileWrite,
-            ToolCall::VmFileDelete(_) => ToolName::VmFileDelete,
-            ToolCall::VmFileList(_) => ToolName::VmFileList,
-        }
-    }
-
     /// The resource this call names (a node name, a VM id or name, a new VM's name), if any.
     pub fn resource_id(&self) -> Option<&str> {
         match self {
@@ -386,7 +287,10 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_are_noun_verb() {
+        let mut seen = std::collections::HashSet::new();
         for &tool in ToolName::ALL {
+            assert!(seen.insert(tool.as_str()), "{tool} is declared twice");
+            assert_eq!(tool.spec().name, tool, "{tool}'s spec names another tool");
             assert_eq!(ToolName::parse(tool.as_str()), Some(tool));
             assert!(tool.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{tool}");
         }

@@ -33,6 +33,7 @@ use crate::nodes::client::{NodeClient, NodeError};
 use crate::store::StateError;
 use crate::store::vms::VmRow;
 use moat_tools::VmState;
+use moat_tools::guest::{GuestTool, MAX_MESSAGE, MCP_PORT};
 
 mod pool;
 
@@ -80,10 +81,6 @@ impl Dial for NodeClient {
     }
 }
 
-/// The agent's MCP port inside every VM.
-pub const AGENT_MCP_PORT: u32 = 200;
-/// Longest message to or from an agent: a 32 MiB file in base64 plus framing.
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// How long the node may wait for the agent to accept, and the session to initialize.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a kept session may take to answer the ping before it is reused.
@@ -124,11 +121,6 @@ impl ClientHandler for Forwarder {
     }
 }
 
-/// Whether calls of `tool` share the VM's kept session (file transfers get their own).
-fn keeps_session(tool: &str) -> bool {
-    !matches!(tool, "file_read" | "file_write")
-}
-
 /// How many times a session that stalls before it is initialized is opened afresh.
 const SESSION_ATTEMPTS: u32 = 2;
 
@@ -167,7 +159,7 @@ pub(super) async fn session(dial: &dyn Dial, vm: &VmRow) -> Result<RunningServic
 
 /// One attempt at [`session`]: a tunnel through the node, then MCP `initialize`.
 async fn open(dial: &dyn Dial, vm: &VmRow) -> Result<RunningService<RoleClient, Forwarder>, Attempt> {
-    let stream = dial.dial(&vm.id, AGENT_MCP_PORT, CONNECT_TIMEOUT).await.map_err(Attempt::Failed)?;
+    let stream = dial.dial(&vm.id, MCP_PORT, CONNECT_TIMEOUT).await.map_err(Attempt::Failed)?;
     let (read, write) = tokio::io::split(stream);
     let transport =
         rmcp::transport::async_rw::AsyncRwTransport::new_client(read, write).with_max_line_length(MAX_MESSAGE);
@@ -191,7 +183,7 @@ pub async fn call(
     sessions: &Sessions,
     dial: &dyn Dial,
     vm: &VmRow,
-    tool: &str,
+    tool: GuestTool,
     args: impl Serialize,
     deadline: Duration,
     progress: Option<Progress>,
@@ -200,14 +192,14 @@ pub async fn call(
     let Value::Object(args) = serde_json::to_value(args).expect("guest inputs serialize") else {
         return Err(GuestError::Refused("guest tool arguments must be an object".into()));
     };
-    let session = if keeps_session(tool) {
+    let session = if tool.keeps_session() {
         sessions.get(dial, vm).await?
     } else {
         Arc::new(Session::new(session(dial, vm).await?))
     };
     let _busy = Busy::new(&session);
     let request = ClientRequest::CallToolRequest(CallToolRequest::new(
-        CallToolRequestParams::new(tool.to_string()).with_arguments(args),
+        CallToolRequestParams::new(tool.name()).with_arguments(args),
     ));
     let mut options = PeerRequestOptions::no_options();
     options.timeout = Some(deadline);
@@ -241,8 +233,9 @@ pub async fn call(
             .ok_or_else(|| GuestError::Agent(format!("agent on vm {} returned no structured result", vm.name))),
         Ok(other) => Err(GuestError::Agent(format!("agent on vm {} answered unexpectedly: {other:?}", vm.name))),
         Err(rmcp::ServiceError::Timeout { timeout }) => Err(GuestError::Agent(format!(
-            "agent on vm {} did not finish {tool} within {timeout:?}; the call was cancelled in the guest",
-            vm.name
+            "agent on vm {} did not finish {} within {timeout:?}; the call was cancelled in the guest",
+            vm.name,
+            tool.name()
         ))),
         Err(e) => Err(GuestError::Agent(format!("agent on vm {}: {e}", vm.name))),
     }

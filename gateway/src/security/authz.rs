@@ -39,6 +39,8 @@ pub enum PolicyError {
     Invalid { source_name: String, message: String },
     #[error("{source_name}: the schema has no action for tool `{tool}`; add it to an action group")]
     MissingAction { source_name: String, tool: &'static str },
+    #[error("{source_name}: action `{tool}` must be in action group `{group}`, which moat_tools gives it")]
+    WrongGroup { source_name: String, tool: &'static str, group: &'static str },
     #[error("{source_name}: limits.toml: {message}")]
     Limits { source_name: String, message: String },
 }
@@ -97,6 +99,27 @@ impl Bundle {
         let actions = schema
             .action_entities()
             .map_err(|e| PolicyError::Schema { source_name: name("moat.cedarschema"), message: e.to_string() })?;
+        // Roles are granted groups: a tool filed under another group than its spec says would be
+        // granted to the wrong roles.
+        for tool in ToolName::ALL {
+            let group = tool.spec().group.cedar_id();
+            let (action, group_uid) = match (uid("Moat::Action", tool.cedar_action()), uid("Moat::Action", group)) {
+                (Ok(a), Ok(g)) => (a, g),
+                _ => {
+                    return Err(PolicyError::MissingAction {
+                        source_name: name("moat.cedarschema"),
+                        tool: tool.as_str(),
+                    });
+                }
+            };
+            if !actions.is_ancestor_of(&group_uid, &action) {
+                return Err(PolicyError::WrongGroup {
+                    source_name: name("moat.cedarschema"),
+                    tool: tool.as_str(),
+                    group,
+                });
+            }
+        }
         let limits = LimitsConfig::parse(&limits_text)
             .map_err(|message| PolicyError::Limits { source_name: name("limits.toml"), message })?;
         Ok(Bundle {
@@ -264,6 +287,30 @@ mod tests {
         for role in ROLES {
             let p = who("p", role);
             assert_eq!(b.may_ever_call(&p, ToolName::AuditQuery), role == Role::ClusterAdmin, "{role:?}");
+        }
+    }
+
+    /// Every tool's action is in the group its spec names, and a schema that files one elsewhere
+    /// is refused with the tool and group named.
+    #[test]
+    fn every_action_sits_in_its_tools_group() {
+        let bundle = Bundle::load(&PolicySource::Embedded).unwrap();
+        for tool in ToolName::ALL {
+            let action = uid("Moat::Action", tool.cedar_action()).unwrap();
+            let group = uid("Moat::Action", tool.spec().group.cedar_id()).unwrap();
+            assert!(bundle.actions.is_ancestor_of(&group, &action), "{tool}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let schema = EMBEDDED_SCHEMA
+            .replace("\"whoami\", ", "")
+            .replace("action \"group:read\", ", "action \"whoami\" in [\"group:vm\"];\n  action \"group:read\", ");
+        assert_ne!(schema, EMBEDDED_SCHEMA, "the test must move whoami");
+        std::fs::write(dir.path().join("moat.cedarschema"), schema).unwrap();
+        std::fs::write(dir.path().join("moat.cedar"), EMBEDDED_POLICIES).unwrap();
+        std::fs::write(dir.path().join("limits.toml"), EMBEDDED_LIMITS).unwrap();
+        match Bundle::load(&PolicySource::Dir(dir.path().into())) {
+            Err(PolicyError::WrongGroup { tool: "whoami", group: "group:read", .. }) => {}
+            other => panic!("whoami in group:vm must be refused: {:?}", other.map(|_| ())),
         }
     }
 

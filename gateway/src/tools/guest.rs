@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use moat_tools::{GuestTool, InVm};
 use serde_json::Value;
 
 use super::ToolError;
@@ -14,16 +15,16 @@ use crate::guest;
 /// Deadline for guest calls other than vm_exec (file transfers of up to 32 MiB included).
 pub const GUEST_CALL: Duration = Duration::from_secs(120);
 
-/// Runs the guest agent's `tool` with `args` in the VM the caller named.
-pub async fn in_guest(
+/// Runs the guest agent's `tool` with the caller's arguments in the VM the caller named.
+pub async fn in_guest<T: serde::Serialize>(
     shared: &Shared,
     ctx: &CallContext,
-    vm: &str,
-    tool: &str,
-    args: impl serde::Serialize,
+    tool: GuestTool,
+    input: InVm<T>,
     deadline: Duration,
 ) -> Result<Value, ToolError> {
-    let vm = row_for(shared, ctx, vm).await?;
+    let InVm { vm, args } = input;
+    let vm = row_for(shared, ctx, &vm).await?;
     let node = shared.state.node(&vm.node).await?;
     let dial = shared.nodes.node(&node.name, &node.address)?;
     let answer =

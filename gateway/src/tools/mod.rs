@@ -10,8 +10,7 @@ pub mod vms;
 
 use std::time::Duration;
 
-use moat_tools::ToolCall;
-use moat_tools::guest::{ExecIdInput, ExecInput, ExecOutputInput, FileReadInput, FileWriteInput, PathInput};
+use moat_tools::{GuestTool, ToolCall};
 use serde_json::Value;
 
 use crate::app::{CallContext, Shared};
@@ -92,33 +91,17 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::VmLogs(input) => vms::logs(shared, ctx, &input.vm, input.tail).await,
         ToolCall::VmExec(input) => {
             // The guest kills the process at its timeout; the call gets a little longer to report it.
-            let deadline = Duration::from_secs(u64::from(input.timeout_s.unwrap_or(60)) + 15);
-            in_guest(shared, ctx, &input.vm.clone(), "exec", ExecInput::from(input), deadline).await
+            let deadline = Duration::from_secs(u64::from(input.args.timeout_s.unwrap_or(60)) + 15);
+            in_guest(shared, ctx, GuestTool::Exec, input, deadline).await
         }
-        ToolCall::VmExecStart(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "exec_start", ExecInput::from(input), GUEST_CALL).await
-        }
-        ToolCall::VmExecStatus(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "exec_status", ExecIdInput::from(input), GUEST_CALL).await
-        }
-        ToolCall::VmExecOutput(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "exec_output", ExecOutputInput::from(input), GUEST_CALL).await
-        }
-        ToolCall::VmExecKill(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "exec_kill", ExecIdInput::from(input), GUEST_CALL).await
-        }
-        ToolCall::VmFileRead(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "file_read", FileReadInput::from(input), GUEST_CALL).await
-        }
-        ToolCall::VmFileWrite(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "file_write", FileWriteInput::from(input), GUEST_CALL).await
-        }
-        ToolCall::VmFileDelete(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "file_delete", PathInput::from(input), GUEST_CALL).await
-        }
-        ToolCall::VmFileList(input) => {
-            in_guest(shared, ctx, &input.vm.clone(), "file_list", PathInput::from(input), GUEST_CALL).await
-        }
+        ToolCall::VmExecStart(input) => in_guest(shared, ctx, GuestTool::ExecStart, input, GUEST_CALL).await,
+        ToolCall::VmExecStatus(input) => in_guest(shared, ctx, GuestTool::ExecStatus, input, GUEST_CALL).await,
+        ToolCall::VmExecOutput(input) => in_guest(shared, ctx, GuestTool::ExecOutput, input, GUEST_CALL).await,
+        ToolCall::VmExecKill(input) => in_guest(shared, ctx, GuestTool::ExecKill, input, GUEST_CALL).await,
+        ToolCall::VmFileRead(input) => in_guest(shared, ctx, GuestTool::FileRead, input, GUEST_CALL).await,
+        ToolCall::VmFileWrite(input) => in_guest(shared, ctx, GuestTool::FileWrite, input, GUEST_CALL).await,
+        ToolCall::VmFileDelete(input) => in_guest(shared, ctx, GuestTool::FileDelete, input, GUEST_CALL).await,
+        ToolCall::VmFileList(input) => in_guest(shared, ctx, GuestTool::FileList, input, GUEST_CALL).await,
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::vsock;
 
 /// The agent's control port inside every VM.
-pub const CONTROL_PORT: u32 = 100;
+pub use moat_tools::guest::CONTROL_PORT;
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// Every read on the control channel is bounded by this.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
