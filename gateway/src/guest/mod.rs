@@ -36,6 +36,8 @@ use moat_tools::VmState;
 use moat_tools::guest::{GuestTool, MAX_MESSAGE, MCP_PORT};
 
 mod pool;
+#[cfg(test)]
+mod tests;
 
 /// How a guest call failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,9 +84,10 @@ impl Dial for NodeClient {
 }
 
 /// How long the node may wait for the agent to accept, and the session to initialize.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// (Short in unit tests, whose fake agents answer at once or never.)
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 300 } else { 10_000 });
 /// How long a kept session may take to answer the ping before it is reused.
-pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const PING_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 200 } else { 2_000 });
 
 /// The caller's progress token and connection, so guest progress reaches it.
 #[derive(Clone)]
@@ -223,6 +226,9 @@ pub async fn call(
             return Err(GuestError::Cancelled);
         }
     };
+    if answer.is_ok() {
+        session.answered();
+    }
     match answer {
         Ok(ServerResult::CallToolResult(result)) if result.is_error == Some(true) => {
             let text: Vec<String> = result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect();

@@ -16,30 +16,54 @@ use crate::store::vms::VmRow;
 
 /// A kept session unused this long is closed.
 pub const IDLE: Duration = Duration::from_secs(15);
+/// A kept session whose agent answered this recently, on a connection still open, is reused
+/// without a ping first. A call sent on a session that died since fails (it is never sent
+/// twice); the next call then pings, finds it dead and opens a new one.
+pub(super) const TRUSTED: Duration = Duration::from_secs(1);
 
 /// An MCP session with one VM's agent.
 pub(super) struct Session {
     pub(super) service: RunningService<RoleClient, Forwarder>,
     pub(super) routes: Routes,
     last_used: Mutex<Instant>,
+    /// When the agent last answered anything on this session.
+    last_answer: Mutex<Instant>,
     in_flight: AtomicUsize,
 }
 
 impl Session {
     pub(super) fn new(service: RunningService<RoleClient, Forwarder>) -> Session {
         let routes = service.service().routes.clone();
-        Session { service, routes, last_used: Mutex::new(Instant::now()), in_flight: AtomicUsize::new(0) }
+        Session {
+            service,
+            routes,
+            last_used: Mutex::new(Instant::now()),
+            last_answer: Mutex::new(Instant::now()),
+            in_flight: AtomicUsize::new(0),
+        }
     }
 
-    /// Whether a kept session still reaches its agent: the tunnel is open and a ping is answered.
+    /// Records that the agent answered on this session.
+    pub(super) fn answered(&self) {
+        *self.last_answer.lock().expect("last_answer lock is never poisoned") = Instant::now();
+    }
+
+    /// Whether a kept session still reaches its agent: the tunnel is open, and the agent answered
+    /// within [`TRUSTED`] or answers a ping now.
     async fn answers(&self) -> Result<(), String> {
         let peer = self.service.peer();
         if peer.is_transport_closed() {
             return Err("its connection closed".into());
         }
+        if self.last_answer.lock().expect("last_answer lock is never poisoned").elapsed() < TRUSTED {
+            return Ok(());
+        }
         let ping = peer.send_request(ClientRequest::PingRequest(Default::default()));
         match tokio::time::timeout(PING_TIMEOUT, ping).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                self.answered();
+                Ok(())
+            }
             Ok(Err(e)) => Err(format!("ping failed: {e}")),
             Err(_) => Err(format!("no answer to a ping within {PING_TIMEOUT:?}")),
         }
@@ -83,12 +107,18 @@ impl Drop for Route {
 /// The kept sessions, one per VM.
 #[derive(Default)]
 pub struct Sessions {
-    open: Arc<Mutex<HashMap<String, Arc<Session>>>>,
+    pub(super) open: Arc<Mutex<HashMap<String, Arc<Session>>>>,
+    /// One opener per VM at a time: calls that race to a VM without a session wait for the one
+    /// being opened instead of each opening their own.
+    opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Sessions {
     /// The kept session with `vm`'s agent if it still answers, else a new one (kept).
     pub(super) async fn get(&self, dial: &dyn Dial, vm: &VmRow) -> Result<Arc<Session>, GuestError> {
+        let gate =
+            self.opening.lock().expect("opening lock is never poisoned").entry(vm.id.clone()).or_default().clone();
+        let _opening = gate.lock().await;
         let kept = self.open.lock().expect("sessions lock is never poisoned").get(&vm.id).cloned();
         if let Some(session) = kept {
             match session.answers().await {

@@ -3,6 +3,8 @@
 //! audit (committed before anything acts) → dispatch → audit the outcome.
 //! Outcomes become MCP answers in exactly one place, [`respond`].
 
+use std::borrow::Cow;
+
 use moat_tools::{ResourceKind, ToolCall, ToolName};
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, ErrorCode, ErrorData};
 use serde_json::{Value, json};
@@ -10,6 +12,7 @@ use serde_json::{Value, json};
 use super::Gateway;
 use super::catalog;
 use crate::app::CallContext;
+use crate::security::limits::Permit;
 use crate::security::resource::{self, ResourceRef};
 use crate::store::audit::{self, CallRecord, Decision, Outcome};
 use crate::tools::{self, ToolError};
@@ -65,6 +68,16 @@ impl Gateway {
                 .map_err(|e| ErrorData::invalid_params(e.to_string(), None))?;
             return respond(tools::dispatch(&self.server.shared, ctx, call).await);
         }
+        match self.admit(request, ctx).await? {
+            Checked::Admitted(admitted) => self.run(admitted).await,
+            Checked::Answered(answer) => answer,
+        }
+    }
+
+    /// Every check before a call runs: the tool, its arguments, the authorizer, the rate limit,
+    /// and the committed audit record. An admitted call carries the context it runs with: for a
+    /// call on an existing VM, pinned to the VM that was judged.
+    async fn admit<'a>(&self, request: CallToolRequestParams, ctx: &'a CallContext) -> Result<Checked<'a>, ErrorData> {
         let bundle = self.server.shared.authz.bundle();
         let mut record = CallRecord {
             principal: ctx.principal.name.clone(),
@@ -110,9 +123,9 @@ impl Gateway {
                 ResourceKind::Vm => resource::not_found(named),
                 kind => format!("no {} named `{named}`", kind.as_str()),
             };
-            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+            return Ok(Checked::Answered(Ok(CallToolResult::error(vec![ContentBlock::text(message)]))));
         }
-        let _permit = match bundle.limiter.admit(&ctx.principal, spec.class) {
+        let permit = match bundle.limiter.admit(&ctx.principal, spec.class) {
             Ok(permit) => permit,
             Err(limited) => {
                 record.decision = Decision::RateLimited;
@@ -127,16 +140,19 @@ impl Gateway {
         };
         record.decision = Decision::Allowed;
         let seq = self.audit(&record).await?;
-        let pinned;
+        // Cloned only for calls that pin a VM: the whoami hot path keeps borrowing.
         let ctx = match resource::pinned_vm(&call, &resource) {
-            Some(id) => {
-                pinned = CallContext { vm: Some(id), ..ctx.clone() };
-                &pinned
-            }
-            None => ctx,
+            Some(id) => Cow::Owned(CallContext { vm: Some(id), ..ctx.clone() }),
+            None => Cow::Borrowed(ctx),
         };
+        Ok(Checked::Admitted(Admitted { call, ctx, record, seq, _permit: permit }))
+    }
+
+    /// Runs an admitted call and appends its outcome to the audit log.
+    async fn run(&self, admitted: Admitted<'_>) -> Result<CallToolResult, ErrorData> {
+        let Admitted { call, ctx, record, seq, _permit } = admitted;
         let started = std::time::Instant::now();
-        let answer = respond(tools::dispatch(&self.server.shared, ctx, call).await);
+        let answer = respond(tools::dispatch(&self.server.shared, &ctx, call).await);
         let (outcome, code) = match &answer {
             Ok(result) if result.is_error == Some(true) => (Outcome::ToolError, None),
             Ok(_) => (Outcome::Ok, None),
@@ -145,6 +161,23 @@ impl Gateway {
         self.server.shared.audit.record_outcome(&record, seq, outcome, code, started.elapsed());
         answer
     }
+}
+
+/// What the checks decided: run the call, or answer without running it.
+// One per call, on the stack; boxing the admitted call would allocate on the whoami hot path.
+#[allow(clippy::large_enum_variant)]
+enum Checked<'a> {
+    Admitted(Admitted<'a>),
+    Answered(Result<CallToolResult, ErrorData>),
+}
+
+/// A call that passed every check, with its audit record committed and its rate-limit permit.
+struct Admitted<'a> {
+    call: ToolCall,
+    ctx: Cow<'a, CallContext>,
+    record: CallRecord,
+    seq: i64,
+    _permit: Permit,
 }
 
 /// The one mapping from a handler outcome to an MCP answer.
@@ -193,6 +226,72 @@ pub(super) fn unknown_tool(name: &str) -> ErrorData {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gateway on a fresh database in `dir`, with the built-in policies, no nodes.
+    async fn gateway(dir: &std::path::Path) -> (Gateway, crate::store::State) {
+        use crate::app::Shared;
+        use crate::principal::{Principal, Role};
+        let db = dir.join("moat.db");
+        let state = crate::store::State::open(&db).await.unwrap();
+        let shared = std::sync::Arc::new(Shared {
+            state: state.clone(),
+            nodes: std::sync::Arc::new(crate::nodes::connector::NodeConnector::new(
+                crate::nodes::pki::Pki::at(dir),
+                None,
+            )),
+            authz: crate::security::authz::Authz::load(&crate::config::PolicySource::Embedded).unwrap(),
+            audit: crate::store::audit::AuditLog::start(&db, crate::store::Durability::Process).unwrap(),
+            keys: crate::store::keys::KeyChecker::open(&db).unwrap(),
+            guest: crate::guest::Sessions::default(),
+        });
+        let server = std::sync::Arc::new(super::super::Server {
+            shared,
+            catalog: super::super::catalog::Catalog::build(),
+            prompts: super::super::prompts::Prompts::load(None).unwrap(),
+            no_pipeline: false,
+        });
+        let operator = Principal { name: "alice".into(), role: Role::Agent };
+        (Gateway::stdio(server, super::super::StdioIdentity::Operator(operator)), state)
+    }
+
+    fn alice() -> CallContext {
+        CallContext {
+            principal: crate::principal::Principal { name: "alice".into(), role: crate::principal::Role::Agent },
+            transport: crate::principal::Transport::Stdio,
+            protocol_version: None,
+            session: None,
+            cancel: tokio_util::sync::CancellationToken::new(),
+            progress: None,
+            vm: None,
+        }
+    }
+
+    /// Alice's `web` is authorized; before the handler runs it is deleted and bob's `web` is the
+    /// only VM of that name. The handler must answer that alice's VM is gone, never act on bob's:
+    /// without the pin the name would now resolve to bob's VM (and the answer would be about its
+    /// node instead).
+    #[tokio::test]
+    async fn the_handler_acts_on_the_vm_that_was_authorized() {
+        use crate::store::vms::tests::row;
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, state) = gateway(dir.path()).await;
+        let quotas = crate::config::Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 1 };
+        let room = crate::store::vms::NodeCapacity { cpus: 8, memory_mib: 65536 };
+        state.reserve_vm(&row("vm-a", "web", "alice", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        state.reserve_vm(&row("vm-b", "web", "bob", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        let ctx = alice();
+        let request =
+            CallToolRequestParams::new("vm_inspect").with_arguments(json!({"vm": "web"}).as_object().cloned().unwrap());
+        let Checked::Admitted(admitted) = gateway.admit(request, &ctx).await.unwrap() else {
+            panic!("alice may inspect her own VM");
+        };
+        assert_eq!(admitted.ctx.vm.as_deref(), Some("vm-a"), "pinned to the VM that was judged");
+        state.delete_vm_row("vm-a").await.unwrap();
+        let answer = gateway.run(admitted).await.unwrap();
+        assert_eq!(answer.is_error, Some(true));
+        let text = answer.content[0].as_text().unwrap().text.clone();
+        assert_eq!(text, resource::not_found("web"));
+    }
 
     #[test]
     fn repeated_names_are_bounded() {
