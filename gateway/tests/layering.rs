@@ -22,8 +22,14 @@ const GATEWAY: &[&[&str]] = &[
     &["principal", "names", "image"],
 ];
 
-const NODE: &[&[&str]] =
-    &[&["server"], &["api"], &["vm"], &["vmm", "probe"], &["dir", "vsock", "kvm", "tls"], &["cmd", "errors"]];
+const NODE: &[&[&str]] = &[
+    &["server"],
+    &["api"],
+    &["vm"],
+    &["vmm", "probe"],
+    &["dir", "vsock", "kvm", "tls"],
+    &["cmd", "errors", "testing"],
+];
 
 /// Items the node agent's crate root re-exports, and the module each comes from.
 const NODE_REEXPORTS: &[(&str, &str)] =

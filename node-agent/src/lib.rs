@@ -19,6 +19,8 @@ pub mod errors;
 pub mod kvm;
 pub mod probe;
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 pub mod vm;
 pub mod vmm;

@@ -10,23 +10,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// Where the image is: $MOAT_GUEST_IMAGE, else target/ci/guest-image (what .ci/test builds).
-fn image_dir() -> PathBuf {
-    std::env::var_os("MOAT_GUEST_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ci/guest-image"))
-}
-
 #[tokio::test]
 async fn base_image_boots_to_ready_with_vsock_modules() {
-    let dir = image_dir();
+    let dir = moat_node::testing::guest_image();
     let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "no guest image in {}: build it with `service-vms/base/build.sh {}` (as root)",
-        dir.display(),
-        dir.display()
-    );
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-machine", "q35", "-m", "256", "-smp", "1"])
         .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])

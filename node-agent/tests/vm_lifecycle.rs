@@ -4,46 +4,17 @@
 //! Needs the image from `service-vms/base/build.sh target/ci/guest-image` (or $MOAT_GUEST_IMAGE).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use moat_node::testing::{VmReaper, guest_image, images_with_base, until};
 use moat_node::vm::{Runtime, VmManager, VmSettings, VmState, VsockMode};
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-fn image_dir() -> PathBuf {
-    std::env::var_os("MOAT_GUEST_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ci/guest-image"))
-}
-
-/// Kills every VMM the test started, whatever happened.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for entry in std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten() {
-            // The VMM and its vsock daemon (which would otherwise outlive the test).
-            for file in ["vmm.pid", "vsock.pid"] {
-                let pid =
-                    std::fs::read_to_string(entry.path().join(file)).ok().and_then(|s| s.trim().parse::<i32>().ok());
-                if let Some(pid) = pid {
-                    // SAFETY: kill(2) on a pid this test's VMs recorded.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-    }
-}
-
 fn manager(root: &Path) -> VmManager {
-    let images = root.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let base = images.join("base");
-    if !base.exists() {
-        std::os::unix::fs::symlink(image_dir().canonicalize().expect("guest image built"), &base).unwrap();
-    }
+    let images = images_with_base(root);
     VmManager::open(VmSettings {
         node: "t1".into(),
         vms_root: root.join("vms"),
@@ -53,30 +24,22 @@ fn manager(root: &Path) -> VmManager {
     .unwrap()
 }
 
-async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn qemu_vm_lifecycle_crash_and_readoption() {
     assert!(
-        image_dir().join("vmlinux").exists(),
+        guest_image().join("vmlinux").exists(),
         "build the guest image first: service-vms/base/build.sh {}",
-        image_dir().display()
+        guest_image().display()
     );
     let tmp = tempfile::tempdir().unwrap();
-    let _reaper = Reaper(tmp.path().to_path_buf());
+    let _reaper = VmReaper(tmp.path().to_path_buf());
     let vms = manager(tmp.path());
 
     let view = vms.create("vm-a1", "alpha", 1, 256, "", true).await.unwrap();
     assert_eq!(view.status.state, VmState::Running);
     assert_eq!((view.vmm, view.accel), ("qemu", "tcg"));
     let ready = |vms: &VmManager| vms.logs("vm-a1", 0).unwrap().0.contains("moat-init: ready");
-    until("the guest to boot", Duration::from_secs(120), || ready(&vms)).await;
+    until("the guest to boot", Duration::from_secs(120), async || ready(&vms)).await;
     let (console, _) = vms.logs("vm-a1", 0).unwrap();
     assert!(console.contains("Linux version"), "the kernel's boot is on the console:\n{console}");
 
@@ -108,7 +71,7 @@ async fn qemu_vm_lifecycle_crash_and_readoption() {
     let pid = again.status.pid as i32;
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    until("the crash to be noticed", Duration::from_secs(10), || {
+    until("the crash to be noticed", Duration::from_secs(10), async || {
         vms.get("vm-a1").unwrap().status.state == VmState::Crashed
     })
     .await;
@@ -124,7 +87,7 @@ async fn qemu_vm_lifecycle_crash_and_readoption() {
     assert_eq!((adopted.status.state, adopted.status.pid), (VmState::Running, pid), "re-adopted, not restarted");
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    until("the adopted VM's crash to be noticed", Duration::from_secs(10), || {
+    until("the adopted VM's crash to be noticed", Duration::from_secs(10), async || {
         vms.get("vm-a1").unwrap().status.state == VmState::Crashed
     })
     .await;
@@ -137,7 +100,7 @@ async fn qemu_vm_lifecycle_crash_and_readoption() {
 #[tokio::test]
 async fn failed_creates_leave_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
-    let _reaper = Reaper(tmp.path().to_path_buf());
+    let _reaper = VmReaper(tmp.path().to_path_buf());
     let vms = manager(tmp.path());
     let err = vms.create("vm-b1", "beta", 1, 256, "nosuch", false).await.unwrap_err().to_string();
     assert!(err.contains("image `nosuch` is not on node t1") && err.contains("moat image build"), "{err}");
@@ -179,15 +142,15 @@ async fn failed_creates_leave_nothing_behind() {
 #[tokio::test]
 async fn a_guest_kernel_panic_is_a_crash_and_stays_readable() {
     let tmp = tempfile::tempdir().unwrap();
-    let _reaper = Reaper(tmp.path().to_path_buf());
+    let _reaper = VmReaper(tmp.path().to_path_buf());
     let vms = manager(tmp.path());
     // The real kernel with an initramfs that is not one: no root filesystem, so the kernel panics.
     let broken = tmp.path().join("images/broken");
     std::fs::create_dir_all(&broken).unwrap();
-    std::os::unix::fs::symlink(image_dir().canonicalize().unwrap().join("vmlinux"), broken.join("vmlinux")).unwrap();
+    std::os::unix::fs::symlink(guest_image().canonicalize().unwrap().join("vmlinux"), broken.join("vmlinux")).unwrap();
     std::fs::write(broken.join("initramfs.cpio.gz"), b"not an initramfs").unwrap();
     vms.create("vm-p1", "panics", 1, 256, "broken", true).await.unwrap();
-    until("the panic to be recorded", Duration::from_secs(120), || {
+    until("the panic to be recorded", Duration::from_secs(120), async || {
         vms.get("vm-p1").unwrap().status.state == VmState::Crashed
     })
     .await;

@@ -8,6 +8,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod node;
+
 use rmcp::model::{CallToolRequestParams, CallToolResult};
 use rmcp::service::RunningService;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -197,8 +199,8 @@ pub fn initialize_request() -> Value {
 }
 
 /// Calls a tool, returning the result (tool-level errors included) or the JSON-RPC error.
-pub async fn call(
-    client: &RunningService<RoleClient, ()>,
+pub async fn call<H: rmcp::ClientHandler>(
+    client: &RunningService<RoleClient, H>,
     tool: &str,
     args: Value,
 ) -> Result<CallToolResult, rmcp::ServiceError> {
@@ -210,15 +212,15 @@ pub async fn call(
 }
 
 /// The structured content of a successful call.
-pub async fn call_ok(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> Value {
+pub async fn call_ok<H: rmcp::ClientHandler>(client: &RunningService<RoleClient, H>, tool: &str, args: Value) -> Value {
     let result = call(client, tool, args).await.unwrap_or_else(|e| panic!("{tool} failed: {e}"));
     assert_ne!(result.is_error, Some(true), "{tool} returned a tool error: {result:?}");
     result.structured_content.unwrap_or_else(|| panic!("{tool} returned no structured content"))
 }
 
 /// The JSON-RPC error of a failed call: (code, message, data).
-pub async fn call_err(
-    client: &RunningService<RoleClient, ()>,
+pub async fn call_err<H: rmcp::ClientHandler>(
+    client: &RunningService<RoleClient, H>,
     tool: &str,
     args: Value,
 ) -> (i32, String, Option<Value>) {
@@ -226,6 +228,17 @@ pub async fn call_err(
         Err(rmcp::ServiceError::McpError(e)) => (e.code.0, e.message.to_string(), e.data),
         other => panic!("{tool}: expected a JSON-RPC error, got {other:?}"),
     }
+}
+
+/// The text of a tool-level error (isError), failing the test on success.
+pub async fn tool_error<H: rmcp::ClientHandler>(
+    client: &RunningService<RoleClient, H>,
+    tool: &str,
+    args: Value,
+) -> String {
+    let result = call(client, tool, args).await.unwrap_or_else(|e| panic!("{tool}: JSON-RPC error {e}"));
+    assert_eq!(result.is_error, Some(true), "{tool} should fail: {result:?}");
+    result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("\n")
 }
 
 /// How many lines of a captured log contain `needle`.
