@@ -1,5 +1,6 @@
 //! Binds the node's gRPC listener (TCP or Unix socket) and serves until shutdown.
 
+use moat_proto::tuning;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,7 +119,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeServerError> {
     let addr = listener.local_addr();
-    let router = Server::builder().add_service(api.into_service());
+    let router = Server::builder()
+        .initial_stream_window_size(tuning::STREAM_WINDOW)
+        .initial_connection_window_size(tuning::CONNECTION_WINDOW)
+        .max_frame_size(tuning::MAX_FRAME)
+        .add_service(api.into_service());
     let result = match listener {
         Listener::Tcp(incoming, _) => router.serve_with_incoming_shutdown(incoming, shutdown).await,
         Listener::Tls(listener, tls, _) => {

@@ -12,3 +12,4 @@ pub mod node {
 }
 
 pub mod time;
+pub mod tuning;

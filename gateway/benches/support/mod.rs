@@ -252,7 +252,7 @@ pub async fn sequential(server: Server, http: bool, version: ProtocolVersion, n:
 }
 
 /// Parses `elapsed=12.3µs` (tracing's Debug of a Duration) from a log line.
-fn elapsed_of(line: &str) -> Option<Duration> {
+pub fn elapsed_of(line: &str) -> Option<Duration> {
     let rest = line.split("elapsed=").nth(1)?.split_whitespace().next()?;
     let (number, unit) = rest.split_at(rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?);
     let value: f64 = number.parse().ok()?;

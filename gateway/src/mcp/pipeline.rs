@@ -184,15 +184,16 @@ struct Admitted<'a> {
 fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorData> {
     match outcome {
         Ok(value) => {
-            let mut result = CallToolResult::structured(value);
             // A large result (a file read) goes once, as structured content; its text copy
-            // would double the message. Small results keep the copy for text-only clients.
-            if let Some(ContentBlock::Text(text)) = result.content.first()
-                && text.text.len() > LARGE_RESULT
-            {
-                let summary = format!("{} bytes of JSON in structuredContent", text.text.len());
-                result.content = vec![ContentBlock::text(summary)];
-            }
+            // would double the message. Small results keep the copy for text-only clients. The
+            // copy is written with a cap, so a large result is never printed in full to find out.
+            let text = match json_within(&value, LARGE_RESULT) {
+                Some(text) => text,
+                None => format!("more than {LARGE_RESULT} bytes of JSON in structuredContent"),
+            };
+            let mut result = CallToolResult::structured(Value::Null);
+            result.content = vec![ContentBlock::text(text)];
+            result.structured_content = Some(value);
             Ok(result)
         }
         Err(ToolError::NotFound(message) | ToolError::Invalid(message) | ToolError::Node(message)) => {
@@ -203,6 +204,26 @@ fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorDat
             Err(ErrorData::internal_error(format!("internal error: {source}; see the gateway log"), None))
         }
     }
+}
+
+/// `value` as compact JSON if that takes at most `limit` bytes.
+fn json_within(value: &Value, limit: usize) -> Option<String> {
+    struct Capped(Vec<u8>, usize);
+    impl std::io::Write for Capped {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if self.0.len() + bytes.len() > self.1 {
+                return Err(std::io::Error::other("over the cap"));
+            }
+            self.0.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut out = Capped(Vec::new(), limit);
+    serde_json::to_writer(&mut out, value).ok()?;
+    String::from_utf8(out.0).ok()
 }
 
 /// A caller-supplied name as moat repeats it (in errors and the audit log): at most 128 characters.
@@ -291,6 +312,20 @@ mod tests {
         assert_eq!(answer.is_error, Some(true));
         let text = answer.content[0].as_text().unwrap().text.clone();
         assert_eq!(text, resource::not_found("web"));
+    }
+
+    #[test]
+    fn large_results_are_sent_once() {
+        let small = json!({"a": 1});
+        let answer = respond(Ok(small.clone())).unwrap();
+        assert_eq!(answer.content[0].as_text().unwrap().text, small.to_string());
+        assert_eq!(answer.structured_content, Some(small));
+        let large = json!({"content": "x".repeat(LARGE_RESULT)});
+        let answer = respond(Ok(large.clone())).unwrap();
+        assert!(answer.content[0].as_text().unwrap().text.starts_with("more than"), "a summary, not a copy");
+        assert_eq!(answer.structured_content, Some(large));
+        assert_eq!(json_within(&json!([1, 2]), 5), Some("[1,2]".into()));
+        assert_eq!(json_within(&json!([1, 2]), 4), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use moat_proto::tuning;
 use rustls::pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -145,6 +146,9 @@ impl NodeConnector {
                         .keep_alive_timeout(KEEPALIVE)
                         .keep_alive_while_idle(true)
                         .tcp_nodelay(true)
+                        .initial_stream_window_size(tuning::STREAM_WINDOW)
+                        .initial_connection_window_size(tuning::CONNECTION_WINDOW)
+                        .max_frame_size(tuning::MAX_FRAME)
                 })
         };
         let channel = match NodeAddress::parse(address)? {

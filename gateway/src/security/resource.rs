@@ -48,10 +48,14 @@ pub enum Resolved {
 /// Resolves a `vm` argument: an id, else a name among the caller's own VMs, else a name
 /// held by exactly one VM.
 pub async fn resolve(state: &State, caller: &str, arg: &str) -> Result<Resolved, StateError> {
-    if let Some(row) = state.vm_by_id(arg).await? {
+    // One query for both readings of `arg`: ids and names never collide (ids are `vm-<hex>`,
+    // but a name may look like one, so the id wins).
+    let (mut by_id, mut named): (Vec<VmRow>, Vec<VmRow>) =
+        state.vms_by_id_or_name(arg, caller).await?.into_iter().partition(|row| row.id == arg);
+    if let Some(row) = by_id.pop() {
         return Ok(Resolved::One(Box::new(row)));
     }
-    let mut named = state.vms_named(arg, caller).await?;
+    named.retain(|row| row.name == arg);
     Ok(match named.len() {
         0 => Resolved::Missing,
         _ if named[0].owner == caller => Resolved::One(Box::new(named.swap_remove(0))),

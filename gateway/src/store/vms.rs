@@ -216,6 +216,33 @@ impl State {
         Ok(sqlx::query_as("SELECT * FROM vms WHERE id = ?").bind(id).fetch_optional(self.pool()).await?)
     }
 
+    /// The VM whose id is `arg` and those named `arg`, the given owner's first.
+    pub async fn vms_by_id_or_name(&self, arg: &str, owner: &str) -> Result<Vec<VmRow>, StateError> {
+        Ok(sqlx::query_as("SELECT * FROM vms WHERE id = ? OR name = ? ORDER BY owner != ?, id")
+            .bind(arg)
+            .bind(arg)
+            .bind(owner)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    /// A VM with the registered address of its node, in one read (the guest tools' hot path).
+    pub async fn vm_at(&self, id: &str) -> Result<Option<(VmRow, String)>, StateError> {
+        #[derive(sqlx::FromRow)]
+        struct At {
+            #[sqlx(flatten)]
+            vm: VmRow,
+            node_address: String,
+        }
+        let at: Option<At> = sqlx::query_as(
+            "SELECT vms.*, nodes.address AS node_address FROM vms JOIN nodes ON nodes.name = vms.node WHERE vms.id = ?",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(at.map(|at| (at.vm, at.node_address)))
+    }
+
     /// VMs named `name`, the given owner's first.
     pub async fn vms_named(&self, name: &str, owner: &str) -> Result<Vec<VmRow>, StateError> {
         Ok(sqlx::query_as("SELECT * FROM vms WHERE name = ? ORDER BY owner != ?, id")

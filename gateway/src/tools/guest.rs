@@ -11,6 +11,7 @@ use super::ToolError;
 use super::vms::row_for;
 use crate::app::{CallContext, Shared};
 use crate::guest;
+use crate::security::resource::not_found;
 
 /// Deadline for guest calls other than vm_exec (file transfers of up to 32 MiB included).
 pub const GUEST_CALL: Duration = Duration::from_secs(120);
@@ -23,10 +24,18 @@ pub async fn in_guest<T: serde::Serialize>(
     input: InVm<T>,
     deadline: Duration,
 ) -> Result<Value, ToolError> {
-    let InVm { vm, args } = input;
-    let vm = row_for(shared, ctx, &vm).await?;
-    let node = shared.state.node(&vm.node).await?;
-    let dial = shared.nodes.node(&node.name, &node.address)?;
+    let InVm { vm: named, args } = input;
+    // The VM the pipeline judged and its node's address in one read; the VM gone since reads
+    // as missing, in the caller's words.
+    let (vm, address) = match ctx.vm.as_deref() {
+        Some(id) => shared.state.vm_at(id).await?.ok_or_else(|| ToolError::NotFound(not_found(&named)))?,
+        None => {
+            let vm = row_for(shared, ctx, &named).await?;
+            let node = shared.state.node(&vm.node).await?;
+            (vm, node.address)
+        }
+    };
+    let dial = shared.nodes.node(&vm.node, &address)?;
     let answer =
         guest::call(&shared.guest, &dial, &vm, tool, args, deadline, ctx.progress.clone(), &ctx.cancel).await?;
     Ok(answer)

@@ -12,6 +12,8 @@ pub use chain::{ChainProblem, VerifyReport, verify};
 pub use query::{Filter, export, query, summary};
 pub use writer::{AuditError, AuditLog};
 
+use std::io::Write as _;
+
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -73,22 +75,62 @@ pub struct CallRecord {
     pub args_shape: String,
 }
 
-/// SHA-256 of the arguments as canonical JSON (object keys sorted at every level).
+/// SHA-256 of the arguments as canonical JSON (object keys sorted at every level). Written
+/// straight into the hash: a 32 MiB file write is hashed, never copied.
 pub fn args_digest(args: Option<&Map<String, Value>>) -> String {
-    let value = args.map(|a| canonical(&Value::Object(a.clone()))).unwrap_or_else(|| json!({}));
-    hex(&Sha256::digest(value.to_string().as_bytes()))
+    let mut hash = HashWriter(Sha256::new());
+    let written = match args {
+        Some(map) => write_canonical_object(&mut hash, map),
+        None => hash.write_all(b"{}"),
+    };
+    written.expect("hashing cannot fail");
+    hex(&hash.0.finalize())
 }
 
-fn canonical(v: &Value) -> Value {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            Value::Object(keys.into_iter().map(|k| (k.clone(), canonical(&map[k]))).collect())
-        }
-        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
-        other => other.clone(),
+/// Feeds what is written into a SHA-256.
+struct HashWriter(Sha256);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
     }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `v` as compact JSON with object keys sorted at every level.
+fn write_canonical(w: &mut impl std::io::Write, v: &Value) -> std::io::Result<()> {
+    match v {
+        Value::Object(map) => write_canonical_object(w, map),
+        Value::Array(items) => {
+            w.write_all(b"[")?;
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    w.write_all(b",")?;
+                }
+                write_canonical(w, item)?;
+            }
+            w.write_all(b"]")
+        }
+        scalar => serde_json::to_writer(w, scalar).map_err(std::io::Error::other),
+    }
+}
+
+fn write_canonical_object(w: &mut impl std::io::Write, map: &Map<String, Value>) -> std::io::Result<()> {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    w.write_all(b"{")?;
+    for (i, key) in keys.into_iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut *w, key).map_err(std::io::Error::other)?;
+        w.write_all(b":")?;
+        write_canonical(w, &map[key])?;
+    }
+    w.write_all(b"}")
 }
 
 /// The arguments with every value replaced by its type: shows what was sent, never what it said.
@@ -100,15 +142,59 @@ pub fn args_shape(args: Option<&Map<String, Value>>) -> String {
             Value::Number(_) => json!("number"),
             Value::String(s) => json!(format!("string({})", s.len())),
             Value::Array(items) => json!({"array": items.len(), "first": items.first().map(shape)}),
-            Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+            Value::Object(map) => shape_map(map),
         }
     }
-    args.map(|a| canonical(&shape(&Value::Object(a.clone())))).unwrap_or_else(|| json!({})).to_string()
+    fn shape_map(map: &Map<String, Value>) -> Value {
+        Value::Object(map.iter().map(|(k, v)| (k.clone(), shape(v))).collect())
+    }
+    let mut out = Vec::new();
+    let written = match args {
+        Some(map) => write_canonical(&mut out, &shape_map(map)),
+        None => std::io::Write::write_all(&mut out, b"{}"),
+    };
+    written.expect("writing to memory cannot fail");
+    String::from_utf8(out).expect("JSON is UTF-8")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The digest and shape are what sorting a copy and printing it gave before they were
+    /// streamed: records written before and after hash their arguments alike.
+    #[test]
+    fn streamed_canonical_json_matches_the_sorted_copy() {
+        fn sorted(v: &Value) -> Value {
+            match v {
+                Value::Object(map) => {
+                    let mut keys: Vec<&String> = map.keys().collect();
+                    keys.sort();
+                    Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&map[k]))).collect())
+                }
+                Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+                other => other.clone(),
+            }
+        }
+        let cases = [
+            json!({}),
+            json!({"z": 1, "a": {"y": [1, {"b": 2, "a": null}], "x": "é\"\n\u{1}"}, "m": 1.5, "t": true}),
+            json!({"vm": "dev", "content": "x".repeat(100_000), "env": {"B": "2", "A": "1"}}),
+        ];
+        for case in cases {
+            let map = case.as_object().unwrap();
+            let want = hex(&Sha256::digest(sorted(&case).to_string().as_bytes()));
+            assert_eq!(args_digest(Some(map)), want, "{case}");
+            let mut out = Vec::new();
+            write_canonical(&mut out, &case).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), sorted(&case).to_string());
+        }
+        assert_eq!(args_digest(None), hex(&Sha256::digest(b"{}")));
+        assert_eq!(
+            args_shape(Some(json!({"b": "xy", "a": [1]}).as_object().unwrap())),
+            r#"{"a":{"array":1,"first":"number"},"b":"string(2)"}"#
+        );
+    }
     use crate::store::Durability;
 
     fn record(i: usize) -> CallRecord {
