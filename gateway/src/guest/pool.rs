@@ -110,15 +110,14 @@ pub struct Sessions {
     pub(super) open: Arc<Mutex<HashMap<String, Arc<Session>>>>,
     /// One opener per VM at a time: calls that race to a VM without a session wait for the one
     /// being opened instead of each opening their own.
-    opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Sessions {
     /// The kept session with `vm`'s agent if it still answers, else a new one (kept).
     pub(super) async fn get(&self, dial: &dyn Dial, vm: &VmRow) -> Result<Arc<Session>, GuestError> {
-        let gate =
-            self.opening.lock().expect("opening lock is never poisoned").entry(vm.id.clone()).or_default().clone();
-        let _opening = gate.lock().await;
+        let gate = Gate::enter(&self.opening, &vm.id);
+        let _opening = gate.gate.lock().await;
         let kept = self.open.lock().expect("sessions lock is never poisoned").get(&vm.id).cloned();
         if let Some(session) = kept {
             match session.answers().await {
@@ -133,6 +132,31 @@ impl Sessions {
         self.open.lock().expect("sessions lock is never poisoned").insert(vm.id.clone(), session.clone());
         tokio::spawn(close_when_idle(Arc::downgrade(&self.open), vm.id.clone(), Arc::downgrade(&session)));
         Ok(session)
+    }
+}
+
+/// A caller's hold on its VM's opener; the last one out removes it from the map, so the map
+/// holds only VMs someone is calling now.
+struct Gate<'a> {
+    map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    vm: &'a str,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Gate<'a> {
+    fn enter(map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>, vm: &'a str) -> Gate<'a> {
+        let gate = map.lock().expect("opening lock is never poisoned").entry(vm.to_string()).or_default().clone();
+        Gate { map, vm, gate }
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("opening lock is never poisoned");
+        // Ours and the map's: nobody else is waiting on this VM's opener.
+        if Arc::strong_count(&self.gate) == 2 {
+            map.remove(self.vm);
+        }
     }
 }
 

@@ -217,6 +217,7 @@ async fn first_calls_racing_to_one_vm_open_one_session() {
         answer.unwrap();
     }
     assert_eq!(dial.dials(), 1);
+    assert!(sessions.opening.lock().unwrap().is_empty(), "no opener is kept once nobody calls");
 }
 
 #[tokio::test]
