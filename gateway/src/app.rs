@@ -12,7 +12,7 @@ use crate::store::State;
 use crate::store::audit::AuditLog;
 use crate::store::keys::KeyChecker;
 
-/// What every connection shares: state, node connections, the tool catalog, prompts.
+/// What every call shares: state, node connections, policies, the audit log, keys, guest sessions.
 pub struct Shared {
     pub state: State,
     pub nodes: Arc<NodeConnector>,
