@@ -150,12 +150,36 @@ async fn stdio_with_an_api_key_is_that_principal_until_revoked() {
     let client = rmcp::ServiceExt::serve((), rmcp::transport::TokioChildProcess::new(cmd).unwrap()).await.unwrap();
     let me = call_ok(&client, "whoami", json!({})).await;
     assert_eq!((me["principal"].as_str(), me["role"].as_str()), (Some("agent-7"), Some("agent")));
+    use rmcp::model::ReadResourceRequestParams;
+    let status = client.read_resource(ReadResourceRequestParams::new("moat://status")).await.unwrap();
+    assert_eq!(status.contents.len(), 1);
+    assert!(!client.list_prompts(None).await.unwrap().prompts.is_empty());
+    match client.read_resource(ReadResourceRequestParams::new("moat://nope")).await {
+        Err(rmcp::ServiceError::McpError(e)) => assert!(e.message.contains("no resource `moat://nope`"), "{e:?}"),
+        other => panic!("an unknown resource is an error: {other:?}"),
+    }
     let (ok, _, _) = home.run(&["keys", "revoke", key.split('_').nth(1).unwrap()]).await;
     assert!(ok);
     let (code, message) = error_of(call(&client, "whoami", json!({})).await).unwrap();
     assert_eq!(code, -32001);
     assert!(message.contains("revoked"), "{message}");
+    // Every request authenticates the same way: prompts and resources too.
+    let refused = |e: rmcp::ServiceError| match e {
+        rmcp::ServiceError::McpError(e) => (e.code.0, e.message.contains("revoked")),
+        other => panic!("expected a JSON-RPC error, got {other:?}"),
+    };
+    let denied = client.read_resource(ReadResourceRequestParams::new("moat://status")).await.unwrap_err();
+    assert_eq!(refused(denied), (-32001, true));
+    assert_eq!(refused(client.list_resources(None).await.unwrap_err()), (-32001, true));
+    assert_eq!(refused(client.list_prompts(None).await.unwrap_err()), (-32001, true));
+    let prompt = rmcp::model::GetPromptRequestParams::new("getting_started");
+    assert_eq!(refused(client.get_prompt(prompt).await.unwrap_err()), (-32001, true));
     client.cancel().await.unwrap();
+    // Reading a resource is audited, and an unknown one as denied.
+    let (ok, audit, _) = home.run(&["audit", "list", "--principal", "agent-7"]).await;
+    assert!(ok && audit.lines().any(|l| l.contains("resources/read") && l.contains("allowed")), "{audit}");
+    let denied = audit.lines().any(|l| l.contains("resource/moat://nope") && l.contains("denied"));
+    assert!(denied, "{audit}");
 
     let mut cmd = home.moat(&["serve"]);
     cmd.env("MOAT_API_KEY", "moat_nothing_here").stdin(std::process::Stdio::null());

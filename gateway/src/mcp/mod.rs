@@ -31,7 +31,9 @@ use prompts::Prompts;
 use crate::app::{CallContext, Shared};
 use crate::guest::Progress;
 use crate::principal::{Principal, Transport};
+use crate::security::resource::ResourceRef;
 use crate::store::StateError;
+use crate::store::audit::{self, CallRecord, Decision};
 
 const STATUS_URI: &str = "moat://status";
 
@@ -106,6 +108,28 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// `moat://status` shows the cluster's nodes: whoever may list nodes may read it.
+    fn may_read_status(&self, ctx: &CallContext) -> bool {
+        self.server.shared.authz.bundle().is_allowed(&ctx.principal, ToolName::NodeList, &ResourceRef::cluster())
+    }
+
+    /// The audit record of a `resources/read`.
+    fn resource_record(&self, ctx: &CallContext, uri: &str, decision: Decision) -> CallRecord {
+        CallRecord {
+            principal: ctx.principal.name.clone(),
+            role: ctx.principal.role.as_str().to_string(),
+            transport: ctx.transport.as_str().to_string(),
+            session: ctx.session.clone(),
+            tool: "resources/read".into(),
+            resource: Some(format!("resource/{}", pipeline::bounded(uri))),
+            decision,
+            args_digest: audit::args_digest(None),
+            args_shape: audit::args_shape(None),
+        }
+    }
+}
+
 impl ServerHandler for Gateway {
     fn get_info(&self) -> ServerConfig {
         let capabilities = ServerCapabilities::builder().enable_tools().enable_prompts().enable_resources().build();
@@ -154,8 +178,9 @@ impl ServerHandler for Gateway {
     async fn list_prompts(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
+        self.context(&context).await?;
         let prompts = self
             .server
             .prompts
@@ -182,8 +207,9 @@ impl ServerHandler for Gateway {
     async fn get_prompt(
         &self,
         request: GetPromptRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, ErrorData> {
+        self.context(&context).await?;
         let mut args = BTreeMap::new();
         for (key, value) in request.arguments.unwrap_or_default() {
             let Value::String(text) = value else {
@@ -207,8 +233,12 @@ impl ServerHandler for Gateway {
     async fn list_resources(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
+        let ctx = self.context(&context).await?;
+        if !self.may_read_status(&ctx) {
+            return Ok(ListResourcesResult::with_all_items(Vec::new()));
+        }
         let status = Resource::new(STATUS_URI, "status")
             .with_title("Gateway status")
             .with_description("Version, database schema version and the nodes this gateway knows, as JSON.");
@@ -220,11 +250,18 @@ impl ServerHandler for Gateway {
     async fn read_resource(
         &self,
         request: ReadResourceRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
-        if request.uri != STATUS_URI {
+        let ctx = self.context(&context).await?;
+        // Audited like a tool call; a resource the caller may not read answers as one that does
+        // not exist.
+        let allowed = request.uri == STATUS_URI && self.may_read_status(&ctx);
+        let decision = if allowed { Decision::Allowed } else { Decision::Denied };
+        let record = self.resource_record(&ctx, &request.uri, decision);
+        self.audit(&record).await?;
+        if !allowed {
             return Err(ErrorData::resource_not_found(
-                format!("no resource `{}`; resources/list shows what exists", request.uri),
+                format!("no resource `{}`; resources/list shows what exists", pipeline::bounded(&request.uri)),
                 None,
             ));
         }

@@ -26,7 +26,7 @@ const LARGE_RESULT: usize = 256 * 1024;
 
 impl Gateway {
     /// Commits one audit record, failing the call if it cannot be written.
-    async fn audit(&self, record: &CallRecord) -> Result<i64, ErrorData> {
+    pub(super) async fn audit(&self, record: &CallRecord) -> Result<i64, ErrorData> {
         self.server.shared.audit.record_call(record).await.map_err(|e| ErrorData::internal_error(e.to_string(), None))
     }
 
