@@ -105,6 +105,9 @@ async fn failed_creates_leave_nothing_behind() {
     let err = vms.create("vm-b1", "beta", 1, 256, "nosuch", false).await.unwrap_err().to_string();
     assert!(err.contains("image `nosuch` is not on node t1") && err.contains("moat image build"), "{err}");
     assert!(!tmp.path().join("vms/vm-b1").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tmp.path().join("vms")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "VM consoles and sockets are the node's user's only");
 
     let missing = VmManager::open(VmSettings {
         node: "t2".into(),

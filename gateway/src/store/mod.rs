@@ -85,7 +85,12 @@ impl State {
             Durability::Power => SqliteSynchronous::Full,
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::StateDir { path: dir.into(), source })?;
+            private_dir(dir).map_err(|source| StateError::StateDir { path: dir.into(), source })?;
+        }
+        // The database holds the audit log, key hashes and VM records: this user's only. SQLite
+        // gives its -wal and -shm files the database file's mode.
+        for file in [path.to_path_buf(), wal_file(path, "-wal"), wal_file(path, "-shm")] {
+            private_file(&file).map_err(|source| StateError::StateDir { path: file.clone(), source })?;
         }
         let open_err = |source| StateError::Open { path: path.into(), source };
         let options = SqliteConnectOptions::from_str("sqlite://")
@@ -206,6 +211,62 @@ impl State {
     }
 }
 
+fn wal_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Creates `dir` (and its parents) if missing, `dir` itself 0700; tightens an existing `dir`
+/// that others could read, saying so.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        return std::fs::DirBuilder::new().mode(0o700).create(dir).or_else(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Ok(()),
+            _ => Err(e),
+        });
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        tracing::warn!(dir = %dir.display(), "the state directory was {mode:o}, readable by other users; it is 0700 now");
+    }
+    Ok(())
+}
+
+/// Creates `file` empty with mode 0600 if missing; tightens an existing one others could read.
+fn private_file(file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::metadata(file) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+                tracing::warn!(file = %file.display(), "was {mode:o}, readable by other users; it is 0600 now");
+            }
+            Ok(())
+        }
+        // Only the database itself is made ahead of SQLite; its -wal and -shm follow its mode.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if file.extension().is_some_and(|x| x == "db") {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(file)
+                    .map(drop)
+                    .or_else(|e| if e.kind() == std::io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) })?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A direct (rusqlite) connection to an already-migrated database, for the per-call hot
 /// paths (audit appends, key checks) where sqlx-sqlite's worker-thread hand-offs cost more
 /// than the query. Same SQLite library, same settings as the pool.
@@ -255,6 +316,29 @@ mod tests {
         assert!(matches!(state.node("n1").await, Err(StateError::UnknownNode(_))));
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&state.pool).await.unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    /// The state directory and the database files are this user's only, new or found open.
+    #[tokio::test]
+    async fn state_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("moat");
+        let db = state_dir.join("moat.db");
+        let state = State::open(&db).await.unwrap();
+        state.add_node("n1", "https://127.0.0.1:1").await.unwrap();
+        assert_eq!(mode(&state_dir), 0o700);
+        for file in [db.clone(), wal_file(&db, "-wal"), wal_file(&db, "-shm")] {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        state.close().await;
+        // An existing state directory and database left open to others are tightened at start.
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let state = State::open(&db).await.unwrap();
+        assert_eq!((mode(&state_dir), mode(&db)), (0o700, 0o600));
+        assert_eq!(state.nodes().await.unwrap().len(), 1, "nothing was lost");
     }
 
     /// Failed contacts count up (whoever made them) until one succeeds; the count decides

@@ -147,6 +147,23 @@ impl Vm {
     }
 }
 
+/// Creates the VMs' directory (consoles, sockets, disks) for this node's user only, and tightens
+/// one found readable by others, saying so.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let private = std::fs::Permissions::from_mode(0o700);
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        return std::fs::set_permissions(dir, private);
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, private)?;
+        tracing::warn!(dir = %dir.display(), "the VMs' directory was {mode:o}, readable by other users; it is 0700 now");
+    }
+    Ok(())
+}
+
 fn valid_token(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
@@ -157,7 +174,7 @@ fn valid_token(s: &str, max: usize) -> bool {
 impl VmManager {
     /// Loads every VM under `vms_root`, re-adopting those whose VMM still runs.
     pub fn open(settings: VmSettings) -> std::io::Result<VmManager> {
-        std::fs::create_dir_all(&settings.vms_root)?;
+        private_dir(&settings.vms_root)?;
         let manager = VmManager { inner: Arc::new(Inner { settings, vms: Mutex::new(HashMap::new()) }) };
         for entry in std::fs::read_dir(&manager.inner.settings.vms_root)? {
             let path = entry?.path();
