@@ -134,6 +134,8 @@ fn write_canonical_object(w: &mut impl std::io::Write, map: &Map<String, Value>)
 }
 
 /// The arguments with every value replaced by its type: shows what was sent, never what it said.
+/// Top-level keys are the tool schema's own names and stay; a nested object is a free-form map
+/// (env variables, labels), whose key names can say as much as values, so only its size is kept.
 pub fn args_shape(args: Option<&Map<String, Value>>) -> String {
     fn shape(v: &Value) -> Value {
         match v {
@@ -142,15 +144,13 @@ pub fn args_shape(args: Option<&Map<String, Value>>) -> String {
             Value::Number(_) => json!("number"),
             Value::String(s) => json!(format!("string({})", s.len())),
             Value::Array(items) => json!({"array": items.len(), "first": items.first().map(shape)}),
-            Value::Object(map) => shape_map(map),
+            Value::Object(map) => json!(format!("object({} keys)", map.len())),
         }
     }
-    fn shape_map(map: &Map<String, Value>) -> Value {
-        Value::Object(map.iter().map(|(k, v)| (k.clone(), shape(v))).collect())
-    }
+    let top: Option<Value> = args.map(|map| Value::Object(map.iter().map(|(k, v)| (k.clone(), shape(v))).collect()));
     let mut out = Vec::new();
-    let written = match args {
-        Some(map) => write_canonical(&mut out, &shape_map(map)),
+    let written = match &top {
+        Some(top) => write_canonical(&mut out, top),
         None => std::io::Write::write_all(&mut out, b"{}"),
     };
     written.expect("writing to memory cannot fail");
@@ -250,7 +250,16 @@ mod tests {
         assert_ne!(args_digest(a.as_object()), args_digest(json!({"b": 2}).as_object()));
         let shape = args_shape(a.as_object());
         assert!(!shape.contains("secret"), "{shape}");
-        assert_eq!(shape, r#"{"a":{"x":{"array":2,"first":"number"},"y":"string(6)"},"b":"number"}"#);
+        assert_eq!(shape, r#"{"a":"object(2 keys)","b":"number"}"#);
+        // Free-form maps keep neither values nor key names.
+        let exec =
+            json!({"vm": "dev", "argv": ["env"], "env": {"GITHUB_TOKEN": "ghp_x"}, "labels": {"customer-acme": "1"}});
+        let shape = args_shape(exec.as_object());
+        assert!(!shape.contains("GITHUB_TOKEN") && !shape.contains("acme") && !shape.contains("ghp_"), "{shape}");
+        assert_eq!(
+            shape,
+            r#"{"argv":{"array":1,"first":"string(3)"},"env":"object(1 keys)","labels":"object(1 keys)","vm":"string(3)"}"#
+        );
         assert_eq!(args_shape(None), "{}");
     }
 }
