@@ -1,6 +1,7 @@
 //! What the security pipeline costs: `whoami` through moat with the full
 //! pipeline (API key lookup, Cedar, rate limit, audit written before and after
-//! the call), through the same moat with no pipeline, and through a bare rmcp
+//! the call), through the same gateway with no pipeline (built and run by this
+//! bench: the `moat` binary cannot run without it), and through a bare rmcp
 //! server, in one run; then durable audited calls per second.
 //!
 //!     cargo bench -p moat-gateway --bench pipeline
@@ -15,8 +16,8 @@ use rmcp::model::ProtocolVersion;
 use support::{CONCURRENCY, Server, concurrent, env_usize, sequential};
 
 const FULL: Server = Server::Moat { label: "moat, full pipeline", args: &[], key_role: Some("cluster-admin") };
-const NONE: Server =
-    Server::Moat { label: "moat, no pipeline", args: &["--insecure-bench-no-pipeline"], key_role: None };
+/// The same gateway with the pipeline off: a server this bench builds and runs itself.
+const NONE: Server = Server::NoPipeline;
 const FULL_POWER: Server = Server::Moat {
     label: "moat, full pipeline, --durability power",
     args: &["--durability", "power"],

@@ -83,7 +83,9 @@ pub struct Config {
     /// Cedar schema, policies and limits; the built-in set unless a directory is configured.
     pub policies: PolicySource,
     pub durability: Durability,
-    /// Benchmarks only: skip authentication, authorization, rate limits and audit.
+    /// The pipeline bench's comparison server only (feature `bench-no-pipeline`, set by code,
+    /// never by a flag): skip authentication, authorization, rate limits and audit.
+    #[cfg(feature = "bench-no-pipeline")]
     pub insecure_no_pipeline: bool,
     /// Role of HTTP requests without a bearer key; None (the default) answers them 401.
     pub anonymous_role: Option<Role>,
@@ -191,9 +193,6 @@ pub struct ServeOverrides {
     /// Milliseconds between node heartbeats (facts and VM states) [default: 5000]
     #[arg(long, env = "MOAT_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// For benchmarks only: serve with no authentication, authorization, rate limits or audit
-    #[arg(long, hide = true)]
-    pub insecure_bench_no_pipeline: bool,
 }
 
 /// Resolves the configuration. `env` looks up XDG variables (injected for tests).
@@ -268,7 +267,8 @@ pub fn load(
         durability,
         anonymous_role,
         heartbeat: std::time::Duration::from_millis(serve.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(5000).max(100)),
-        insecure_no_pipeline: serve.insecure_bench_no_pipeline,
+        #[cfg(feature = "bench-no-pipeline")]
+        insecure_no_pipeline: false,
         api_key: env("MOAT_API_KEY").filter(|k| !k.is_empty()),
     })
 }

@@ -74,10 +74,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shared: shared.clone(),
         catalog: Catalog::build(),
         prompts,
+        #[cfg(feature = "bench-no-pipeline")]
         no_pipeline: config.insecure_no_pipeline,
     });
+    #[cfg(feature = "bench-no-pipeline")]
     if config.insecure_no_pipeline {
-        tracing::warn!("--insecure-bench-no-pipeline: NO authentication, authorization, rate limits or audit");
+        tracing::warn!("bench comparison server: NO authentication, authorization, rate limits or audit");
     }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
     tokio::spawn(crate::nodes::heartbeat(state.clone(), shared.nodes.clone(), config.heartbeat, shutdown.clone()));
@@ -94,7 +96,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // Scripts and tests read this line to find the port when --http used port 0.
             tracing::info!(url = %format!("http://{bound}/mcp"), "moat listening");
             let has_keys = keys::list(state.pool()).await.map(|k| k.iter().any(|k| k.revoked_at.is_none()));
-            if config.anonymous_role.is_none() && !config.insecure_no_pipeline && matches!(has_keys, Ok(false)) {
+            if config.anonymous_role.is_none() && matches!(has_keys, Ok(false)) {
                 tracing::warn!(
                     "no API keys exist, so every HTTP request will get 401: create one with \
                      `moat keys create --name NAME --role ROLE`"

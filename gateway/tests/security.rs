@@ -188,6 +188,17 @@ async fn stdio_with_an_api_key_is_that_principal_until_revoked() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("MOAT_API_KEY is not usable"));
 }
 
+/// The pipeline can only be switched off in the benchmark's own build: the binary has no flag.
+#[tokio::test]
+async fn the_binary_has_no_way_to_skip_the_pipeline() {
+    let home = Home::new();
+    let out = home.moat(&["serve", "--insecure-bench-no-pipeline"]).stdin(std::process::Stdio::null()).output().await;
+    let out = out.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unexpected argument '--insecure-bench-no-pipeline'"), "{stderr}");
+}
+
 /// Copies the repository's policies into `dir` so a test can change them.
 fn copy_policies(dir: &Path) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");

@@ -25,8 +25,27 @@ pub fn main<F: std::future::Future<Output = ()>>(bench: impl FnOnce() -> F) {
     match std::env::args().nth(1).as_deref() {
         Some("--bare-stdio") => rt.block_on(bare::stdio()),
         Some("--bare-http") => rt.block_on(bare::http()),
+        Some("--moat-no-pipeline") => rt.block_on(no_pipeline(std::env::args().any(|a| a == "--http"))),
         _ => rt.block_on(bench()),
     }
+}
+
+/// moat with the pipeline switched off, built by the bench itself (feature `bench-no-pipeline`,
+/// which only the benches and tests enable): the `moat` binary has no way to run like this.
+async fn no_pipeline(http: bool) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let serve = moat_gateway::config::ServeOverrides {
+        http: http.then(|| "127.0.0.1:0".parse().expect("a socket address")),
+        ..Default::default()
+    };
+    let mut config = moat_gateway::config::load(&Default::default(), &serve, |k| std::env::var(k).ok())
+        .expect("the bench's own configuration loads");
+    config.insecure_no_pipeline = true;
+    moat_gateway::serve::run(config).await.expect("the comparison server runs");
 }
 
 /// The same tool on the plainest rmcp server: no pipeline, no state, no node.
@@ -99,6 +118,8 @@ pub enum Server {
         key_role: Option<&'static str>,
     },
     Bare,
+    /// moat's own gateway with the pipeline off, run by the bench binary (see [`no_pipeline`]).
+    NoPipeline,
 }
 
 impl Server {
@@ -106,6 +127,7 @@ impl Server {
         match self {
             Server::Moat { label, .. } => label,
             Server::Bare => "bare rmcp",
+            Server::NoPipeline => "moat, no pipeline",
         }
     }
 
@@ -122,6 +144,14 @@ impl Server {
             Server::Bare => {
                 let mut c = tokio::process::Command::new(std::env::current_exe().expect("bench binary path"));
                 c.arg(if http { "--bare-http" } else { "--bare-stdio" });
+                c
+            }
+            Server::NoPipeline => {
+                let mut c = tokio::process::Command::new(std::env::current_exe().expect("bench binary path"));
+                c.arg("--moat-no-pipeline");
+                if http {
+                    c.arg("--http");
+                }
                 c
             }
         };
@@ -181,7 +211,8 @@ pub async fn connect(server: Server, http: bool, version: ProtocolVersion) -> Co
     let mut cmd = server.command(home.path(), http);
     if !http {
         // On stdio moat serves the local operator, as Claude Code and Claude Desktop run it.
-        let server_log = matches!(server, Server::Moat { .. }).then(|| home.path().join("server.log"));
+        let server_log =
+            matches!(server, Server::Moat { .. } | Server::NoPipeline).then(|| home.path().join("server.log"));
         let stderr: Stdio = match &server_log {
             Some(path) => {
                 cmd.env("MOAT_LOG", "warn,moat_gateway::mcp=debug");

@@ -112,7 +112,10 @@ impl HttpServer {
             .with_cancellation_token(shutdown.child_token());
         let checker = server.clone();
         // The benchmark-only no-pipeline mode lets every request in as a cluster-admin.
+        #[cfg(feature = "bench-no-pipeline")]
         let anonymous = if config.insecure_no_pipeline { Some(Role::ClusterAdmin) } else { config.anonymous_role };
+        #[cfg(not(feature = "bench-no-pipeline"))]
+        let anonymous = config.anonymous_role;
         if let Some(role) = anonymous {
             tracing::warn!(role = role.as_str(), "HTTP requests without a bearer key are let in as `anonymous`");
         }

@@ -51,7 +51,8 @@ pub struct Server {
     pub shared: Arc<Shared>,
     pub catalog: Catalog,
     pub prompts: Prompts,
-    /// Benchmarks only: validate and dispatch, nothing else (see `--insecure-bench-no-pipeline`).
+    /// The pipeline bench's comparison server only: validate and dispatch, nothing else.
+    #[cfg(feature = "bench-no-pipeline")]
     pub no_pipeline: bool,
 }
 

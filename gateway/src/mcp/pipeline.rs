@@ -62,6 +62,7 @@ impl Gateway {
         request: CallToolRequestParams,
         ctx: &CallContext,
     ) -> Result<CallToolResult, ErrorData> {
+        #[cfg(feature = "bench-no-pipeline")]
         if self.server.no_pipeline {
             let tool = ToolName::parse(&request.name).ok_or_else(|| unknown_tool(&request.name))?;
             let call = ToolCall::decode(tool, request.arguments)
@@ -269,6 +270,7 @@ mod tests {
             shared,
             catalog: super::super::catalog::Catalog::build(),
             prompts: super::super::prompts::Prompts::load(None).unwrap(),
+            #[cfg(feature = "bench-no-pipeline")]
             no_pipeline: false,
         });
         let operator = Principal { name: "alice".into(), role: Role::Agent };
