@@ -92,6 +92,12 @@ pub struct Config {
     /// How often the gateway asks each node for its facts and VM states; three misses in a
     /// row mark the node unreachable.
     pub heartbeat: std::time::Duration,
+    /// The key sealing audit checkpoints.
+    pub audit_key: PathBuf,
+    /// How often a checkpoint of the audit chain is written.
+    pub audit_checkpoint: std::time::Duration,
+    /// A second file each checkpoint is appended to.
+    pub audit_checkpoint_copy: Option<PathBuf>,
     /// Authenticate stdio with this API key instead of as the operator (MOAT_API_KEY; never a flag).
     pub api_key: Option<String>,
 }
@@ -99,6 +105,11 @@ pub struct Config {
 impl Config {
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("moat.db")
+    }
+
+    /// Where audit checkpoints are appended.
+    pub fn audit_checkpoints(&self) -> PathBuf {
+        self.state_dir.join("audit-checkpoints.jsonl")
     }
 
     /// This process's embedded node socket. Per process, because several gateways (say, two
@@ -149,6 +160,10 @@ pub struct Overrides {
     /// State directory holding moat.db and the embedded node's socket [default: $XDG_STATE_HOME/moat]
     #[arg(long, env = "MOAT_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
+    /// Key that seals audit checkpoints; keep it (or a copy) off this machine's database disk
+    /// [default: <state dir>/audit.key, made 0600 on first serve]
+    #[arg(long, env = "MOAT_AUDIT_KEY", global = true)]
+    pub audit_key: Option<PathBuf>,
 }
 
 /// Settings only `moat serve` takes.
@@ -193,6 +208,12 @@ pub struct ServeOverrides {
     /// Milliseconds between node heartbeats (facts and VM states) [default: 5000]
     #[arg(long, env = "MOAT_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
+    /// Milliseconds between audit checkpoints (also written at start and at shutdown) [default: 60000]
+    #[arg(long, env = "MOAT_AUDIT_CHECKPOINT_MS")]
+    pub audit_checkpoint_ms: Option<u64>,
+    /// Also append each audit checkpoint to this file (on another disk, say)
+    #[arg(long, env = "MOAT_AUDIT_CHECKPOINT_COPY")]
+    pub audit_checkpoint_copy: Option<PathBuf>,
 }
 
 /// Resolves the configuration. `env` looks up XDG variables (injected for tests).
@@ -262,6 +283,7 @@ pub fn load(
             .clone()
             .or(node.storage_root)
             .unwrap_or_else(|| state_dir.join("node")),
+        audit_key: common.audit_key.clone().unwrap_or_else(|| state_dir.join("audit.key")),
         state_dir,
         policies,
         durability,
@@ -269,6 +291,8 @@ pub fn load(
         heartbeat: std::time::Duration::from_millis(serve.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(5000).max(100)),
         #[cfg(feature = "bench-no-pipeline")]
         insecure_no_pipeline: false,
+        audit_checkpoint: std::time::Duration::from_millis(serve.audit_checkpoint_ms.unwrap_or(60_000).max(100)),
+        audit_checkpoint_copy: serve.audit_checkpoint_copy.clone(),
         api_key: env("MOAT_API_KEY").filter(|k| !k.is_empty()),
     })
 }
@@ -325,7 +349,7 @@ mod tests {
             "state_dir = \"/srv/moat\"\nhttp = \"127.0.0.1:9000\"\nmax_body_bytes = 2048\noperator = \"ops\"\n[node]\nname = \"n7\"\n",
         )
         .unwrap();
-        let common = Overrides { config: Some(cfg.clone()), state_dir: None };
+        let common = Overrides { config: Some(cfg.clone()), state_dir: None, audit_key: None };
         let c = load(&common, &ServeOverrides::default(), env_of(&[])).unwrap();
         assert!(c.config_file_found);
         assert_eq!(c.state_dir, PathBuf::from("/srv/moat"));
@@ -339,7 +363,7 @@ mod tests {
             operator_role: Some("reader".into()),
             ..Default::default()
         };
-        let common = Overrides { config: Some(cfg), state_dir: Some("/tmp/x".into()) };
+        let common = Overrides { config: Some(cfg), state_dir: Some("/tmp/x".into()), audit_key: None };
         let c = load(&common, &serve, env_of(&[])).unwrap();
         assert_eq!((c.max_body_bytes, c.node_name.as_str(), c.operator_role), (4096, "n8", Role::Reader));
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
@@ -357,11 +381,11 @@ mod tests {
         ];
         for (text, want) in cases {
             std::fs::write(&cfg, text).unwrap();
-            let common = Overrides { config: Some(cfg.clone()), state_dir: None };
+            let common = Overrides { config: Some(cfg.clone()), state_dir: None, audit_key: None };
             let err = load(&common, &ServeOverrides::default(), env_of(&[("HOME", "/tmp")])).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{text}: {err:#}");
         }
-        let missing = Overrides { config: Some(dir.path().join("nope.toml")), state_dir: None };
+        let missing = Overrides { config: Some(dir.path().join("nope.toml")), state_dir: None, audit_key: None };
         let err = load(&missing, &ServeOverrides::default(), env_of(&[])).unwrap_err();
         assert!(format!("{err:#}").contains("cannot read config file"), "{err:#}");
     }

@@ -20,6 +20,7 @@ use crate::principal::Principal;
 use crate::security::authz::Authz;
 use crate::store::State;
 use crate::store::audit::AuditLog;
+use crate::store::audit::anchor::Anchor;
 use crate::store::keys;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -37,6 +38,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => StdioIdentity::Operator(Principal { name: config.operator.clone(), role: config.operator_role }),
     };
     let audit = AuditLog::start(&config.db_path(), config.durability).context("cannot open the audit log")?;
+    let anchor = Arc::new(
+        Anchor::open(&config.audit_key, config.audit_checkpoints(), config.audit_checkpoint_copy.clone())
+            .context("cannot set up audit checkpoints")?,
+    );
+    anchor.checkpoint(state.pool()).await.context("cannot write the first audit checkpoint")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
@@ -82,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("bench comparison server: NO authentication, authorization, rate limits or audit");
     }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
+    tokio::spawn(checkpoints(anchor.clone(), state.clone(), config.audit_checkpoint, shutdown.clone()));
     tokio::spawn(crate::nodes::heartbeat(state.clone(), shared.nodes.clone(), config.heartbeat, shutdown.clone()));
     if let Err(missing) = crate::image::check(&config.images_dir().join("base")) {
         tracing::warn!("{missing}");
@@ -129,11 +136,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "embedded node task failed"),
     }
     shared.audit.shutdown().await;
+    // The last checkpoint vouches for everything this process appended.
+    if let Err(e) = anchor.checkpoint(state.pool()).await {
+        tracing::error!(error = %e, "cannot write the audit checkpoint at shutdown");
+    }
     if tokio::time::timeout(std::time::Duration::from_secs(5), state.close()).await.is_err() {
         tracing::warn!("database connections still busy after 5 s; exiting anyway");
     }
     tracing::info!("moat stopped");
     result
+}
+
+/// Every `every`, a checkpoint of the audit chain (when it moved), until shutdown.
+async fn checkpoints(anchor: Arc<Anchor>, state: State, every: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = anchor.checkpoint(state.pool()).await {
+            tracing::error!(error = %e, "cannot write an audit checkpoint");
+        }
+    }
 }
 
 /// Removes `node-<pid>.sock` files left by gateway processes that no longer run.

@@ -321,7 +321,7 @@ async fn audit_verify_detects_edited_deleted_and_reordered_records() {
         let home = Home::new();
         audited_history(&home).await;
         let (ok, out, _) = home.run(&["audit", "verify"]).await;
-        assert!(ok && out.contains("audit log intact: 7 records verified"), "{out}");
+        assert!(ok && out.contains("hash chain intact: 7 records verified"), "{out}");
         // Append-only: ordinary edits are refused by the database itself.
         let url = format!("sqlite://{}", home.state_dir().join("moat.db").display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();

@@ -221,5 +221,5 @@ async fn two_gateways_on_one_state_directory_share_one_audit_chain() {
     assert_eq!(list["nodes"][0]["reachable"], true, "{list}");
     second.cancel().await.unwrap();
     let (ok, out, _) = home.run(&["audit", "verify"]).await;
-    assert!(ok && out.contains("audit log intact: 82 records verified"), "{out}");
+    assert!(ok && out.contains("hash chain intact: 82 records verified"), "{out}");
 }

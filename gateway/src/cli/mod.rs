@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve MCP: stdio by default, Streamable HTTP at /mcp with --http. Stops on SIGINT/SIGTERM.
-    Serve(ServeOverrides),
+    Serve(Box<ServeOverrides>),
     /// Print version, config and database paths, schema version, API keys, audit size and known nodes.
     Status,
     /// Manage the nodes this gateway routes to.
@@ -292,12 +292,32 @@ async fn audit_cmd(config: &Config, cmd: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Verify => {
             let report = audit::verify(pool).await?;
-            match report.problem {
-                None => println!("audit log intact: {} records verified", report.checked),
-                Some(problem) => {
-                    println!("audit log BROKEN after {} good records: {problem}", report.checked);
-                    std::process::exit(1);
+            if let Some(problem) = report.problem {
+                println!("audit log BROKEN after {} good records: {problem}", report.checked);
+                std::process::exit(1);
+            }
+            println!("hash chain intact: {} records verified", report.checked);
+            let anchors = audit::anchor::verify_anchors(pool, &config.audit_key, &config.audit_checkpoints()).await?;
+            if let Some(problem) = anchors.problem {
+                println!("audit log BROKEN: {problem}");
+                std::process::exit(1);
+            }
+            match anchors.anchored {
+                Some((seq, at)) if seq == anchors.last => {
+                    println!("checkpoints: {} verified; the last, of {at}, vouches for every record", anchors.checked)
                 }
+                Some((seq, at)) => println!(
+                    "checkpoints: {} verified; the last, of {at}, vouches for records up to {seq}; records {} to {} \
+                     came after it and cannot be checked for truncation until the next checkpoint",
+                    anchors.checked,
+                    seq + 1,
+                    anchors.last
+                ),
+                None => println!(
+                    "no checkpoints and no audit key ({}): truncation and re-chaining cannot be checked; `moat \
+                     serve` writes checkpoints",
+                    config.audit_key.display()
+                ),
             }
         }
         AuditCommand::Export { format } => {

@@ -4,6 +4,7 @@
 //! sequence numbers and commits queued records together (group commit).
 //! Argument values are never stored: only a digest and a shape.
 
+pub mod anchor;
 mod chain;
 mod query;
 mod writer;
