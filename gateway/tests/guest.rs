@@ -179,6 +179,7 @@ impl Rig {
     async fn short_calls_share_a_session(&self) {
         guest_ok(&self.alice, "vm_exec", json!({"vm": "box", "argv": ["true"]})).await;
         let opened = self.moat.logged_times("guest session opened");
+        assert!(opened >= 1, "the session log line this step counts is there to count");
         for _ in 0..3 {
             guest_ok(&self.alice, "vm_exec", json!({"vm": "box", "argv": ["true"]})).await;
         }

@@ -303,6 +303,38 @@ async fn tamper(home: &Home, statements: &[&str]) {
     pool.close().await;
 }
 
+/// A call whose audit record cannot be written is failed before its handler runs: the answer
+/// is the audit failure, not what the tool would have said, and calls work again (with an
+/// unbroken chain) once writes do.
+#[tokio::test]
+async fn a_call_whose_audit_write_fails_is_failed_and_does_not_run() {
+    let home = Home::new();
+    let client = home.stdio_client(&[]).await;
+    call_ok(&client, "whoami", json!({})).await;
+    let url = format!("sqlite://{}", home.state_dir().join("moat.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    // The disk fills up under the audit log (as SQLite would report it).
+    let full = "CREATE TRIGGER audit_full BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END";
+    sqlx::query(full).execute(&pool).await.unwrap();
+    let args = json!({"name": "web", "vcpus": 1, "memory_mib": 64});
+    let (code, message) = error_of(call(&client, "vm_create", args.clone()).await).expect("a JSON-RPC error");
+    assert_eq!(code, -32603, "{message}");
+    assert!(message.contains("audit log could not be written") && message.contains("was not run"), "{message}");
+    let (code, _) = error_of(call(&client, "whoami", json!({})).await).expect("every call fails while audit does");
+    assert_eq!(code, -32603);
+    sqlx::query("DROP TRIGGER audit_full").execute(&pool).await.unwrap();
+    pool.close().await;
+    // With the audit log writable again the same call reaches its handler, which says why it
+    // cannot place the VM (this test's node has no image): before, it never got that far.
+    let placed = call(&client, "vm_create", args).await.unwrap();
+    assert_eq!(placed.is_error, Some(true));
+    let text = placed.content[0].as_text().unwrap().text.clone();
+    assert!(text.contains("no node can take a VM"), "{text}");
+    client.cancel().await.unwrap();
+    let (ok, out, _) = home.run(&["audit", "verify"]).await;
+    assert!(ok && out.contains("hash chain intact"), "{out}");
+}
+
 #[tokio::test]
 async fn audit_verify_detects_edited_deleted_and_reordered_records() {
     let cases: [(&[&str], &str); 3] = [

@@ -23,6 +23,11 @@ fn sorted(v: &serde_json::Value) -> serde_json::Value {
 fn tool_schemas_match_goldens() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden");
     let bless = std::env::var_os("MOAT_BLESS").is_some();
+    // In CI the goldens are checked, never rewritten: a blessed run there would pass any change.
+    assert!(
+        !(bless && std::env::var("CI").is_ok_and(|v| v == "true")),
+        "MOAT_BLESS is set under CI=true: goldens are blessed by a person, then committed"
+    );
     let mut mismatches = Vec::new();
     for spec in moat_tools::catalog() {
         let doc = json!({

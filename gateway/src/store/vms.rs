@@ -349,6 +349,30 @@ pub(crate) mod tests {
         }
     }
 
+    /// Two creates by one principal racing for the last slot of a quota: exactly one wins.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reservations_at_the_quota_limit_admit_exactly_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("moat.db")).await.unwrap();
+        let quotas = Quotas { running_vms: 1, vcpus: 8, memory_mib: 8192, workspaces: 1 };
+        let room = NodeCapacity { cpus: 8, memory_mib: 65536 };
+        for round in 0..20 {
+            let owner = format!("p{round}");
+            let (a, b) = (
+                row(&format!("a{round}"), "a", &owner, "n1", 1, 64),
+                row(&format!("b{round}"), "b", &owner, "n1", 1, 64),
+            );
+            let (first, second) = tokio::join!(
+                state.reserve_vm(&a, &quotas, "agent", room, true),
+                state.reserve_vm(&b, &quotas, "agent", room, true),
+            );
+            let won = [&first, &second].iter().filter(|r| r.is_ok()).count();
+            assert_eq!(won, 1, "round {round}: {first:?} {second:?}");
+            let refused = if first.is_err() { first } else { second };
+            assert!(refused.unwrap_err().to_string().contains("running VMs would be 2 of your 1"));
+        }
+    }
+
     #[test]
     fn the_sql_live_states_are_the_enums() {
         let live: Vec<String> =
