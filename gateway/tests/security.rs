@@ -188,6 +188,37 @@ async fn stdio_with_an_api_key_is_that_principal_until_revoked() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("MOAT_API_KEY is not usable"));
 }
 
+/// `--anonymous-role` admits keyless HTTP requests with exactly the role it names: reader may
+/// read, and what a reader may never call is hidden and refused like an unknown tool.
+#[tokio::test]
+async fn anonymous_callers_get_exactly_the_role_named() {
+    let home = Home::new();
+    let mut moat = home.http_server(&["--anonymous-role", "reader"]).await;
+    let transport = rmcp::transport::StreamableHttpClientTransport::with_client(
+        reqwest::Client::new(),
+        rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(moat.url.clone()),
+    );
+    let anonymous = rmcp::ServiceExt::serve((), transport).await.unwrap();
+    let me = call_ok(&anonymous, "whoami", json!({})).await;
+    assert_eq!((me["principal"].as_str(), me["role"].as_str()), (Some("anonymous"), Some("reader")));
+    let listed: BTreeSet<String> =
+        anonymous.list_all_tools().await.unwrap().into_iter().map(|t| t.name.to_string()).collect();
+    let want: BTreeSet<String> =
+        moat_tools::catalog().iter().filter(|s| granted("reader", s.group)).map(|s| s.name.to_string()).collect();
+    assert_eq!(listed, want);
+    let (code, message) =
+        error_of(call(&anonymous, "vm_create", json!({"name": "x", "vcpus": 1, "memory_mib": 64})).await)
+            .expect("refused");
+    assert_eq!(code, -32602);
+    assert!(message.starts_with("unknown tool `vm_create`"), "{message}");
+    anonymous.cancel().await.unwrap();
+    // A key still counts as its own principal next to anonymous callers.
+    let admin = moat.client(&moat.key).await;
+    assert_eq!(call_ok(&admin, "whoami", json!({})).await["role"], "cluster-admin");
+    admin.cancel().await.unwrap();
+    assert!(moat.terminate().await.success());
+}
+
 /// The pipeline can only be switched off in the benchmark's own build: the binary has no flag.
 #[tokio::test]
 async fn the_binary_has_no_way_to_skip_the_pipeline() {
