@@ -254,6 +254,30 @@ async fn vm_faults_and_node_identity() {
     let accepted =
         tls_call(&n2_address, &pki.join("node-ca.pem"), &pki.join("gateway.pem"), &pki.join("gateway.key")).await;
     assert_eq!(accepted.unwrap(), "n2");
+    // Nor a client certificate from another CA, an expired one from moat's own client CA, or none.
+    let forged = tmp.path().join("forged");
+    std::fs::create_dir_all(&forged).unwrap();
+    let (cert, key) = client_cert(&forged, "foreign", None, false);
+    assert!(tls_call(&n2_address, &pki.join("node-ca.pem"), &cert, &key).await.is_err(), "a foreign CA's client");
+    let ca = (std::fs::read_to_string(pki.join("client-ca.key")).unwrap(), "moat gateway client CA");
+    let (cert, key) = client_cert(&forged, "expired", Some(ca.clone()), true);
+    let expired = tls_call(&n2_address, &pki.join("node-ca.pem"), &cert, &key).await;
+    assert!(expired.is_err(), "an expired client certificate must be refused");
+    let (cert, key) = client_cert(&forged, "current", Some(ca), false);
+    assert_eq!(
+        tls_call(&n2_address, &pki.join("node-ca.pem"), &cert, &key).await.unwrap(),
+        "n2",
+        "the same, unexpired, is accepted"
+    );
+    assert!(tls_call_without_cert(&n2_address, &pki.join("node-ca.pem")).await.is_err(), "no client certificate");
+    // And the gateway trusts a node only with a node CA certificate: a server presenting the
+    // gateway's own (client) certificate is refused.
+    let posing = posing_node(&pki).await;
+    let (ok, _, err) = home.run(&["node", "add", "poser", "--address", &posing]).await;
+    assert!(ok, "{err}");
+    let poser = call_ok(&admin, "node_inspect", json!({"node": "poser"})).await;
+    assert_eq!(poser["node"]["reachable"], false, "{poser}");
+    assert!(poser["node"]["error"].as_str().unwrap().contains("certificate"), "{poser}");
 
     // Rotation: a new gateway certificate is used after SIGHUP, with no node restart.
     let before = std::fs::read(pki.join("gateway.pem")).unwrap();
@@ -284,6 +308,93 @@ async fn vm_faults_and_node_identity() {
 
     admin.cancel().await.unwrap();
     assert!(moat.terminate().await.success());
+}
+
+/// A client certificate (ClientAuth, CN `name`) in `dir`, signed by moat's client CA when given
+/// its key and CN, else by a CA of its own; expired in 2001 when `expired`. (cert, key) paths.
+fn client_cert(
+    dir: &Path,
+    name: &str,
+    ca: Option<(String, &'static str)>,
+    expired: bool,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_params = |cn: &str| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.distinguished_name.push(DnType::OrganizationName, "moat");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        p
+    };
+    let issuer = match ca {
+        Some((key_pem, cn)) => Issuer::new(ca_params(cn), KeyPair::from_pem(&key_pem).unwrap()),
+        None => Issuer::new(ca_params("somebody else's CA"), KeyPair::generate().unwrap()),
+    };
+    let mut params = CertificateParams::new(vec!["moat-gateway".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "moat-gateway");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+/// A TLS handshake with the node presenting no client certificate: Ok if the node accepts it.
+async fn tls_call_without_cert(address: &str, ca: &Path) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in moat_node::tls::read_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(moat_node::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(address.trim_start_matches("https://")).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("n2").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // TLS 1.3: the server's verdict on the client arrives after the client's handshake ends.
+    let mut byte = [0u8; 1];
+    match tls.read(&mut byte).await {
+        Err(e) => Err(e.to_string()),
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// A TLS server on loopback presenting the gateway's client certificate as if it were a node.
+async fn posing_node(pki: &Path) -> String {
+    let certs = moat_node::tls::read_certs(&pki.join("gateway.pem")).unwrap();
+    let key = moat_node::tls::read_key(&pki.join("gateway.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(moat_node::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    address
 }
 
 /// The certificate (DER) a node presents to the gateway's client certificate.
