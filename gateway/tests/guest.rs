@@ -197,6 +197,37 @@ impl Rig {
         assert_eq!(timed["timed_out"], true, "{timed}");
     }
 
+    /// stdin, env and cwd reach the process; a background process is killed with its group; a
+    /// file is deleted; a write over the 32 MiB cap is refused by the guest and changes nothing.
+    async fn the_rest_of_the_guest_tools(&self) {
+        let args = json!({"vm": "box", "command": "cat; echo \" $GREETING $(pwd)\"", "stdin": "hello",
+                          "env": {"GREETING": "from-env"}, "cwd": "/root"});
+        let ran = guest_ok(&self.alice, "vm_exec", args).await;
+        assert_eq!(ran["stdout"], "hello from-env /root\n", "{ran}");
+        let started = guest_ok(&self.alice, "vm_exec_start", json!({"vm": "box", "command": "sleep 300"})).await;
+        let id = started["id"].as_str().unwrap().to_string();
+        let killed = guest_ok(&self.alice, "vm_exec_kill", json!({"vm": "box", "id": id})).await;
+        assert_eq!(killed["id"], id.as_str());
+        until("the killed process to end", Duration::from_secs(20), async || {
+            let status = guest_ok(&self.alice, "vm_exec_status", json!({"vm": "box", "id": id})).await;
+            status["running"] == false && status["signal"] == 9
+        })
+        .await;
+        let args = json!({"vm": "box", "path": "/root/gone.txt", "content": "bye"});
+        guest_ok(&self.alice, "vm_file_write", args).await;
+        let deleted = guest_ok(&self.alice, "vm_file_delete", json!({"vm": "box", "path": "/root/gone.txt"})).await;
+        assert_eq!(deleted["deleted"], true);
+        let listed = guest_ok(&self.alice, "vm_file_list", json!({"vm": "box", "path": "/root"})).await;
+        assert!(!listed.to_string().contains("gone.txt"), "{listed}");
+        // Just over the cap: 32 MiB + 1 byte of base64-encoded data, under the HTTP body limit.
+        let over = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 32 * 1024 * 1024 + 1]);
+        let args = json!({"vm": "box", "path": "/root/big.bin", "content": over, "encoding": "base64"});
+        let refused = tool_error(&self.alice, "vm_file_write", args).await;
+        assert!(refused.contains("over the 33554432-byte cap"), "{refused}");
+        let listed = guest_ok(&self.alice, "vm_file_list", json!({"vm": "box", "path": "/root"})).await;
+        assert!(!listed.to_string().contains("big.bin"), "nothing was written: {listed}");
+    }
+
     /// Bad input changes nothing, and bob cannot reach alice's VM at all.
     async fn bad_input_and_other_owners(&self) {
         let args = json!({"vm": self.vm, "path": "x", "content": "y"});
@@ -323,6 +354,7 @@ async fn guest_exec_and_files_through_the_gateway() {
     rig.a_binary_file_round_trip().await;
     rig.short_calls_share_a_session().await;
     rig.exit_codes_signals_and_timeouts().await;
+    rig.the_rest_of_the_guest_tools().await;
     rig.bad_input_and_other_owners().await;
     rig.a_background_process_outlives_its_client().await;
     rig.cancelling_kills_the_process_group().await;
