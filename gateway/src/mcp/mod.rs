@@ -33,7 +33,7 @@ use crate::guest::Progress;
 use crate::principal::{Principal, Transport};
 use crate::security::resource::ResourceRef;
 use crate::store::StateError;
-use crate::store::audit::{self, CallRecord, Decision};
+use crate::store::audit::{CallRecord, Decision};
 
 const STATUS_URI: &str = "moat://status";
 
@@ -117,17 +117,10 @@ impl Gateway {
 
     /// The audit record of a `resources/read`.
     fn resource_record(&self, ctx: &CallContext, uri: &str, decision: Decision) -> CallRecord {
-        CallRecord {
-            principal: ctx.principal.name.clone(),
-            role: ctx.principal.role.as_str().to_string(),
-            transport: ctx.transport.as_str().to_string(),
-            session: ctx.session.clone(),
-            tool: "resources/read".into(),
-            resource: Some(format!("resource/{}", pipeline::bounded(uri))),
-            decision,
-            args_digest: audit::args_digest(None),
-            args_shape: audit::args_shape(None),
-        }
+        let mut record = pipeline::call_record(ctx, "resources/read".into(), None);
+        record.resource = Some(format!("resource/{}", pipeline::bounded(uri)));
+        record.decision = decision;
+        record
     }
 }
 

@@ -80,17 +80,7 @@ impl Gateway {
     /// call on an existing VM, pinned to the VM that was judged.
     async fn admit<'a>(&self, request: CallToolRequestParams, ctx: &'a CallContext) -> Result<Checked<'a>, ErrorData> {
         let bundle = self.server.shared.authz.bundle();
-        let mut record = CallRecord {
-            principal: ctx.principal.name.clone(),
-            role: ctx.principal.role.as_str().to_string(),
-            transport: ctx.transport.as_str().to_string(),
-            session: ctx.session.clone(),
-            tool: bounded(&request.name),
-            resource: None,
-            decision: Decision::Denied,
-            args_digest: audit::args_digest(request.arguments.as_ref()),
-            args_shape: audit::args_shape(request.arguments.as_ref()),
-        };
+        let mut record = call_record(ctx, bounded(&request.name), request.arguments.as_ref());
         // A tool this principal may never call is indistinguishable from one that does not exist.
         let tool = match ToolName::parse(&request.name) {
             Some(tool) if bundle.may_ever_call(&ctx.principal, tool) => tool,
@@ -204,6 +194,21 @@ fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorDat
             tracing::error!(error = %source, cause = ?std::error::Error::source(&source), "tool failed");
             Err(ErrorData::internal_error(format!("internal error: {source}; see the gateway log"), None))
         }
+    }
+}
+
+/// The audit record of a request by `ctx`'s caller, denied until a check says otherwise.
+pub(super) fn call_record(ctx: &CallContext, tool: String, args: Option<&rmcp::model::JsonObject>) -> CallRecord {
+    CallRecord {
+        principal: ctx.principal.name.clone(),
+        role: ctx.principal.role.as_str().to_string(),
+        transport: ctx.transport.as_str().to_string(),
+        session: ctx.session.clone(),
+        tool,
+        resource: None,
+        decision: Decision::Denied,
+        args_digest: audit::args_digest(args),
+        args_shape: audit::args_shape(args),
     }
 }
 
