@@ -335,6 +335,19 @@ impl Rig {
         .await;
     }
 
+    /// A guest that ignores the power button (its init's watcher killed) is killed once the stop's
+    /// timeout passes, and the reason says so.
+    async fn a_stop_the_guest_ignores_escalates_to_a_kill(&self) {
+        let gone = guest_ok(&self.alice, "vm_exec", json!({"vm": "box", "command": "kill $(pidof head)"})).await;
+        assert_eq!(gone["exit_code"], 0, "the init's power-button watcher is `head -c 1`: {gone}");
+        let started = Instant::now();
+        let stopped = guest_ok(&self.alice, "vm_stop", json!({"vm": "box", "timeout_s": 3})).await;
+        assert_eq!(stopped["vm"]["state"], "stopped", "{stopped}");
+        let reason = stopped["vm"]["reason"].as_str().unwrap();
+        assert!(reason.contains("killed after the guest ignored power-off for 3 s"), "{reason}");
+        assert!(started.elapsed() >= Duration::from_secs(3), "the guest had its time first");
+    }
+
     async fn finish(mut self) {
         for client in [self.bob, self.admin] {
             client.cancel().await.unwrap();
@@ -363,5 +376,6 @@ async fn guest_exec_and_files_through_the_gateway() {
     rig.a_stalled_agent_is_waited_out().await;
     rig.contents_are_not_audited().await;
     rig.an_idle_session_closes().await;
+    rig.a_stop_the_guest_ignores_escalates_to_a_kill().await;
     rig.finish().await;
 }
