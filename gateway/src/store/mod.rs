@@ -217,8 +217,13 @@ fn wal_file(db: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// What moat keeps in its state directory; a directory holding anything else is not moat's own.
+const STATE_ENTRIES: &[&str] =
+    &["moat.db", "moat.db-wal", "moat.db-shm", "pki", "run", "node", "images", "audit.key", "audit-checkpoints.jsonl"];
+
 /// Creates `dir` (and its parents) if missing, `dir` itself 0700; tightens an existing `dir`
-/// that others could read, saying so.
+/// that others could read, saying so, when it holds only moat's files (a directory the operator
+/// shares with other things, named with --state-dir, keeps its mode and gets a warning).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if !dir.exists() {
@@ -231,9 +236,24 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
         });
     }
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        tracing::warn!(dir = %dir.display(), "the state directory was {mode:o}, readable by other users; it is 0700 now");
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let foreign = std::fs::read_dir(dir)?.flatten().find(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        !STATE_ENTRIES.contains(&name.as_str()) && !name.starts_with("audit.key.")
+    });
+    match foreign {
+        None => {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            tracing::warn!(dir = %dir.display(), "the state directory was {mode:o}, readable by other users; it is 0700 now");
+        }
+        Some(entry) => tracing::warn!(
+            dir = %dir.display(),
+            "the state directory is {mode:o}, readable by other users, and holds {} which is not moat's, so its \
+             mode is left alone: give moat a directory of its own, or chmod 0700 it (the database itself is 0600)",
+            entry.file_name().to_string_lossy()
+        ),
     }
     Ok(())
 }
@@ -339,6 +359,14 @@ mod tests {
         let state = State::open(&db).await.unwrap();
         assert_eq!((mode(&state_dir), mode(&db)), (0o700, 0o600));
         assert_eq!(state.nodes().await.unwrap().len(), 1, "nothing was lost");
+        state.close().await;
+        // A directory shared with other things (say --state-dir /srv) keeps its mode; the
+        // database is still made private.
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(state_dir.join("somebody-elses.txt"), "x").unwrap();
+        State::open(&db).await.unwrap().close().await;
+        assert_eq!((mode(&state_dir), mode(&db)), (0o755, 0o600));
     }
 
     /// Failed contacts count up (whoever made them) until one succeeds; the count decides
