@@ -35,8 +35,16 @@ fn us(d: Duration) -> f64 {
 
 async fn serve(listener: Listener, root: &Path, images: PathBuf) -> String {
     let address = listener.local_addr();
-    let vms = VmManager::for_host("bench", root, images, "qemu-system-x86_64", Some(Accel::Tcg), "vhost-device-vsock")
-        .unwrap();
+    let vms = VmManager::for_host(
+        "bench",
+        root,
+        images,
+        "qemu-system-x86_64",
+        Some(Accel::Tcg),
+        "vhost-device-vsock",
+        moat_node::vmm::confine::DEFAULT_UID_BASE,
+    )
+    .unwrap();
     let api = moat_node::NodeApi::new("bench", root, vms);
     tokio::spawn(moat_node::serve(listener, api, std::future::pending()));
     match address {

@@ -59,6 +59,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "qemu-system-x86_64",
         None,
         "vhost-device-vsock",
+        moat_node::vmm::confine::DEFAULT_UID_BASE,
     )
     .with_context(|| format!("cannot open the embedded node's VMs in {}", config.node_storage_root.display()))?;
     let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone(), vms);

@@ -23,6 +23,7 @@ async fn remote_node_over_tcp_then_unreachable() {
         "qemu-system-x86_64",
         None,
         "vhost-device-vsock",
+        moat_node::vmm::confine::DEFAULT_UID_BASE,
     )
     .unwrap();
     let node = tokio::spawn(moat_node::serve(listener, moat_node::NodeApi::new("far-1", storage.path(), vms), async {

@@ -3,17 +3,27 @@
 //!
 //! ```text
 //! <storage-root>/vms/<id>/
+//!   creating       present until the create (and the start it asked for) answered
 //!   config.json    what to run (written once, at create)
 //!   status.json    last known state and why (rewritten atomically on every change)
 //!   vmm.pid        the VMM's process id while it runs
-//!   qmp.sock       QEMU's control socket
-//!   console.log    serial console output, appended by the VMM
-//!   console.1.log  the previous console.log once it passed the size cap
 //!   vmm.log        the VMM's own stdout and stderr
-//!   vhost.sock     vhost-user socket of the VM's vsock device (hybrid vsock)
-//!   vsock.sock     the host end of the VM's vsock: `CONNECT <port>` reaches the guest
 //!   vsock.pid      the vsock device daemon's process id
+//!   vsock.log      its output
+//!   vsock.cid      the guest's CID on the host kernel's vsock, while it runs
+//!   jail/          the only part the VM's own processes can reach (owned by the
+//!                  VM's uid, 0700; they run in it and use relative paths):
+//!     qmp.sock       QEMU's control socket
+//!     console.log    serial console output, appended by the VMM
+//!     console.1.log  the previous console.log once it passed the size cap
+//!     vhost.sock     vhost-user socket of the VM's vsock device (hybrid vsock)
+//!     vsock.sock     the host end of the VM's vsock: `CONNECT <port>` reaches the guest
 //! ```
+//!
+//! Everything else in the VM's directory is the node's: a VMM that was broken into
+//! cannot rewrite what the node will run next time (config.json) or whom it signals
+//! (vmm.pid). A VM created by an older moat-node has no `jail/` until it next starts;
+//! until then its sockets and console are found where that node put them.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +33,16 @@ use serde::{Deserialize, Serialize};
 /// Console output kept per VM: `console.log` rotates into `console.1.log` past this size, so
 /// at most twice this is on disk and the newest output (a kernel panic, say) is always there.
 pub const CONSOLE_CAP: u64 = 1024 * 1024;
+
+/// The VM's own part of its directory, and the names the VMM uses in it (relative: the VMM runs
+/// in `jail/` and cannot reach anything above it).
+pub const JAIL: &str = "jail";
+/// Present while a create (and the first start it asked for) is under way.
+const CREATING: &str = "creating";
+pub const QMP_SOCKET: &str = "qmp.sock";
+pub const CONSOLE_LOG: &str = "console.log";
+pub const VHOST_SOCKET: &str = "vhost.sock";
+pub const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// What to run; fixed at create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,22 +95,32 @@ impl VmDir {
     pub fn path(&self) -> &Path {
         &self.root
     }
+    /// The directory the VM's processes run in (see the module docs).
+    pub fn jail(&self) -> PathBuf {
+        self.root.join(JAIL)
+    }
+    /// Where the files the VMM itself makes live: `jail/`, or the VM's directory for a VM an
+    /// older moat-node created and has not restarted since.
+    fn run_dir(&self) -> PathBuf {
+        let jail = self.jail();
+        if jail.is_dir() { jail } else { self.root.clone() }
+    }
     pub fn qmp_socket(&self) -> PathBuf {
-        self.root.join("qmp.sock")
+        self.run_dir().join(QMP_SOCKET)
     }
     pub fn console_log(&self) -> PathBuf {
-        self.root.join("console.log")
+        self.run_dir().join(CONSOLE_LOG)
     }
     fn console_prev(&self) -> PathBuf {
-        self.root.join("console.1.log")
+        self.run_dir().join("console.1.log")
     }
     /// vhost-user control socket QEMU connects to (hybrid vsock).
     pub fn vhost_socket(&self) -> PathBuf {
-        self.root.join("vhost.sock")
+        self.run_dir().join(VHOST_SOCKET)
     }
     /// The hybrid vsock socket: connect, send `CONNECT <port>\n`, read `OK ...`, then talk.
     pub fn vsock_socket(&self) -> PathBuf {
-        self.root.join("vsock.sock")
+        self.run_dir().join(VSOCK_SOCKET)
     }
     /// The guest CID allocated for kernel vhost-vsock, while the VM runs.
     pub fn vsock_cid_file(&self) -> PathBuf {
@@ -120,6 +150,17 @@ impl VmDir {
     }
     pub fn write_status(&self, status: &VmStatus) -> std::io::Result<()> {
         write_json(&self.root.join("status.json"), status)
+    }
+
+    /// Marks a create in progress: until [`VmDir::created`], a restarted node removes the VM.
+    pub fn mark_creating(&self) -> std::io::Result<()> {
+        write_atomic(&self.root.join(CREATING), b"")
+    }
+    pub fn created(&self) -> std::io::Result<()> {
+        std::fs::remove_file(self.root.join(CREATING))
+    }
+    pub fn is_being_created(&self) -> bool {
+        self.root.join(CREATING).exists()
     }
 
     pub fn read_pid(&self) -> Option<u32> {

@@ -57,6 +57,10 @@ struct VmArgs {
     /// kernel's vsock is used); without either, VMs run but their agents cannot be reached.
     #[arg(long, env = "MOAT_NODE_VHOST_VSOCK", default_value = "vhost-device-vsock")]
     vhost_vsock: String,
+    /// VMs' processes run as uids from this one on (one per running VM, taken host-wide) when
+    /// moat-node runs as root; pick a range no other user or container on the host uses.
+    #[arg(long, env = "MOAT_NODE_VM_UID_BASE", default_value_t = moat_node::vmm::confine::DEFAULT_UID_BASE)]
+    vm_uid_base: u32,
 }
 
 impl VmArgs {
@@ -67,8 +71,16 @@ impl VmArgs {
             _ => None,
         };
         let images = self.images.clone().unwrap_or_else(|| storage_root.join("images"));
-        moat_node::vm::VmManager::for_host(name, storage_root, images, &self.qemu, forced, &self.vhost_vsock)
-            .with_context(|| format!("cannot open the VM directory {}", storage_root.join("vms").display()))
+        moat_node::vm::VmManager::for_host(
+            name,
+            storage_root,
+            images,
+            &self.qemu,
+            forced,
+            &self.vhost_vsock,
+            self.vm_uid_base,
+        )
+        .with_context(|| format!("cannot open the VM directory {}", storage_root.join("vms").display()))
     }
 }
 

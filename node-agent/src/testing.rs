@@ -34,8 +34,8 @@ pub fn images_with_base(dir: &Path) -> PathBuf {
     images
 }
 
-/// Kills every VMM and vsock device daemon recorded under `<root>/vms` when dropped, so a
-/// failing test leaves no QEMU behind.
+/// Kills every VMM and vsock device daemon recorded under `<root>/vms` when dropped and removes
+/// their cgroups and uid claims, so a failing test leaves no QEMU behind.
 #[derive(Debug)]
 pub struct VmReaper(pub PathBuf);
 
@@ -52,6 +52,9 @@ impl Drop for VmReaper {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
+            // Their cgroups and uid claims too (a node that ran them would have released them).
+            let dir = crate::dir::VmDir::new(&self.0.join("vms"), &entry.file_name().to_string_lossy());
+            crate::vmm::confine::Confinement::detect(crate::vmm::confine::DEFAULT_UID_BASE, Ok(())).release(&dir);
         }
     }
 }

@@ -19,7 +19,13 @@ fn manager(root: &Path) -> VmManager {
         node: "t1".into(),
         vms_root: root.join("vms"),
         images_root: images,
-        runtime: Runtime::detect("qemu-system-x86_64", false, None, VsockMode::detect("vhost-device-vsock")),
+        runtime: Runtime::detect(
+            "qemu-system-x86_64",
+            false,
+            None,
+            VsockMode::detect("vhost-device-vsock"),
+            moat_node::vmm::confine::DEFAULT_UID_BASE,
+        ),
     })
     .unwrap()
 }
@@ -118,6 +124,7 @@ async fn failed_creates_leave_nothing_behind() {
             false,
             None,
             VsockMode::detect("vhost-device-vsock"),
+            moat_node::vmm::confine::DEFAULT_UID_BASE,
         ),
     })
     .unwrap();

@@ -112,6 +112,31 @@ pub struct NodeDetail {
     pub vm_count: Option<u32>,
     pub allocated_vcpus: Option<u32>,
     pub allocated_memory_mib: Option<u64>,
+    /// How this node walls each VM's processes off from the host and from each other, and
+    /// which of those protections it cannot give here (and why).
+    #[serde(default)]
+    pub protections: Vec<Protection>,
+}
+
+/// One protection around a VM's processes: a uid of its own, a seccomp filter, a cgroup with
+/// limits, files only it can reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Protection {
+    /// "user", "seccomp", "cgroup" or "files".
+    pub name: String,
+    /// Whether it is in force.
+    pub on: bool,
+    /// What exactly is in force, or why it cannot be.
+    pub detail: String,
+}
+
+impl Protection {
+    pub fn on(name: &str, detail: impl Into<String>) -> Protection {
+        Protection { name: name.into(), on: true, detail: detail.into() }
+    }
+    pub fn off(name: &str, detail: impl Into<String>) -> Protection {
+        Protection { name: name.into(), on: false, detail: detail.into() }
+    }
 }
 
 impl NodeDetail {
@@ -140,6 +165,7 @@ impl NodeDetail {
             vm_count: None,
             allocated_vcpus: None,
             allocated_memory_mib: None,
+            protections: Vec::new(),
         }
     }
 }

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 pub use audit::{AuditQueryInput, AuditQueryOutput, AuditRecord};
 pub use cluster::{
-    KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary,
+    KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary, Protection,
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
 };
 pub use guest::{GuestTool, InVm};

@@ -198,6 +198,10 @@ pub struct VmInfo {
     /// The guest agent, as its node sees it: asked just now by vm_inspect and the lifecycle
     /// tools; as of the node's last heartbeat in vm_list (without `last_seen`).
     pub agent: Option<AgentInfo>,
+    /// While it runs (vm_inspect only): the protections its VMM process actually has, read
+    /// from the host (uid, seccomp mode, cgroup and limits, who can reach its files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protections: Vec<crate::cluster::Protection>,
 }
 
 /// Whether a VM's guest agent answers.

@@ -2,7 +2,7 @@
 //! types (a node's facts) and store types (what a node reports of its VMs).
 
 use moat_proto::node::v1 as pb;
-use moat_tools::{AgentInfo, KvmState, NodeDetail, StorageState, VmState, VmmState};
+use moat_tools::{AgentInfo, KvmState, NodeDetail, Protection, StorageState, VmState, VmmState};
 
 use crate::store::vms::VmReport;
 
@@ -47,7 +47,12 @@ pub fn node_detail(name: &str, address: &str, info: pb::NodeInfo, last_seen: Str
         vm_count: Some(info.vm_count),
         allocated_vcpus: Some(info.allocated_vcpus),
         allocated_memory_mib: Some(info.allocated_memory_mib),
+        protections: info.protections.into_iter().map(protection).collect(),
     }
+}
+
+fn protection(p: pb::Protection) -> Protection {
+    Protection { name: p.name, on: p.on, detail: p.detail }
 }
 
 /// What a node reported about one VM. A state this gateway does not know (a newer node) reads
@@ -71,6 +76,7 @@ pub fn vm_report(vm: pb::Vm) -> VmReport {
             last_seen: some(vm.agent_last_seen),
             detail: some(vm.agent_detail),
         }),
+        protections: vm.protections.into_iter().map(protection).collect(),
     }
 }
 

@@ -54,6 +54,8 @@ pub struct VmReport {
     pub started_at: Option<String>,
     /// The guest agent, while the VM runs.
     pub agent: Option<AgentInfo>,
+    /// What its VMM process is confined by, while it runs (not stored).
+    pub protections: Vec<moat_tools::Protection>,
 }
 
 /// The states that hold a running-VM quota slot, as SQL; a test checks it against

@@ -85,13 +85,15 @@ pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
         agent: (row.state == VmState::Running)
             .then(|| row.agent.as_deref().and_then(|json| serde_json::from_str(json).ok()))
             .flatten(),
+        protections: Vec::new(),
     }
 }
 
-/// A stored VM with what its node just said about the guest agent.
+/// A stored VM with what its node just said about the guest agent and its VMM's confinement.
 fn vm_info_live(row: &VmRow, vm: &VmReport) -> VmInfo {
     let mut info = vm_info(row, None);
     info.agent = vm.agent.clone();
+    info.protections = vm.protections.clone();
     info
 }
 

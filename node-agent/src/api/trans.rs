@@ -46,7 +46,12 @@ pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
         allocated_memory_mib: defined.iter().map(|v| v.config.memory_mib).sum(),
         vm_count: defined.len() as u32,
         images: vms.images(),
+        protections: vms.protections().into_iter().map(protection).collect(),
     }
+}
+
+fn protection(p: moat_tools::Protection) -> pb::Protection {
+    pb::Protection { name: p.name, on: p.on, detail: p.detail }
 }
 
 pub(crate) fn vm(view: VmView) -> pb::Vm {
@@ -68,6 +73,7 @@ pub(crate) fn vm(view: VmView) -> pb::Vm {
         agent_version: view.agent.version,
         agent_last_seen: view.agent.last_seen,
         agent_detail: view.agent.detail,
+        protections: view.protections.into_iter().map(protection).collect(),
     }
 }
 

@@ -74,6 +74,8 @@ pub struct VmView {
     pub agent: agent::AgentState,
     pub vmm: &'static str,
     pub accel: &'static str,
+    /// What its running VMM process is confined by, read from the host ([`VmManager::get`] only).
+    pub protections: Vec<moat_tools::Protection>,
 }
 
 /// Where moat-node keeps VMs and finds images, and which VMM it uses.
@@ -188,6 +190,13 @@ impl VmManager {
 
     fn load(&self, id: &str) {
         let dir = VmDir::new(&self.inner.settings.vms_root, id);
+        if dir.is_being_created() {
+            // A create (with its first start) that moat-node died in: the caller was never
+            // told it worked, so nothing of it may stay, its VMM included.
+            tracing::warn!(vm = id, "removing a VM whose create was interrupted");
+            self.discard(&dir);
+            return;
+        }
         let (Ok(config), status) = (dir.read_config(), dir.read_status()) else {
             // A create that died before writing its config: nothing was acknowledged.
             tracing::warn!(vm = id, "removing a half-created VM directory");
@@ -222,6 +231,11 @@ impl VmManager {
                     };
                     status.pid = 0;
                     dir.clear_pid();
+                    // Its helpers may have outlived it (the vsock daemon); its cgroup and uid
+                    // are free again.
+                    if let Runtime::Ready(vmm) = &self.inner.settings.runtime {
+                        vmm.cleanup(&dir);
+                    }
                 }
             }
             let _ = dir.write_status(&status);
@@ -249,6 +263,26 @@ impl VmManager {
         }
     }
 
+    /// Removes a VM directory that no caller was told about, killing its VMM first if it runs.
+    fn discard(&self, dir: &VmDir) {
+        if let Runtime::Ready(vmm) = &self.inner.settings.runtime {
+            if let Some(pid) = dir.read_pid().filter(|&pid| vmm.owns(pid, dir)) {
+                // SAFETY: kill(2) on the VMM of this VM, checked by its working directory and
+                // command line.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                let gone = std::time::Instant::now();
+                while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                    && vmm.owns(pid, dir)
+                    && gone.elapsed() < KILL_WAIT
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            vmm.cleanup(dir);
+        }
+        let _ = std::fs::remove_dir_all(dir.path());
+    }
+
     /// The manager for this host: QEMU found as `qemu` (path or name in PATH), KVM when it
     /// can create a VM here unless `forced`, VMs under `storage_root/vms`.
     pub fn for_host(
@@ -258,13 +292,14 @@ impl VmManager {
         qemu: &str,
         forced: Option<Accel>,
         vsock_daemon: &str,
+        vm_uid_base: u32,
     ) -> std::io::Result<VmManager> {
         let kvm_usable = crate::kvm::probe(Path::new("/dev/kvm"), Path::new("/sys/module")).usable;
         let vsock = VsockMode::detect(vsock_daemon);
         if let VsockMode::Unavailable(why) = &vsock {
             tracing::warn!(node, "guest agents will be unreachable: {why}");
         }
-        let runtime = Runtime::detect(qemu, kvm_usable, forced, vsock);
+        let runtime = Runtime::detect(qemu, kvm_usable, forced, vsock, vm_uid_base);
         if let Runtime::Missing(detail) = &runtime {
             tracing::warn!(node, "no VM runtime: {detail}");
         }
@@ -297,6 +332,7 @@ impl VmManager {
         // Only settled VMs: one that process is still creating or deleting is not ours to touch.
         let dir = VmDir::new(&self.inner.settings.vms_root, id);
         if valid_token(id, 64)
+            && !dir.is_being_created()
             && dir.read_config().is_ok()
             && dir.read_status().is_ok_and(|s| !matches!(s.state, VmState::Creating | VmState::Deleting))
         {
@@ -316,7 +352,7 @@ impl VmManager {
             Runtime::Missing(_) => ("", ""),
         };
         let agent = vm.agent.lock().expect("agent state lock is never poisoned").clone();
-        VmView { config: vm.config.clone(), status: vm.status(), agent, vmm, accel }
+        VmView { config: vm.config.clone(), status: vm.status(), agent, vmm, accel, protections: Vec::new() }
     }
 
     fn vmm(&self) -> Result<Arc<dyn Vmm>, VmError> {
@@ -329,7 +365,20 @@ impl VmManager {
     }
 
     pub fn get(&self, id: &str) -> Result<VmView, VmError> {
-        Ok(self.view(&*self.vm(id)?))
+        let vm = self.vm(id)?;
+        let mut view = self.view(&vm);
+        if view.status.state == VmState::Running && view.status.pid != 0 {
+            view.protections = crate::vmm::confine::observe(view.status.pid, &vm.dir);
+        }
+        Ok(view)
+    }
+
+    /// How this node confines VMs' processes, and what it cannot.
+    pub fn protections(&self) -> Vec<moat_tools::Protection> {
+        match &self.inner.settings.runtime {
+            Runtime::Ready(vmm) => vmm.protections(),
+            Runtime::Missing(_) => Vec::new(),
+        }
     }
 
     pub fn list(&self) -> Vec<VmView> {
@@ -394,7 +443,8 @@ impl VmManager {
             created_at: moat_proto::time::now(),
         };
         let written = dir
-            .write_status(&VmStatus::new(VmState::Creating, ""))
+            .mark_creating()
+            .and_then(|()| dir.write_status(&VmStatus::new(VmState::Creating, "")))
             .and_then(|()| dir.write_config(&config))
             .and_then(|()| dir.write_status(&VmStatus::new(VmState::Stopped, "created")));
         if let Err(source) = written {
@@ -417,6 +467,12 @@ impl VmManager {
             tracing::warn!(vm = id, error = %e, "create rolled back: the vm did not start");
             return Err(e);
         }
+        // From here a restart keeps the VM: the answer below tells the caller it exists.
+        vm.dir.created().map_err(|source| VmError::Io {
+            id: id.into(),
+            what: "cannot record its create".into(),
+            source,
+        })?;
         Ok(self.view(&vm))
     }
 

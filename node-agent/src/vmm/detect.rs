@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::confine::Confinement;
 use super::{Accel, Vmm};
 
 /// How VMs on this node get a vsock device.
@@ -43,12 +44,14 @@ pub enum Runtime {
 }
 
 impl Runtime {
-    /// QEMU at `qemu` (a path, or a name looked up in PATH), accelerated by KVM when `kvm_usable`.
-    pub fn detect(qemu: &str, kvm_usable: bool, forced: Option<Accel>, vsock: VsockMode) -> Runtime {
+    /// QEMU at `qemu` (a path, or a name looked up in PATH), accelerated by KVM when `kvm_usable`,
+    /// its VMs confined with uids from `uid_base` (see [`super::confine`]).
+    pub fn detect(qemu: &str, kvm_usable: bool, forced: Option<Accel>, vsock: VsockMode, uid_base: u32) -> Runtime {
         match which(qemu) {
             Some(binary) => {
                 let accel = forced.unwrap_or(if kvm_usable { Accel::Kvm } else { Accel::Tcg });
-                Runtime::Ready(std::sync::Arc::new(super::qemu::Qemu::new(binary, accel, vsock)))
+                let confinement = Confinement::detect(uid_base, super::qemu::sandbox_support(&binary));
+                Runtime::Ready(std::sync::Arc::new(super::qemu::Qemu::new(binary, accel, vsock, confinement)))
             }
             None => Runtime::Missing(format!(
                 "{qemu} not found: install qemu-system-x86 (apt-get install qemu-system-x86) or pass \

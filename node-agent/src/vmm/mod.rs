@@ -2,6 +2,7 @@
 //! its driver at start ([`detect`], the only module that names drivers); the
 //! lifecycle code in `crate::vm` never knows which one it drives.
 
+pub mod confine;
 pub mod detect;
 pub mod qemu;
 
@@ -61,8 +62,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn request_shutdown<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>>;
     /// Whether process `pid` is this VMM running the VM in `dir` (pids get reused).
     fn owns(&self, pid: u32, dir: &VmDir) -> bool;
-    /// After the VMM exited: stop helpers it needed (the vsock device daemon).
+    /// After the VMM exited: stop helpers it needed (the vsock device daemon), release its
+    /// confinement (cgroup, uid).
     fn cleanup(&self, dir: &VmDir);
+    /// How this driver confines every VM's processes here, and what it cannot.
+    fn protections(&self) -> Vec<moat_tools::Protection> {
+        Vec::new()
+    }
     /// How the host reaches the guest agent over vsock on this node, or why it cannot.
     fn vsock(&self) -> &VsockMode;
     /// Why the running VM in `dir` cannot be reached over vsock whatever its guest does (a

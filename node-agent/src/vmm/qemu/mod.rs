@@ -2,14 +2,17 @@
 //! press), direct kernel boot, the serial console appended to the VM's
 //! `console.log`, and QMP on a Unix socket in the VM's directory.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub mod qmp;
 
+use super::confine::{Confinement, SANDBOX};
 use super::{Accel, BoxFuture, Vmm, VmmError, VsockMode};
-use crate::cmd;
-use crate::dir::{VmConfig, VmDir};
+use crate::cmd::{self, Confine};
+use crate::dir::{CONSOLE_LOG, QMP_SOCKET, VHOST_SOCKET, VSOCK_SOCKET, VmConfig, VmDir};
 
 /// How long QEMU may take from exec to answering QMP with the guest running.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -18,30 +21,110 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const VSOCK_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The guest's vsock CID. Each hybrid daemon has its own CID space, so every VM can use 3.
 const GUEST_CID: u32 = 3;
+/// Kernel vsock CIDs tried before giving up: the host kernel refuses those in use.
+const CID_TRIES: u32 = 4096;
+/// TCG's translation cache, in MiB: bounded so a guest running much code cannot grow QEMU past
+/// its cgroup's memory limit (QEMU's default is up to 1 GiB).
+const TCG_TB_MIB: u32 = 128;
 
 #[derive(Debug)]
 pub struct Qemu {
     binary: PathBuf,
     accel: Accel,
     vsock: VsockMode,
+    confinement: Confinement,
+}
+
+/// Descriptors QEMU inherits, named in its argv as `/proc/self/fd/N` (it cannot reach the image
+/// directory itself) or as a vhost fd.
+struct Inherited {
+    kernel: File,
+    initrd: File,
+    /// Kernel vsock: the CID the host kernel granted and the vhost-vsock device holding it.
+    vhost: Option<(u32, OwnedFd)>,
+}
+
+impl Inherited {
+    fn open(config: &VmConfig, vsock: &VsockMode) -> Result<Inherited, VmmError> {
+        let open = |path: &Path| {
+            File::open(path).map_err(|e| VmmError::Launch { vmm: "qemu", detail: format!("{}: {e}", path.display()) })
+        };
+        let vhost = match vsock {
+            VsockMode::Kernel => Some(reserve_cid()?),
+            _ => None,
+        };
+        Ok(Inherited { kernel: open(&config.kernel)?, initrd: open(&config.initrd)?, vhost })
+    }
+
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.kernel.as_raw_fd(), self.initrd.as_raw_fd()];
+        fds.extend(self.vhost.as_ref().map(|(_, fd)| fd.as_raw_fd()));
+        fds
+    }
+}
+
+/// Opens /dev/vhost-vsock and asks the host kernel for a guest CID, from 3 up: the kernel
+/// refuses one that any VM on this host holds (EADDRINUSE), whoever started it, so the answer
+/// is host-wide. The device keeps the CID for QEMU, which gets it as `vhostfd`.
+fn reserve_cid() -> Result<(u32, OwnedFd), VmmError> {
+    // _IOW(VHOST_VIRTIO 0xAF, 0x60, __u64)
+    const VHOST_VSOCK_SET_GUEST_CID: libc::c_ulong = 0x4008_AF60;
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-vsock")
+        .map_err(|e| VmmError::Launch { vmm: "qemu", detail: format!("cannot open /dev/vhost-vsock: {e}") })?;
+    let fd = OwnedFd::from(device);
+    for cid in GUEST_CID..GUEST_CID + CID_TRIES {
+        let wanted = u64::from(cid);
+        // SAFETY: the ioctl reads one u64 from a pointer to a live local.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), VHOST_VSOCK_SET_GUEST_CID, &wanted as *const u64) };
+        if rc == 0 {
+            return Ok((cid, fd));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EADDRINUSE) {
+            return Err(VmmError::Launch { vmm: "qemu", detail: format!("the host refused vsock CID {cid}: {err}") });
+        }
+    }
+    Err(VmmError::Launch {
+        vmm: "qemu",
+        detail: format!("vsock CIDs {GUEST_CID}..{} are all in use", GUEST_CID + CID_TRIES),
+    })
+}
+
+/// Whether `qemu` was built with its seccomp sandbox (`-sandbox` in its help), or why not.
+pub fn sandbox_support(qemu: &Path) -> Result<(), String> {
+    let binary = qemu.display().to_string();
+    match cmd::probe_blocking(&[&binary, "-help"], Duration::from_secs(10)) {
+        Some(out) if String::from_utf8_lossy(&out.stdout).contains("-sandbox on") => Ok(()),
+        Some(_) => Err(format!("{binary} was built without seccomp (no -sandbox)")),
+        None => Err(format!("cannot run `{binary} -help` to see whether it has -sandbox")),
+    }
 }
 
 impl Qemu {
-    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode) -> Qemu {
-        Qemu { binary, accel, vsock }
+    pub fn new(binary: PathBuf, accel: Accel, vsock: VsockMode, confinement: Confinement) -> Qemu {
+        Qemu { binary, accel, vsock, confinement }
     }
 
-    /// Starts the VM's vsock device daemon and waits for its vhost-user socket.
-    async fn start_vsock(&self, dir: &VmDir, daemon: &std::path::Path) -> Result<(), VmmError> {
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
+    }
+
+    /// Starts the VM's vsock device daemon, confined like the VMM, and waits for its
+    /// vhost-user socket.
+    async fn start_vsock(&self, dir: &VmDir, daemon: &Path, confine: &Confine) -> Result<(), VmmError> {
         let _ = std::fs::remove_file(dir.vhost_socket());
         let _ = std::fs::remove_file(dir.vsock_socket());
-        let vm = format!(
-            "guest-cid={GUEST_CID},socket={},uds-path={}",
-            dir.vhost_socket().display(),
-            dir.vsock_socket().display()
-        );
-        let argv = [daemon.display().to_string(), "--vm".into(), vm];
-        let child = cmd::spawn_detached(&argv, &dir.path().join("vsock.log"))
+        let vm = format!("guest-cid={GUEST_CID},socket={VHOST_SOCKET},uds-path={VSOCK_SOCKET}");
+        // Run from a descriptor opened here: the daemon's uid may not reach where it is
+        // installed (~/.cargo/bin under a 0700 home, say).
+        let binary = File::open(daemon)
+            .map_err(|e| VmmError::Launch { vmm: "qemu", detail: format!("{}: {e}", daemon.display()) })?;
+        let argv = [format!("/proc/self/fd/{}", binary.as_raw_fd()), "--vm".into(), vm];
+        let confine = Confine { inherit: vec![binary.as_raw_fd()], ..confine.clone() };
+        let child = cmd::spawn_detached(&argv, &dir.path().join("vsock.log"), Some(&confine))
             .map_err(|e| VmmError::Launch { vmm: "qemu", detail: crate::errors::chain(&e) })?;
         let pid = child.id().unwrap_or(0);
         let _ = std::fs::write(dir.vsock_pid_file(), format!("{pid}\n"));
@@ -50,7 +133,6 @@ impl Qemu {
         let started = Instant::now();
         while !dir.vhost_socket().exists() {
             if started.elapsed() > VSOCK_READY_TIMEOUT {
-                self.cleanup(dir);
                 return Err(VmmError::Launch {
                     vmm: "qemu",
                     detail: format!("the vsock daemon made no socket within {VSOCK_READY_TIMEOUT:?}; see vsock.log"),
@@ -61,69 +143,99 @@ impl Qemu {
         Ok(())
     }
 
-    fn argv(&self, dir: &VmDir, config: &VmConfig) -> Vec<String> {
+    /// QEMU's command line. It runs in the VM's jail: sockets and console are relative paths,
+    /// kernel and initramfs the descriptors `fds` names (kernel, initrd, then the vhost device).
+    fn argv(&self, config: &VmConfig, fds: &[RawFd], cid: Option<u32>) -> Vec<String> {
         let mut argv = vec![self.binary.display().to_string()];
         let mut push = |args: &[&str]| argv.extend(args.iter().map(|s| s.to_string()));
         push(&["-name", &format!("moat-{},process=moat-{}", config.name, config.id)]);
+        let accel = match self.accel {
+            Accel::Kvm => "kvm".to_string(),
+            Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
+        };
         match &self.vsock {
             VsockMode::Hybrid { .. } => {
                 // vhost-user needs the guest's memory shared with the device daemon.
                 let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", config.memory_mib);
-                push(&["-object", &mem, "-machine", "q35,memory-backend=mem", "-accel", self.accel.as_str()]);
-                let chardev = format!("socket,id=vsock0,path={}", dir.vhost_socket().display());
+                push(&["-object", &mem, "-machine", "q35,memory-backend=mem", "-accel", &accel]);
+                let chardev = format!("socket,id=vsock0,path={VHOST_SOCKET}");
                 push(&["-chardev", &chardev, "-device", "vhost-user-vsock-pci,chardev=vsock0"]);
             }
             VsockMode::Kernel => {
-                push(&["-machine", "q35", "-accel", self.accel.as_str()]);
-                let cid = dir.read_cid().unwrap_or(GUEST_CID);
-                push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
+                push(&["-machine", "q35", "-accel", &accel]);
+                let cid = cid.unwrap_or(GUEST_CID);
+                let vhost = fds.get(2).map(|fd| format!(",vhostfd={fd}")).unwrap_or_default();
+                push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}{vhost}")]);
             }
-            VsockMode::Unavailable(_) => push(&["-machine", "q35", "-accel", self.accel.as_str()]),
+            VsockMode::Unavailable(_) => push(&["-machine", "q35", "-accel", &accel]),
         }
         if self.accel == Accel::Kvm {
             push(&["-cpu", "host"]);
         }
         push(&["-smp", &config.vcpus.to_string(), "-m", &format!("{}M", config.memory_mib)]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none"]);
-        push(&["-kernel", &config.kernel.display().to_string()]);
-        push(&["-initrd", &config.initrd.display().to_string()]);
+        push(&["-kernel", &format!("/proc/self/fd/{}", fds[0])]);
+        push(&["-initrd", &format!("/proc/self/fd/{}", fds[1])]);
         push(&["-append", &config.cmdline]);
-        let console = format!("file,id=console,path={},append=on", dir.console_log().display());
+        let console = format!("file,id=console,path={CONSOLE_LOG},append=on");
         push(&["-chardev", &console, "-serial", "chardev:console"]);
-        push(&["-qmp", &format!("unix:{},server=on,wait=off", dir.qmp_socket().display())]);
+        push(&["-qmp", &format!("unix:{QMP_SOCKET},server=on,wait=off")]);
+        if self.confinement.sandbox() {
+            push(&["-sandbox", SANDBOX]);
+        }
         argv
+    }
+
+    /// Supplementary groups QEMU needs: /dev/kvm's group under KVM.
+    fn groups(&self) -> Vec<u32> {
+        use std::os::unix::fs::MetadataExt;
+        match self.accel {
+            Accel::Kvm => std::fs::metadata("/dev/kvm").map(|m| vec![m.gid()]).unwrap_or_default(),
+            Accel::Tcg => Vec::new(),
+        }
+    }
+
+    async fn launch_confined(&self, dir: &VmDir, config: &VmConfig) -> Result<tokio::process::Child, VmmError> {
+        let launch_err = |detail: String| VmmError::Launch { vmm: "qemu", detail };
+        let mut confine = self.confinement.enter(dir, config, self.groups()).map_err(launch_err)?;
+        let _ = std::fs::remove_file(dir.qmp_socket());
+        if let VsockMode::Hybrid { daemon } = &self.vsock {
+            self.start_vsock(dir, daemon, &confine).await?;
+        }
+        let inherited = Inherited::open(config, &self.vsock)?;
+        let cid = inherited.vhost.as_ref().map(|(cid, _)| *cid);
+        if let Some(cid) = cid {
+            std::fs::write(dir.vsock_cid_file(), format!("{cid}\n"))
+                .map_err(|e| launch_err(format!("cannot record the vsock CID: {e}")))?;
+        }
+        confine.inherit = inherited.fds();
+        let argv = self.argv(config, &confine.inherit, cid);
+        let child = cmd::spawn_detached(&argv, &dir.vmm_log(), Some(&confine))
+            .map_err(|e| launch_err(crate::errors::chain(&e)))?;
+        // QEMU holds its own copies now (the CID stays reserved while it runs).
+        drop(inherited);
+        Ok(child)
     }
 }
 
-/// The pid of the vsock device daemon serving the VM in `dir`, if it is alive: its command
-/// line names this VM's socket (pids get reused) and it is not a zombie.
+/// Whether process `pid` runs in the VM's jail (its working directory), or, for a VM an older
+/// moat-node started, names `legacy` (an absolute path of the VM's) on its command line.
+fn runs_for(pid: i32, dir: &VmDir, relative: &str, legacy: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let has = |needle: &str| cmdline.split(|&b| b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle));
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    (cwd.as_deref() == Some(dir.jail().as_path()) && has(relative)) || has(&legacy.display().to_string())
+}
+
+/// The pid of the vsock device daemon serving the VM in `dir`, if it is alive: it runs in the
+/// VM's jail with the VM's socket (pids get reused) and is not a zombie.
 fn vsock_daemon(dir: &VmDir) -> Option<i32> {
     let pid = std::fs::read_to_string(dir.vsock_pid_file()).ok()?.trim().parse::<i32>().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let needle = dir.vhost_socket().display().to_string();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The state follows the parenthesised command name: "pid (comm) S ...".
     let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
-    (String::from_utf8_lossy(&cmdline).contains(&needle) && !zombie).then_some(pid)
-}
-
-/// Kernel vsock CIDs are host-wide: take the smallest one (from 3) no other VM here holds.
-/// Two VMs starting at the same instant may pick the same CID; QEMU then refuses the second
-/// ("Address already in use") and its start fails cleanly.
-fn allocate_cid(dir: &VmDir) -> Result<(), VmmError> {
-    let taken: std::collections::HashSet<u32> = dir
-        .path()
-        .parent()
-        .and_then(|vms| std::fs::read_dir(vms).ok())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path() != dir.path())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("vsock.cid")).ok()?.trim().parse().ok())
-        .collect();
-    let cid = (GUEST_CID..).find(|c| !taken.contains(c)).unwrap_or(GUEST_CID);
-    std::fs::write(dir.vsock_cid_file(), format!("{cid}\n"))
-        .map_err(|e| VmmError::Launch { vmm: "qemu", detail: format!("cannot record the vsock CID: {e}") })
+    let legacy = dir.path().join(VHOST_SOCKET);
+    (runs_for(pid, dir, &format!("socket={VHOST_SOCKET}"), &legacy) && !zombie).then_some(pid)
 }
 
 impl Vmm for Qemu {
@@ -135,22 +247,21 @@ impl Vmm for Qemu {
         self.accel
     }
 
+    fn protections(&self) -> Vec<moat_tools::Protection> {
+        self.confinement.protections()
+    }
+
     fn launch<'a>(
         &'a self,
         dir: &'a VmDir,
         config: &'a VmConfig,
     ) -> BoxFuture<'a, Result<tokio::process::Child, VmmError>> {
         Box::pin(async move {
-            let _ = std::fs::remove_file(dir.qmp_socket());
-            match &self.vsock {
-                VsockMode::Hybrid { daemon } => self.start_vsock(dir, daemon).await?,
-                VsockMode::Kernel => allocate_cid(dir)?,
-                VsockMode::Unavailable(_) => {}
-            }
-            cmd::spawn_detached(&self.argv(dir, config), &dir.vmm_log()).map_err(|e| {
+            let launched = self.launch_confined(dir, config).await;
+            if launched.is_err() {
                 self.cleanup(dir);
-                VmmError::Launch { vmm: "qemu", detail: crate::errors::chain(&e) }
-            })
+            }
+            launched
         })
     }
 
@@ -163,6 +274,7 @@ impl Vmm for Qemu {
         let _ = std::fs::remove_file(dir.vsock_cid_file());
         let _ = std::fs::remove_file(dir.vhost_socket());
         let _ = std::fs::remove_file(dir.vsock_socket());
+        self.confinement.release(dir);
     }
 
     fn vsock(&self) -> &VsockMode {
@@ -207,20 +319,24 @@ impl Vmm for Qemu {
     }
 
     fn owns(&self, pid: u32, dir: &VmDir) -> bool {
-        // The command line names this VM's QMP socket, which no other process has.
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-        let needle = format!("unix:{},", dir.qmp_socket().display());
-        cmdline.split(|&b| b == 0).any(|arg| arg.starts_with(needle.as_bytes()))
+        // It runs in this VM's jail with a QMP socket there (or names the VM's QMP socket by its
+        // absolute path, as QEMU started by an older moat-node does).
+        let legacy = PathBuf::from(format!("unix:{},", dir.path().join(QMP_SOCKET).display()));
+        runs_for(pid as i32, dir, &format!("unix:{QMP_SOCKET},"), &legacy)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::confine::DEFAULT_UID_BASE;
+
+    fn qemu(accel: Accel, vsock: VsockMode) -> Qemu {
+        Qemu::new("/usr/bin/qemu-system-x86_64".into(), accel, vsock, Confinement::none("test"))
+    }
 
     #[test]
-    fn argv_boots_the_image_with_console_and_qmp_in_the_vm_dir() {
-        let dir = VmDir::new(std::path::Path::new("/srv/vms"), "abc");
+    fn argv_boots_the_image_with_console_and_qmp_in_the_jail() {
         let config = VmConfig {
             id: "abc".into(),
             name: "web".into(),
@@ -232,41 +348,48 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             created_at: String::new(),
         };
-        let argv = Qemu::new("/usr/bin/qemu-system-x86_64".into(), Accel::Tcg, VsockMode::Unavailable(String::new()))
-            .argv(&dir, &config)
-            .join(" ");
+        let argv = qemu(Accel::Tcg, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None).join(" ");
         for want in [
-            "-accel tcg",
+            "-accel tcg,tb-size=128",
             "-smp 2 -m 512M",
-            "-kernel /img/vmlinux",
-            "-chardev file,id=console,path=/srv/vms/abc/console.log,append=on",
-            "-qmp unix:/srv/vms/abc/qmp.sock,server=on,wait=off",
+            "-kernel /proc/self/fd/7 -initrd /proc/self/fd/8",
+            "-chardev file,id=console,path=console.log,append=on",
+            "-qmp unix:qmp.sock,server=on,wait=off",
             "-no-reboot",
         ] {
             assert!(argv.contains(want), "{want} missing from {argv}");
         }
         assert!(!argv.contains("-cpu host"), "TCG cannot use -cpu host");
-        let kvm = Qemu::new("/usr/bin/qemu-system-x86_64".into(), Accel::Kvm, VsockMode::Unavailable(String::new()))
-            .argv(&dir, &config)
-            .join(" ");
+        assert!(!argv.contains("-sandbox"), "no sandbox where it is not supported");
+        let sandboxed = Qemu::new("/q".into(), Accel::Tcg, VsockMode::Unavailable(String::new()), {
+            Confinement::detect(DEFAULT_UID_BASE, Ok(()))
+        })
+        .argv(&config, &[7, 8], None)
+        .join(" ");
+        assert!(sandboxed.ends_with(&format!("-sandbox {SANDBOX}")), "{sandboxed}");
+        let kvm = qemu(Accel::Kvm, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None).join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
-        let tmp = tempfile::tempdir().unwrap();
-        let (a, b) = (VmDir::new(tmp.path(), "a"), VmDir::new(tmp.path(), "b"));
-        std::fs::create_dir_all(a.path()).unwrap();
-        std::fs::create_dir_all(b.path()).unwrap();
-        allocate_cid(&a).unwrap();
-        allocate_cid(&b).unwrap();
-        assert_eq!((a.read_cid(), b.read_cid()), (Some(3), Some(4)), "CIDs are unique on the host");
-        let kernel = Qemu::new("/q".into(), Accel::Tcg, VsockMode::Kernel).argv(&b, &config).join(" ");
-        assert!(kernel.contains("-device vhost-vsock-pci,guest-cid=4"), "{kernel}");
-        let hybrid =
-            Qemu::new("/q".into(), Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() }).argv(&dir, &config).join(" ");
+        let kernel = qemu(Accel::Tcg, VsockMode::Kernel).argv(&config, &[7, 8, 9], Some(4)).join(" ");
+        assert!(kernel.contains("-device vhost-vsock-pci,guest-cid=4,vhostfd=9"), "{kernel}");
+        let hybrid = qemu(Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() }).argv(&config, &[7, 8], None).join(" ");
         for want in [
             "-object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem",
-            "-chardev socket,id=vsock0,path=/srv/vms/abc/vhost.sock -device vhost-user-vsock-pci,chardev=vsock0",
+            "-chardev socket,id=vsock0,path=vhost.sock -device vhost-user-vsock-pci,chardev=vsock0",
         ] {
             assert!(hybrid.contains(want), "{want} missing from {hybrid}");
         }
+    }
+
+    /// Where /dev/vhost-vsock opens, the kernel hands out distinct CIDs to two holders.
+    #[test]
+    fn kernel_cids_come_from_the_host_kernel() {
+        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-vsock").is_err() {
+            eprintln!("SKIP: /dev/vhost-vsock cannot be opened here; the hybrid vsock mode is what runs");
+            return;
+        }
+        let (a, _held_a) = reserve_cid().unwrap();
+        let (b, _held_b) = reserve_cid().unwrap();
+        assert_ne!(a, b, "two devices never hold one CID");
     }
 
     /// A dead vsock daemon is a fault no retry mends, named with its last log line; a live one
@@ -277,12 +400,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = VmDir::new(tmp.path(), "vm1");
         std::fs::create_dir_all(dir.path()).unwrap();
-        let qemu = Qemu::new("qemu".into(), Accel::Tcg, VsockMode::Hybrid { daemon: "vhost-device-vsock".into() });
+        let qemu = qemu(Accel::Tcg, VsockMode::Hybrid { daemon: "vhost-device-vsock".into() });
         assert!(qemu.vsock_fault(&dir).unwrap().contains("daemon has exited"), "no pid file: no daemon");
 
-        // A stand-in daemon: a process whose command line names the VM's socket.
-        std::fs::write(dir.vhost_socket(), b"").unwrap();
-        let mut live = std::process::Command::new("tail").arg("-f").arg(dir.vhost_socket()).spawn().unwrap();
+        // A stand-in daemon: a process in the VM's jail whose command line names its socket.
+        std::fs::create_dir_all(dir.jail()).unwrap();
+        std::fs::write(dir.jail().join("socket=vhost.sock"), b"").unwrap();
+        let mut live = std::process::Command::new("tail")
+            .args(["-f", "socket=vhost.sock"])
+            .current_dir(dir.jail())
+            .spawn()
+            .unwrap();
         std::fs::write(dir.vsock_pid_file(), format!("{}\n", live.id())).unwrap();
         let started = Instant::now();
         while qemu.vsock_fault(&dir).is_some() {
@@ -304,7 +432,7 @@ mod tests {
         assert!(fault.contains("(vsock.log: [ERROR vhost_device_vsock] boom)"), "{fault}");
         live.wait().unwrap();
         assert!(qemu.vsock_fault(&dir).is_some());
-        let unix = Qemu::new("qemu".into(), Accel::Tcg, VsockMode::Unavailable(String::new()));
+        let unix = super::tests::qemu(Accel::Tcg, VsockMode::Unavailable(String::new()));
         assert_eq!(unix.vsock_fault(&dir), None, "no vsock daemon is expected");
     }
 }
