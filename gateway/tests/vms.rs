@@ -16,6 +16,7 @@ use moat_node::testing::{alive, images_with_base, until};
 use rmcp::RoleClient;
 use rmcp::service::RunningService;
 use serde_json::json;
+use tokio::io::AsyncBufReadExt;
 
 type Client = RunningService<RoleClient, ()>;
 
@@ -26,6 +27,7 @@ struct Rig {
     _tmp: tempfile::TempDir,
     n1: Node,
     moat: HttpMoat,
+    alice_key: String,
     alice: Client,
     bob: Client,
     admin: Client,
@@ -40,14 +42,36 @@ impl Rig {
         let (ok, out, err) = home.run(&["pki", "init"]).await;
         assert!(ok && out.contains("created"), "{out}{err}");
         let images = images_with_base(tmp.path());
-        let n1 =
-            Node::enroll_and_start(&home, tmp.path(), "n1", &["--images", images.to_str().unwrap(), "--accel", "tcg"])
-                .await;
+        // QEMU behind a wrapper that holds VMs named `slow` for 30 s before QEMU runs, so a test
+        // can kill the node in the middle of their create.
+        let wrapper = tmp.path().join("qemu-wrapper");
+        let script = "#!/bin/sh\ncase \"$*\" in *moat-slow,*) sleep 30;; esac\nexec qemu-system-x86_64 \"$@\"\n";
+        std::fs::write(&wrapper, script).unwrap();
+        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let args = ["--images", images.to_str().unwrap(), "--accel", "tcg", "--qemu", wrapper.to_str().unwrap()];
+        let n1 = Node::enroll_and_start(&home, tmp.path(), "n1", &args).await;
         let moat = home.http_server(&["--heartbeat-ms", "300"]).await;
-        let alice = moat.client(&home.key("alice", "agent").await).await;
+        let alice_key = home.key("alice", "agent").await;
+        let alice = moat.client(&alice_key).await;
         let bob = moat.client(&home.key("bob", "agent").await).await;
         let admin = moat.client(&moat.key).await;
-        Rig { home, _tmp: tmp, n1, moat, alice, bob, admin, web: String::new() }
+        Rig { home, _tmp: tmp, n1, moat, alice_key, alice, bob, admin, web: String::new() }
+    }
+
+    /// Until `moat status` shows n1 reachable (or not).
+    async fn wait_n1(&self, reachable: bool) {
+        until("heartbeats to see n1's new state", Duration::from_secs(20), async || {
+            let (_, out, _) = self.home.run(&["status"]).await;
+            out.lines().any(|l| l.contains("n1 ") && l.contains("UNREACHABLE") != reachable)
+        })
+        .await;
+    }
+
+    /// The VM directory on n1 whose config names `name`, if any.
+    fn dir_named(&self, name: &str) -> Option<std::path::PathBuf> {
+        std::fs::read_dir(self.n1.root.join("vms")).ok()?.flatten().map(|e| e.path()).find(|dir| {
+            std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c.contains(&format!("\"name\": \"{name}\"")))
+        })
     }
 
     async fn node_is_seen_with_its_runtime(&self) {
@@ -165,6 +189,100 @@ impl Rig {
         assert!(!alive(pid) || zombie);
     }
 
+    /// QEMU dies while moat-node is down: the restarted node finds the VM crashed and says why,
+    /// and stops what outlived QEMU (the vsock daemon) and gives back its cgroup and uid.
+    async fn a_vmm_that_dies_while_the_node_is_down_is_a_crash(&mut self) {
+        assert_eq!(call_ok(&self.alice, "vm_start", json!({"vm": "web"})).await["vm"]["state"], "running");
+        let dir = self.n1.root.join("vms").join(&self.web);
+        let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap().trim().parse::<i32>().unwrap();
+        let (qemu, daemon, uid) = (read("vmm.pid"), read("vsock.pid"), read("vmm.uid"));
+        self.n1.kill().await;
+        // SAFETY: kill(2) on the VMM of this test's VM.
+        unsafe { libc::kill(qemu, libc::SIGKILL) };
+        until("QEMU to die", Duration::from_secs(10), async || !running(qemu)).await;
+        assert!(running(daemon), "the vsock daemon outlived QEMU while no node watched");
+        self.n1.start().await;
+        self.wait_n1(true).await;
+        let found = call_ok(&self.alice, "vm_inspect", json!({"vm": "web"})).await;
+        assert_eq!(found["vm"]["state"], "crashed", "{found}");
+        assert!(found["vm"]["reason"].as_str().unwrap().contains("exited while moat-node was not running"), "{found}");
+        until("the orphaned vsock daemon to be stopped", Duration::from_secs(10), async || !running(daemon)).await;
+        assert!(!Path::new(&format!("/run/moat/vm-uids/{uid}")).exists(), "uid {uid} released");
+        assert!(!dir.join("vmm.uid").exists());
+    }
+
+    /// moat-node killed in the middle of a create: the caller hears that it failed, and once the
+    /// node is back nothing of that VM is left: no directory, no VMM, no record.
+    async fn an_interrupted_create_leaves_nothing(&mut self) {
+        let client = self.moat.client(&self.alice_key).await;
+        let create = tokio::spawn(async move {
+            let args = json!({"name": "slow", "vcpus": 1, "memory_mib": 128});
+            let answer = tool_error(&client, "vm_create", args).await;
+            client.cancel().await.unwrap();
+            answer
+        });
+        let mut dir = None;
+        until("the slow VM's VMM to be started", Duration::from_secs(30), async || {
+            dir = self.dir_named("slow").filter(|d| d.join("vmm.pid").exists());
+            dir.is_some()
+        })
+        .await;
+        let dir = dir.unwrap();
+        let pid: i32 = std::fs::read_to_string(dir.join("vmm.pid")).unwrap().trim().parse().unwrap();
+        assert!(dir.join("creating").exists(), "the create is marked as under way");
+        self.n1.kill().await;
+        let answer = create.await.unwrap();
+        assert!(answer.contains("n1"), "the caller is told the create failed: {answer}");
+        assert!(running(pid), "the half-made VM's VMM outlived its node");
+        self.n1.start().await;
+        self.wait_n1(true).await;
+        assert!(!dir.exists(), "the half-made VM's directory is gone");
+        until("the half-made VM's VMM to be killed", Duration::from_secs(10), async || !running(pid)).await;
+        let listed = call_ok(&self.admin, "vm_list", json!({})).await;
+        assert!(!listed.to_string().contains("\"slow\""), "no record of it: {listed}");
+    }
+
+    /// moat-node killed in the middle of a delete (held inside its directory removal by strace):
+    /// the restarted node finishes it, and the gateway's record goes at the next delete.
+    async fn an_interrupted_delete_is_finished_at_restart(&mut self) {
+        call_ok(&self.alice, "vm_create", json!({"name": "doomed", "vcpus": 1, "memory_mib": 64, "start": false}))
+            .await;
+        let dir = self.dir_named("doomed").unwrap();
+        let mut strace = tokio::process::Command::new("strace")
+            .args(["-f", "-p", &self.n1.pid().to_string(), "-e", "trace=unlinkat"])
+            .args(["-e", "inject=unlinkat:delay_enter=3000000", "-o", "/dev/null"])
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("strace is installed (.ci/setup)");
+        let mut stderr = tokio::io::BufReader::new(strace.stderr.take().unwrap()).lines();
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.contains("attached") {
+                break;
+            }
+        }
+        let client = self.moat.client(&self.alice_key).await;
+        let delete = tokio::spawn(async move {
+            let answer = tool_error(&client, "vm_delete", json!({"vm": "doomed"})).await;
+            client.cancel().await.unwrap();
+            answer
+        });
+        until("the node to be inside the delete", Duration::from_secs(20), async || {
+            std::fs::read_to_string(dir.join("status.json")).is_ok_and(|s| s.contains("\"deleting\""))
+        })
+        .await;
+        self.n1.kill().await;
+        strace.kill().await.unwrap();
+        assert!(delete.await.unwrap().contains("n1"), "the caller is told the delete did not finish");
+        self.n1.start().await;
+        self.wait_n1(true).await;
+        assert!(!dir.exists(), "the restarted node finished the delete");
+        let gone = call_ok(&self.alice, "vm_inspect", json!({"vm": "doomed"})).await;
+        assert!(gone["vm"]["reason"].as_str().unwrap().contains("no longer has this VM"), "{gone}");
+        call_ok(&self.alice, "vm_delete", json!({"vm": "doomed"})).await;
+        assert!(tool_error(&self.alice, "vm_inspect", json!({"vm": "doomed"})).await.starts_with("no vm named"));
+    }
+
     async fn delete_leaves_nothing(&self) {
         let deleted = call_ok(&self.alice, "vm_delete", json!({"vm": "web"})).await;
         assert_eq!(deleted["deleted"], self.web.as_str());
@@ -182,6 +300,11 @@ impl Rig {
     }
 }
 
+/// Whether `pid` runs (a zombie does not).
+fn running(pid: i32) -> bool {
+    alive(pid) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+}
+
 #[tokio::test]
 async fn vm_lifecycle_over_mtls_with_crash_and_node_restart() {
     let mut rig = Rig::start().await;
@@ -192,6 +315,9 @@ async fn vm_lifecycle_over_mtls_with_crash_and_node_restart() {
     rig.graceful_stop_and_start().await;
     rig.a_killed_vmm_is_a_crash().await;
     rig.a_node_restart_readopts_the_vm().await;
+    rig.a_vmm_that_dies_while_the_node_is_down_is_a_crash().await;
+    rig.an_interrupted_create_leaves_nothing().await;
+    rig.an_interrupted_delete_is_finished_at_restart().await;
     rig.delete_leaves_nothing().await;
     rig.finish().await;
 }

@@ -70,6 +70,17 @@ impl Node {
         assert!(status.success(), "moat-node {} exited {status}", self.name);
     }
 
+    /// SIGKILL and wait: the node agent dies with no chance to tidy up.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("node running");
+        child.kill().await.unwrap();
+    }
+
+    /// The node agent's pid while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("node running")
+    }
+
     /// SIGHUP: reload the node certificate.
     pub fn hangup(&self) {
         let pid = self.child.as_ref().and_then(|c| c.id()).expect("node running");

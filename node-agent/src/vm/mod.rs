@@ -267,9 +267,9 @@ impl VmManager {
     fn discard(&self, dir: &VmDir) {
         if let Runtime::Ready(vmm) = &self.inner.settings.runtime {
             if let Some(pid) = dir.read_pid().filter(|&pid| vmm.owns(pid, dir)) {
-                // SAFETY: kill(2) on the VMM of this VM, checked by its working directory and
-                // command line.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                // SAFETY: kill(2) on the process group the VMM of this VM leads (spawn_detached
+                // makes it a group leader), checked by its working directory and command line.
+                unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
                 let gone = std::time::Instant::now();
                 while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
                     && vmm.owns(pid, dir)

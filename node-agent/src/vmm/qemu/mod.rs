@@ -38,6 +38,8 @@ pub struct Qemu {
 /// Descriptors QEMU inherits, named in its argv as `/proc/self/fd/N` (it cannot reach the image
 /// directory itself) or as a vhost fd.
 struct Inherited {
+    /// QEMU's own binary, run as `/proc/self/fd/N`: the VM's uid may not reach where it is.
+    binary: File,
     kernel: File,
     initrd: File,
     /// Kernel vsock: the CID the host kernel granted and the vhost-vsock device holding it.
@@ -45,7 +47,7 @@ struct Inherited {
 }
 
 impl Inherited {
-    fn open(config: &VmConfig, vsock: &VsockMode) -> Result<Inherited, VmmError> {
+    fn open(binary: &Path, config: &VmConfig, vsock: &VsockMode) -> Result<Inherited, VmmError> {
         let open = |path: &Path| {
             File::open(path).map_err(|e| VmmError::Launch { vmm: "qemu", detail: format!("{}: {e}", path.display()) })
         };
@@ -53,9 +55,10 @@ impl Inherited {
             VsockMode::Kernel => Some(reserve_cid()?),
             _ => None,
         };
-        Ok(Inherited { kernel: open(&config.kernel)?, initrd: open(&config.initrd)?, vhost })
+        Ok(Inherited { binary: open(binary)?, kernel: open(&config.kernel)?, initrd: open(&config.initrd)?, vhost })
     }
 
+    /// Kernel, initramfs, then the vhost device if any, as [`Qemu::argv`] expects them.
     fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.kernel.as_raw_fd(), self.initrd.as_raw_fd()];
         fds.extend(self.vhost.as_ref().map(|(_, fd)| fd.as_raw_fd()));
@@ -202,14 +205,16 @@ impl Qemu {
         if let VsockMode::Hybrid { daemon } = &self.vsock {
             self.start_vsock(dir, daemon, &confine).await?;
         }
-        let inherited = Inherited::open(config, &self.vsock)?;
+        let inherited = Inherited::open(&self.binary, config, &self.vsock)?;
         let cid = inherited.vhost.as_ref().map(|(cid, _)| *cid);
         if let Some(cid) = cid {
             std::fs::write(dir.vsock_cid_file(), format!("{cid}\n"))
                 .map_err(|e| launch_err(format!("cannot record the vsock CID: {e}")))?;
         }
         confine.inherit = inherited.fds();
-        let argv = self.argv(config, &confine.inherit, cid);
+        let mut argv = self.argv(config, &confine.inherit, cid);
+        argv[0] = format!("/proc/self/fd/{}", inherited.binary.as_raw_fd());
+        confine.inherit.push(inherited.binary.as_raw_fd());
         let child = cmd::spawn_detached(&argv, &dir.vmm_log(), Some(&confine))
             .map_err(|e| launch_err(crate::errors::chain(&e)))?;
         // QEMU holds its own copies now (the CID stays reserved while it runs).
