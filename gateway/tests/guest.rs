@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::node::Node;
-use common::{Home, HttpMoat, call_ok, tool_error};
+use common::{Home, HttpMoat, call, call_ok, tool_error};
 use moat_node::testing::{guest_image, images_with_base, until};
 use rmcp::service::RunningService;
 use rmcp::{RoleClient, ServiceExt};
@@ -239,6 +239,28 @@ impl Rig {
         assert!(bobs.starts_with("no vm named `box`"), "{bobs}");
     }
 
+    /// At most `max_concurrent` (16 for agents, policies/limits.toml) of one principal's calls run
+    /// at once: of 17 concurrent two-second execs exactly one is refused, whichever comes last,
+    /// and once they finish the slots are free again.
+    async fn the_in_flight_cap_holds(&self) {
+        tokio::time::sleep(Duration::from_secs(2)).await; // a full exec token bucket: only the cap can refuse
+        let calls = (0..17).map(|_| call(&self.alice, "vm_exec", json!({"vm": "box", "argv": ["sleep", "2"]})));
+        let results = futures::future::join_all(calls).await;
+        let mut refused = Vec::new();
+        let mut ran = 0;
+        for result in results {
+            match result {
+                Ok(r) if r.is_error != Some(true) => ran += 1,
+                Ok(r) => refused.push(format!("{:?}", r.content)),
+                Err(rmcp::ServiceError::McpError(e)) => refused.push(e.message.to_string()),
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert_eq!((ran, refused.len()), (16, 1), "{refused:?}");
+        assert!(refused[0].contains("too many calls in flight: alice may have 16 at once"), "{refused:?}");
+        guest_ok(&self.alice, "vm_exec", json!({"vm": "box", "argv": ["true"]})).await;
+    }
+
     /// A background process outlives the client that started it.
     async fn a_background_process_outlives_its_client(&mut self) {
         let args = json!({"vm": "box", "command": "echo begun; sleep 1; echo done"});
@@ -369,6 +391,7 @@ async fn guest_exec_and_files_through_the_gateway() {
     rig.exit_codes_signals_and_timeouts().await;
     rig.the_rest_of_the_guest_tools().await;
     rig.bad_input_and_other_owners().await;
+    rig.the_in_flight_cap_holds().await;
     rig.a_background_process_outlives_its_client().await;
     rig.cancelling_kills_the_process_group().await;
     rig.a_killed_agent_comes_back().await;
