@@ -44,11 +44,25 @@ fn status(pid: u32, key: &str) -> u64 {
     line[key.len()..].split_whitespace().next().unwrap().parse().unwrap()
 }
 
-/// A limit file of the VM's cgroup, v2 or v1 (where `v1` is the controller's mount).
-fn cgroup_file(id: &str, v1: &str, file: &str) -> String {
+/// The VM's cgroup directory for `controller` (v1), or its v2 cgroup, as `/proc/PID/cgroup` names it.
+fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
     let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let base = if unified { PathBuf::from("/sys/fs/cgroup") } else { Path::new("/sys/fs/cgroup").join(v1) };
-    std::fs::read_to_string(base.join("moat").join(format!("vm-{id}")).join(file)).unwrap().trim().to_string()
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = text
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let wanted = if unified { controllers.is_empty() } else { controllers.split(',').any(|c| c == controller) };
+            wanted.then(|| path.trim_start_matches('/').to_string())
+        })
+        .unwrap_or_else(|| panic!("pid {pid} has no {controller} cgroup: {text}"));
+    let base = if unified { PathBuf::from("/sys/fs/cgroup") } else { Path::new("/sys/fs/cgroup").join(controller) };
+    base.join(path)
+}
+
+fn cgroup_file(pid: u32, controller: &str, file: &str) -> String {
+    std::fs::read_to_string(cgroup_dir(pid, controller).join(file)).unwrap().trim().to_string()
 }
 
 /// Runs `script` with sh as `uid` (its gid the same; std drops root's groups); returns (success, stderr).
@@ -95,18 +109,21 @@ async fn vm_processes_are_confined() {
         assert_eq!(status(vm.daemon, "Uid:"), status(vm.qemu, "Uid:"), "the vsock daemon runs as the VM's uid");
         for pid in [vm.qemu, vm.daemon] {
             let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-            assert!(cgroups.contains(&format!("/moat/vm-{}", vm.id)), "pid {pid} in the VM's cgroup: {cgroups}");
+            assert!(cgroups.contains(&format!("/moat/vm-{}-", vm.id)), "pid {pid} in the VM's cgroup: {cgroups}");
         }
     }
     let memory = ((MEMORY_MIB + MEMORY_OVERHEAD_MIB) << 20).to_string();
+    let cgroup_of_a = cgroup_dir(a.qemu, "memory");
+    assert!(cgroup_of_a.ends_with(format!("moat/vm-{}-{uid_a}", a.id)), "{}", cgroup_of_a.display());
     if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        assert_eq!(cgroup_file(&a.id, "", "memory.max"), memory);
-        assert_eq!(cgroup_file(&a.id, "", "cpu.max"), "200000 100000");
+        assert_eq!(cgroup_file(a.qemu, "", "memory.max"), memory);
+        assert_eq!(cgroup_file(a.qemu, "", "cpu.max"), "200000 100000");
     } else {
-        assert_eq!(cgroup_file(&a.id, "memory", "memory.limit_in_bytes"), memory);
-        assert_eq!(cgroup_file(&a.id, "cpu", "cpu.cfs_quota_us"), "200000");
+        assert_eq!(cgroup_file(a.qemu, "memory", "memory.limit_in_bytes"), memory);
+        assert_eq!(cgroup_file(a.qemu, "cpu", "cpu.cfs_quota_us"), "200000");
     }
-    assert_eq!(cgroup_file(&a.id, "pids", "pids.max"), "256");
+    assert_eq!(cgroup_file(a.qemu, "pids", "pids.max"), "256");
+    let cgroups = [cgroup_of_a, cgroup_dir(b.qemu, "memory")];
 
     // As VM a's uid: nothing of VM b's is reachable, nor the node's own files of VM a; VM b's
     // QEMU cannot be inspected through /proc. The same paths exist (root sees them).
@@ -154,13 +171,10 @@ async fn vm_processes_are_confined() {
     assert_eq!(other["stdout"], "fine\n");
 
     // Deleting the VMs gives back their uids and cgroups.
-    for (name, vm, uid) in [("a", a, uid_a), ("b", b, uid_b)] {
+    for (name, uid, cgroup) in [("a", uid_a, &cgroups[0]), ("b", uid_b, &cgroups[1])] {
         call_ok(&alice, "vm_delete", json!({"vm": name})).await;
         let claim = Path::new("/run/moat/vm-uids").join(uid.to_string());
         assert!(!claim.exists(), "{} still claimed", claim.display());
-        let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-        let cg =
-            if unified { PathBuf::from("/sys/fs/cgroup/moat") } else { PathBuf::from("/sys/fs/cgroup/memory/moat") };
-        assert!(!cg.join(format!("vm-{}", vm.id)).exists(), "vm {}'s cgroup removed", vm.id);
+        assert!(!cgroup.exists(), "{} removed", cgroup.display());
     }
 }

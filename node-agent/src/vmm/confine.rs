@@ -3,7 +3,7 @@
 //!
 //! * a uid of its own, taken host-wide from a range (claims under
 //!   `/run/moat/vm-uids`, so two nodes on one host never share one);
-//! * a cgroup of its own (`moat/vm-<id>`; v2, or v1's memory, cpu and pids
+//! * a cgroup of its own (`moat/vm-<id>-<uid>`; v2, or v1's memory, cpu and pids
 //!   hierarchies) with memory, CPU and pids limits derived from the VM's size;
 //! * a working directory only that uid can enter (`jail/`, 0700), entered
 //!   before privileges are dropped, so the processes reach their sockets and
@@ -158,20 +158,20 @@ impl Confinement {
             }
             Err(_) => None,
         };
-        let cgroup_procs = match &self.cgroups {
-            Ok(cgroups) => cgroups.create(&config.id, Limits::for_vm(config))?,
-            Err(_) => Vec::new(),
+        let cgroup_procs = match (&self.cgroups, &user) {
+            (Ok(cgroups), Some((uid, _))) => cgroups.create(&cgroup_name(&config.id, *uid), Limits::for_vm(config))?,
+            _ => Vec::new(),
         };
         Ok(Confine { cwd: jail, user, cgroup_procs, inherit: Vec::new() })
     }
 
     /// After the VM's processes exited: its cgroup removed, its uid given back.
     pub fn release(&self, dir: &VmDir) {
-        if let (Ok(cgroups), Some(id)) = (&self.cgroups, dir.path().file_name().and_then(|n| n.to_str())) {
-            cgroups.remove(id);
-        }
         let uid_file = dir.path().join(UID_FILE);
         if let Some(uid) = std::fs::read_to_string(&uid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+            if let (Ok(cgroups), Some(id)) = (&self.cgroups, dir.path().file_name().and_then(|n| n.to_str())) {
+                cgroups.remove(&cgroup_name(id, uid));
+            }
             let claim = self.claims.join(uid.to_string());
             if std::fs::read_to_string(&claim).is_ok_and(|owner| Path::new(owner.trim()) == dir.path()) {
                 let _ = std::fs::remove_file(claim);
@@ -226,9 +226,8 @@ impl Cgroups {
         }
     }
 
-    /// Makes `vm-<id>` with `limits`; returns its cgroup.procs files.
-    fn create(&self, id: &str, limits: Limits) -> Result<Vec<PathBuf>, String> {
-        let name = format!("vm-{id}");
+    /// Makes `name` with `limits`; returns its cgroup.procs files.
+    fn create(&self, name: &str, limits: Limits) -> Result<Vec<PathBuf>, String> {
         let quota = format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us);
         let writes: Vec<(PathBuf, Vec<(&str, String)>)> = match self {
             Cgroups::V2(root) => vec![(
@@ -281,9 +280,8 @@ impl Cgroups {
         Ok(procs)
     }
 
-    /// Removes `vm-<id>`, waiting briefly for killed processes to leave it.
-    fn remove(&self, id: &str) {
-        let name = format!("vm-{id}");
+    /// Removes `name`, waiting briefly for killed processes to leave it.
+    fn remove(&self, name: &str) {
         let dirs: Vec<PathBuf> = match self {
             Cgroups::V2(root) => vec![root.join(&name)],
             Cgroups::V1(roots) => roots.iter().map(|r| r.join(&name)).collect(),
@@ -301,6 +299,12 @@ impl Cgroups {
             }
         }
     }
+}
+
+/// A VM's cgroup under `moat/`: its id (readable) and its uid (unique on the host: two nodes
+/// may both have a VM with one id).
+fn cgroup_name(id: &str, uid: u32) -> String {
+    format!("vm-{id}-{uid}")
 }
 
 /// Finds a writable hierarchy with memory, cpu and pids: v2 when `fs` is the unified one,
@@ -480,7 +484,7 @@ mod tests {
         assert_eq!(limits.pids, PIDS_MAX);
     }
 
-    /// A fake cgroup v1 tree: the three controllers get `moat/vm-<id>` with the VM's limits,
+    /// A fake cgroup v1 tree: the three controllers get `moat/vm-<id>-<uid>` with the VM's limits,
     /// and removing it leaves nothing.
     #[test]
     fn v1_cgroups_are_made_with_limits_and_removed() {
@@ -492,21 +496,25 @@ mod tests {
         let cgroups = detect_cgroups(tmp.path()).unwrap();
         assert!(matches!(&cgroups, Cgroups::V1(roots) if roots.len() == 3));
         // A real kernel makes the files; the fake needs them to exist for the writes to land.
-        let procs = cgroups.create("abc", Limits::for_vm(&config(1, 256))).unwrap();
+        let procs = cgroups.create("vm-abc-7", Limits::for_vm(&config(1, 256))).unwrap();
         assert_eq!(procs.len(), 3);
-        let read = |c: &str, f: &str| std::fs::read_to_string(tmp.path().join(c).join("moat/vm-abc").join(f)).unwrap();
+        let read =
+            |c: &str, f: &str| std::fs::read_to_string(tmp.path().join(c).join("moat/vm-abc-7").join(f)).unwrap();
         assert_eq!(read("memory", "memory.limit_in_bytes"), ((256 + MEMORY_OVERHEAD_MIB) << 20).to_string());
         assert_eq!(read("cpu", "cpu.cfs_quota_us"), "200000");
         assert_eq!(read("pids", "pids.max"), PIDS_MAX.to_string());
-        assert!(!tmp.path().join("memory/moat/vm-abc/memory.memsw.limit_in_bytes").exists(), "no swap file, no write");
+        assert!(
+            !tmp.path().join("memory/moat/vm-abc-7/memory.memsw.limit_in_bytes").exists(),
+            "no swap file, no write"
+        );
         for c in CONTROLLERS {
-            for f in std::fs::read_dir(tmp.path().join(c).join("moat/vm-abc")).unwrap() {
+            for f in std::fs::read_dir(tmp.path().join(c).join("moat/vm-abc-7")).unwrap() {
                 std::fs::remove_file(f.unwrap().path()).unwrap(); // a kernel's cgroup dir empties itself
             }
         }
-        cgroups.remove("abc");
+        cgroups.remove("vm-abc-7");
         for c in CONTROLLERS {
-            assert!(!tmp.path().join(c).join("moat/vm-abc").exists());
+            assert!(!tmp.path().join(c).join("moat/vm-abc-7").exists());
         }
     }
 
