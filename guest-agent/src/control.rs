@@ -35,12 +35,22 @@ enum Reply {
     Error { message: String },
 }
 
-struct Agent {
+/// What answers control requests: the image metadata and when the agent started.
+pub struct Agent {
     started: Instant,
     image: Value,
 }
 
 impl Agent {
+    pub fn new(image: Value) -> Agent {
+        Agent { started: Instant::now(), image }
+    }
+
+    /// The reply line (without its newline) to one request line.
+    pub fn reply_line(&self, line: &str) -> String {
+        serde_json::to_string(&self.answer(line)).expect("replies serialize")
+    }
+
     fn answer(&self, line: &str) -> Reply {
         match serde_json::from_str::<Request>(line) {
             Ok(Request::Hello { protocol }) if protocol != PROTOCOL => Reply::Error {
@@ -76,7 +86,7 @@ pub fn image_info(path: Option<&Path>) -> Result<Value, String> {
 
 /// Serves the control channel on `listener` until the process is stopped.
 pub async fn serve(listener: Listener, image: Value) -> Result<(), String> {
-    let agent = std::rc::Rc::new(Agent { started: Instant::now(), image });
+    let agent = std::rc::Rc::new(Agent::new(image));
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async move {

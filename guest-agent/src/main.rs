@@ -4,16 +4,11 @@
 //! process tools. Either can listen on a Unix socket instead, for tests on the
 //! host and hosts without vsock.
 
-mod control;
-mod exec;
-mod files;
-mod listen;
-mod mcp;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use listen::{ListenAddr, Listener};
+use moat_guest::listen::{ListenAddr, Listener};
+use moat_guest::{control, exec, mcp};
 use rmcp::ServiceExt;
 
 const USAGE: &str = "usage: moat-guest serve [--control vsock:100|unix:PATH] [--mcp vsock:200|unix:PATH] [--image-info FILE]\n       moat-guest --version";

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use moat_tools::JsonObject;
-use moat_tools::guest::{ExecIdInput, ExecInput, ExecOutputInput, GuestTool, PathInput};
+use moat_tools::guest::{ExecIdInput, ExecInput, ExecOutputInput, FileReadInput, FileWriteInput, GuestTool, PathInput};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData, Implementation, ListToolsResult,
     PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
@@ -36,6 +36,41 @@ impl GuestServer {
 fn decode<T: DeserializeOwned>(args: Option<JsonObject>) -> Result<T, ErrorData> {
     serde_json::from_value(Value::Object(args.unwrap_or_default()))
         .map_err(|e| ErrorData::invalid_params(format!("invalid arguments: {e}"), None))
+}
+
+/// One tools/call, decoded: which tool and its typed arguments.
+#[derive(Debug)]
+pub enum Call {
+    FileRead(FileReadInput),
+    FileWrite(FileWriteInput),
+    FileDelete(PathInput),
+    FileList(PathInput),
+    FileStat(PathInput),
+    Exec(ExecInput),
+    ExecStart(ExecInput),
+    ExecStatus(ExecIdInput),
+    ExecOutput(ExecOutputInput),
+    ExecKill(ExecIdInput),
+}
+
+/// Decodes a tools/call's name and arguments; nothing has run yet. An unknown tool or arguments
+/// that do not fit its input are invalid-params errors.
+pub fn parse_call(name: &str, args: Option<JsonObject>) -> Result<Call, ErrorData> {
+    let Some(tool) = GuestTool::parse(name) else {
+        return Err(ErrorData::invalid_params(format!("unknown tool `{name}`"), None));
+    };
+    Ok(match tool {
+        GuestTool::FileRead => Call::FileRead(decode(args)?),
+        GuestTool::FileWrite => Call::FileWrite(decode(args)?),
+        GuestTool::FileDelete => Call::FileDelete(decode(args)?),
+        GuestTool::FileList => Call::FileList(decode(args)?),
+        GuestTool::FileStat => Call::FileStat(decode(args)?),
+        GuestTool::Exec => Call::Exec(decode(args)?),
+        GuestTool::ExecStart => Call::ExecStart(decode(args)?),
+        GuestTool::ExecStatus => Call::ExecStatus(decode(args)?),
+        GuestTool::ExecOutput => Call::ExecOutput(decode(args)?),
+        GuestTool::ExecKill => Call::ExecKill(decode(args)?),
+    })
 }
 
 fn answer<T: Serialize>(result: Result<T, String>) -> Result<CallToolResult, ErrorData> {
@@ -74,15 +109,11 @@ impl ServerHandler for GuestServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let args = request.arguments;
-        let Some(tool) = GuestTool::parse(&request.name) else {
-            return Err(ErrorData::invalid_params(format!("unknown tool `{}`", request.name), None));
-        };
-        let result = match tool {
-            GuestTool::FileRead => {
+        let result = match parse_call(&request.name, request.arguments)? {
+            Call::FileRead(input) => {
                 // Up to 32 MiB: send it once, as structured content, with a one-line text summary
                 // instead of a second serialized copy.
-                let read = files::read(&decode(args)?);
+                let read = files::read(&input);
                 let summary = read.as_ref().ok().map(|r| {
                     format!("read {} bytes of {} at offset {} ({:?})", r.length, r.path, r.offset, r.encoding)
                 });
@@ -93,12 +124,11 @@ impl ServerHandler for GuestServer {
                     result
                 })
             }
-            GuestTool::FileWrite => answer(files::write(&decode(args)?)),
-            GuestTool::FileDelete => answer(files::delete(&decode::<PathInput>(args)?.path)),
-            GuestTool::FileList => answer(files::list(&decode::<PathInput>(args)?.path)),
-            GuestTool::FileStat => answer(files::stat(&decode::<PathInput>(args)?.path)),
-            GuestTool::Exec => {
-                let input: ExecInput = decode(args)?;
+            Call::FileWrite(input) => answer(files::write(&input)),
+            Call::FileDelete(input) => answer(files::delete(&input.path)),
+            Call::FileList(input) => answer(files::list(&input.path)),
+            Call::FileStat(input) => answer(files::stat(&input.path)),
+            Call::Exec(input) => {
                 let live = context.meta.get_progress_token().map(|token| {
                     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(exec::Pipe, String)>();
                     let peer = context.peer.clone();
@@ -115,13 +145,12 @@ impl ServerHandler for GuestServer {
                 });
                 answer(exec::run(&input, live, context.ct.clone()).await)
             }
-            GuestTool::ExecStart => answer(self.jobs.start(&decode(args)?)),
-            GuestTool::ExecStatus => answer(self.jobs.status(&decode::<ExecIdInput>(args)?.id)),
-            GuestTool::ExecOutput => {
-                let input: ExecOutputInput = decode(args)?;
+            Call::ExecStart(input) => answer(self.jobs.start(&input)),
+            Call::ExecStatus(input) => answer(self.jobs.status(&input.id)),
+            Call::ExecOutput(input) => {
                 answer(self.jobs.output(&input.id, input.stdout_offset.unwrap_or(0), input.stderr_offset.unwrap_or(0)))
             }
-            GuestTool::ExecKill => answer(self.jobs.kill(&decode::<ExecIdInput>(args)?.id).await),
+            Call::ExecKill(input) => answer(self.jobs.kill(&input.id).await),
         };
         result.map(CallToolResponse::Complete)
     }

@@ -81,11 +81,18 @@ async fn jsonrpc_guard(req: Request, next: Next, limit: usize) -> Response {
             return jsonrpc_error(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::INVALID_REQUEST.0, message);
         }
     };
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
-        let message = format!("parse error: {e}; the body must be one JSON-RPC message");
+    if let Err(message) = check_body(&bytes) {
         return jsonrpc_error(StatusCode::BAD_REQUEST, ErrorCode::PARSE_ERROR.0, message);
     }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+/// Whether a POST body (already within the size limit) may go on to rmcp: it must be JSON.
+/// The message says what is wrong otherwise.
+pub fn check_body(bytes: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map(drop)
+        .map_err(|e| format!("parse error: {e}; the body must be one JSON-RPC message"))
 }
 
 fn jsonrpc_error(status: StatusCode, code: i32, message: String) -> Response {
