@@ -109,7 +109,23 @@ impl State {
             .connect_with(options)
             .await
             .map_err(open_err)?;
+        // Two moat processes starting at once on a new database would both migrate it and one
+        // would fail: the first to take this lock migrates, the other then finds nothing to do.
+        // (A lock file of its own: closing another descriptor of the database would drop
+        // SQLite's own locks on it.)
+        let lock_path = wal_file(path, "-lock");
+        let locking = lock_path.clone();
+        let lock = tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&locking)?;
+            private_file(&locking)?;
+            file.lock()?;
+            Ok(file)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|source| StateError::StateDir { path: lock_path.clone(), source })?;
         MIGRATOR.run(&pool).await.map_err(StateError::Migrate)?;
+        drop(lock);
         Ok(State { pool, path: path.into() })
     }
 
@@ -218,8 +234,18 @@ fn wal_file(db: &Path, suffix: &str) -> PathBuf {
 }
 
 /// What moat keeps in its state directory; a directory holding anything else is not moat's own.
-const STATE_ENTRIES: &[&str] =
-    &["moat.db", "moat.db-wal", "moat.db-shm", "pki", "run", "node", "images", "audit.key", "audit-checkpoints.jsonl"];
+const STATE_ENTRIES: &[&str] = &[
+    "moat.db",
+    "moat.db-wal",
+    "moat.db-shm",
+    "moat.db-lock",
+    "pki",
+    "run",
+    "node",
+    "images",
+    "audit.key",
+    "audit-checkpoints.jsonl",
+];
 
 /// Creates `dir` (and its parents) if missing, `dir` itself 0700; tightens an existing `dir`
 /// that others could read, saying so, when it holds only moat's files (a directory the operator
@@ -336,6 +362,19 @@ mod tests {
         assert!(matches!(state.node("n1").await, Err(StateError::UnknownNode(_))));
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&state.pool).await.unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    /// Two processes opening one new database at once: the second waits for the first's
+    /// migrations instead of failing on them.
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_first_opens_both_succeed() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("moat.db");
+            let (a, b) = tokio::join!(State::open(&db), State::open(&db));
+            a.unwrap();
+            b.unwrap();
+        }
     }
 
     /// The state directory and the database files are this user's only, new or found open.
