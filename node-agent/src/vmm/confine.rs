@@ -231,7 +231,7 @@ impl Cgroups {
         let quota = format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us);
         let writes: Vec<(PathBuf, Vec<(&str, String)>)> = match self {
             Cgroups::V2(root) => vec![(
-                root.join(&name),
+                root.join(name),
                 vec![
                     ("memory.max", limits.memory_bytes.to_string()),
                     ("memory.swap.max", "0".into()),
@@ -253,7 +253,7 @@ impl Cgroups {
                         ],
                         _ => vec![("pids.max", limits.pids.to_string())],
                     };
-                    (root.join(&name), files)
+                    (root.join(name), files)
                 })
                 .collect(),
         };
@@ -283,8 +283,8 @@ impl Cgroups {
     /// Removes `name`, waiting briefly for killed processes to leave it.
     fn remove(&self, name: &str) {
         let dirs: Vec<PathBuf> = match self {
-            Cgroups::V2(root) => vec![root.join(&name)],
-            Cgroups::V1(roots) => roots.iter().map(|r| r.join(&name)).collect(),
+            Cgroups::V2(root) => vec![root.join(name)],
+            Cgroups::V1(roots) => roots.iter().map(|r| r.join(name)).collect(),
         };
         for dir in dirs {
             for _ in 0..100 {
