@@ -291,7 +291,7 @@ async fn audit_cmd(config: &Config, cmd: AuditCommand) -> anyhow::Result<()> {
             }
         }
         AuditCommand::Verify => {
-            let report = audit::verify(pool).await?;
+            let report = audit::verify(state.path()).await?;
             if let Some(problem) = report.problem {
                 println!("audit log BROKEN after {} good records: {problem}", report.checked);
                 std::process::exit(1);

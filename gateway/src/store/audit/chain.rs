@@ -2,7 +2,6 @@
 //! stored rows and names the first edited, missing or reordered one.
 
 use sha2::{Digest, Sha256};
-use sqlx::SqlitePool;
 
 use super::{CallRecord, GENESIS};
 
@@ -203,21 +202,48 @@ impl StoredRow {
 }
 
 /// Walks the chain in sequence order and reports the first broken, missing or reordered record.
-pub async fn verify(pool: &SqlitePool) -> Result<VerifyReport, sqlx::Error> {
-    use futures::TryStreamExt;
-    let mut rows = sqlx::query_as::<_, StoredRow>(
+/// Reads through a direct connection on a blocking thread: a million rows through sqlx's
+/// per-row hand-offs took 9.8 s (BENCHMARKS.md, "Load").
+pub async fn verify(db: &std::path::Path) -> Result<VerifyReport, rusqlite::Error> {
+    let db = db.to_path_buf();
+    tokio::task::spawn_blocking(move || verify_blocking(&db)).await.expect("the verify task does not panic")
+}
+
+fn verify_blocking(db: &std::path::Path) -> Result<VerifyReport, rusqlite::Error> {
+    let conn = crate::store::open_direct(db, crate::store::Durability::Process)?;
+    let mut statement = conn.prepare(
         "SELECT seq, ts, kind, ref_seq, principal, role, transport, session, tool, resource, decision, \
          args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash FROM audit_log ORDER BY seq",
-    )
-    .fetch(pool);
+    )?;
+    let mut rows = statement.query([])?;
     let (mut last_seq, mut last_hash, mut checked) = (0i64, GENESIS.to_string(), 0u64);
-    while let Some(r) = rows.try_next().await? {
-        let (seq, prev_hash, hash) = (r.seq, r.prev_hash.clone(), r.hash.clone());
-        let problem = if r.hash_with(&prev_hash) != hash {
+    while let Some(row) = rows.next()? {
+        let r = StoredRow {
+            seq: row.get(0)?,
+            ts: row.get(1)?,
+            kind: row.get(2)?,
+            ref_seq: row.get(3)?,
+            principal: row.get(4)?,
+            role: row.get(5)?,
+            transport: row.get(6)?,
+            session: row.get(7)?,
+            tool: row.get(8)?,
+            resource: row.get(9)?,
+            decision: row.get(10)?,
+            args_digest: row.get(11)?,
+            args_shape: row.get(12)?,
+            outcome: row.get(13)?,
+            error_code: row.get(14)?,
+            duration_us: row.get(15)?,
+            prev_hash: row.get(16)?,
+            hash: row.get(17)?,
+        };
+        let seq = r.seq;
+        let problem = if r.hash_with(&r.prev_hash) != r.hash {
             Some(ChainProblem::Edited { seq })
         } else if seq != last_seq + 1 {
             Some(ChainProblem::Missing { after: last_seq, next: seq })
-        } else if prev_hash != last_hash {
+        } else if r.prev_hash != last_hash {
             Some(ChainProblem::Reordered { seq })
         } else {
             None
@@ -227,7 +253,7 @@ pub async fn verify(pool: &SqlitePool) -> Result<VerifyReport, sqlx::Error> {
         }
         checked += 1;
         last_seq = seq;
-        last_hash = hash;
+        last_hash = r.hash;
     }
     Ok(VerifyReport { checked, problem: None })
 }

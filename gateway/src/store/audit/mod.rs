@@ -235,7 +235,7 @@ mod tests {
             seqs.sort();
             seqs.dedup();
             assert_eq!(seqs.len(), 64, "round {round}: every call got its own seq");
-            let report = verify(state.pool()).await.unwrap();
+            let report = verify(state.path()).await.unwrap();
             assert_eq!(report, VerifyReport { checked: 128 * (round + 1), problem: None });
         }
         let outcomes = query(state.pool(), &Filter { limit: 1000, ..Filter::default() }).await.unwrap();
