@@ -61,6 +61,22 @@ async fn client(url: &str, key: &str) -> RunningService<RoleClient, ClientConfig
     info.serve(transport).await.expect("MCP initialize over HTTP")
 }
 
+/// Starts a server that logs `url=<its address>` on stderr; returns it and that URL.
+async fn start(cmd: &mut tokio::process::Command) -> (tokio::process::Child, String) {
+    use std::process::Stdio;
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().expect("the server exited before listening");
+        if let Some(rest) = line.split("url=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url)
+}
+
 fn rss_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -97,25 +113,16 @@ async fn run() {
         let mut words = profiler.split_whitespace();
         let mut wrapped = tokio::process::Command::new(words.next().expect("a profiler command"));
         wrapped.args(words).arg(MOAT).args(["serve", "--http", "127.0.0.1:0"]).env("HOME", home.path());
-        wrapped.env_remove("XDG_STATE_HOME").env_remove("XDG_CONFIG_HOME").env_remove("MOAT_API_KEY").kill_on_drop(true);
+        wrapped
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("MOAT_API_KEY")
+            .kill_on_drop(true);
         serve = wrapped;
     }
-    let mut server = serve
-        .env("MOAT_LOG", "warn,moat_gateway::serve=info,moat_gateway::mcp::http=info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut server, url) =
+        start(serve.env("MOAT_LOG", "warn,moat_gateway::serve=info,moat_gateway::mcp::http=info")).await;
     let pid = server.id().unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next_line().await.unwrap().expect("moat exited before listening");
-        if let Some(rest) = line.split("url=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let moat_run = drive(&url, &keys, pid, ["whoami", "vm_list"], seconds).await;
     // SAFETY: kill(2) on the server this bench started.
@@ -124,22 +131,9 @@ async fn run() {
 
     // The peer, in the same run: the plainest rmcp server over the same transport and session
     // manager, with the same sessions calling its one tool twice per round.
-    let mut bare = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .arg("--bare-http")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut bare_cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+    let (mut bare, bare_url) = start(bare_cmd.arg("--bare-http")).await;
     let bare_pid = bare.id().unwrap();
-    let mut bare_lines = BufReader::new(bare.stderr.take().unwrap()).lines();
-    let bare_url = loop {
-        let line = bare_lines.next_line().await.unwrap().expect("the bare server exited before listening");
-        if let Some(rest) = line.split("url=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
     let bare_run = drive(&bare_url, &keys, bare_pid, ["whoami", "whoami"], seconds).await;
     bare.kill().await.unwrap();
 
