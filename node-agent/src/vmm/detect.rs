@@ -24,7 +24,7 @@ impl VsockMode {
     /// container may see the node without the right to use it), else the hybrid daemon if
     /// installed.
     pub fn detect(daemon: &str) -> VsockMode {
-        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-vsock").is_ok() {
+        if kernel_vsock_opens() {
             return VsockMode::Kernel;
         }
         match which(daemon) {
@@ -34,6 +34,13 @@ impl VsockMode {
             )),
         }
     }
+}
+
+/// Whether /dev/vhost-vsock is the kernel's character device and opens read-write here.
+pub fn kernel_vsock_opens() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata("/dev/vhost-vsock").is_ok_and(|m| m.file_type().is_char_device())
+        && std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-vsock").is_ok()
 }
 
 /// The VMM this node runs VMs with, or why it has none.
