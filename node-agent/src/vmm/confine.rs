@@ -518,6 +518,27 @@ mod tests {
         }
     }
 
+    /// A fake unified (v2) tree: the controllers are enabled for moat's children, and a VM's
+    /// cgroup gets memory.max (no swap), cpu.max and pids.max.
+    #[test]
+    fn v2_cgroups_are_made_with_limits() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("cgroup.controllers"), "cpuset cpu io memory hugetlb pids rdma\n").unwrap();
+        let cgroups = detect_cgroups(tmp.path()).unwrap();
+        assert_eq!(cgroups, Cgroups::V2(tmp.path().join("moat")));
+        let enabled = std::fs::read_to_string(tmp.path().join("moat/cgroup.subtree_control")).unwrap();
+        assert_eq!(enabled, "+memory +cpu +pids");
+        std::fs::create_dir(tmp.path().join("moat/vm-abc-7")).unwrap();
+        std::fs::write(tmp.path().join("moat/vm-abc-7/memory.swap.max"), "max").unwrap();
+        let procs = cgroups.create("vm-abc-7", Limits::for_vm(&config(3, 1024))).unwrap();
+        assert_eq!(procs, [tmp.path().join("moat/vm-abc-7/cgroup.procs")]);
+        let read = |f: &str| std::fs::read_to_string(tmp.path().join("moat/vm-abc-7").join(f)).unwrap();
+        assert_eq!(read("memory.max"), ((1024 + MEMORY_OVERHEAD_MIB) << 20).to_string());
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("cpu.max"), "400000 100000");
+        assert_eq!(read("pids.max"), PIDS_MAX.to_string());
+    }
+
     #[test]
     fn a_host_without_controllers_says_which() {
         let tmp = tempfile::tempdir().unwrap();
