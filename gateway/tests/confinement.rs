@@ -140,6 +140,23 @@ async fn vm_processes_are_confined() {
     let (ok, _) = as_uid(uid_a as u32, &format!("ls /proc/{}/fd", a.qemu));
     assert!(ok, "the control: a's uid does reach its own QEMU's descriptors");
 
+    // What VM a's processes can do to their own jail/ (from inside it, as they run): put a link
+    // to a host file in place of the console. The node (root) reads the console for vm_logs and
+    // must not follow it.
+    let secret = tmp.path().join("host-secret");
+    std::fs::write(&secret, "the host's secret\n").unwrap();
+    let swap = format!(
+        "cd {} && exec setpriv --reuid={uid_a} --regid={uid_a} --clear-groups sh -c 'mv console.log console.real && ln -s {} console.log'",
+        a.dir.join("jail").display(),
+        secret.display()
+    );
+    let swapped = std::process::Command::new("sh").args(["-c", &swap]).output().unwrap();
+    assert!(swapped.status.success(), "{}", String::from_utf8_lossy(&swapped.stderr));
+    let logs = common::call(&alice, "vm_logs", json!({"vm": "a"})).await;
+    let said = format!("{logs:?}");
+    assert!(!said.contains("the host's secret"), "the node read a host file through the VM's link: {said}");
+    assert!(said.contains("is a symbolic link, not a regular file; not followed"), "{said}");
+
     // What the tools say: every protection on, for the node and for the running VM.
     let inspect = call_ok(&alice, "vm_inspect", json!({"vm": "a"})).await;
     let on: Vec<(&str, bool)> = inspect["vm"]["protections"]

@@ -29,7 +29,7 @@ const NODE: &[&[&str]] = &[
     &["vm"],
     &["vmm", "probe"],
     &["dir", "vsock", "kvm", "tls"],
-    &["cmd", "errors"],
+    &["cmd", "errors", "nofollow"],
 ];
 
 /// Items the node agent's crate root re-exports, and the module each comes from.

@@ -196,11 +196,15 @@ impl VmDir {
     /// the only output that can be lost.
     pub fn rotate_console(&self) -> std::io::Result<bool> {
         let path = self.console_log();
-        let Ok(meta) = std::fs::metadata(&path) else { return Ok(false) };
+        let mut file = match crate::nofollow::open_own(&path, true) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
         if meta.len() <= CONSOLE_CAP {
             return Ok(false);
         }
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
         let mut bytes = Vec::with_capacity(meta.len() as usize);
         file.read_to_end(&mut bytes)?;
         write_atomic(&self.console_prev(), &bytes)?;
@@ -210,7 +214,7 @@ impl VmDir {
 }
 
 fn tail_of(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let mut file = match std::fs::File::open(path) {
+    let mut file = match crate::nofollow::open_own(path, false) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
@@ -233,10 +237,18 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// Write-then-rename, so a crash leaves either the old file or the new one, never half.
+/// Write-then-rename, so a crash leaves either the old file or the new one, never half. The
+/// temporary file is made fresh (O_EXCL after removing a leftover), never through a link.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_data()?;
     std::fs::rename(&tmp, path)
@@ -264,6 +276,36 @@ mod tests {
         assert_eq!(all.len(), big.len() + 27);
         assert!(!truncated);
         assert!(!dir.rotate_console().unwrap(), "under the cap nothing rotates");
+    }
+
+    /// What the VM's uid can leave in `jail/` in place of its console or sockets: links to files
+    /// or sockets elsewhere. The node reads, rotates and connects to none of them.
+    #[tokio::test]
+    async fn links_in_the_jail_are_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(tmp.path(), "vm1");
+        std::fs::create_dir_all(dir.jail()).unwrap();
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, vec![b's'; CONSOLE_CAP as usize + 1]).unwrap();
+        std::os::unix::fs::symlink(&secret, dir.console_log()).unwrap();
+        assert!(dir.console_tail(64).is_err(), "the console tail does not read through a link");
+        assert!(dir.rotate_console().is_err());
+        std::os::unix::fs::symlink(&secret, dir.jail().join("console.1.tmp")).unwrap();
+        std::fs::remove_file(dir.console_log()).unwrap();
+        std::fs::write(dir.console_log(), vec![b'c'; CONSOLE_CAP as usize + 1]).unwrap();
+        assert!(dir.rotate_console().unwrap(), "a real console rotates");
+        assert_eq!(std::fs::metadata(&secret).unwrap().len(), CONSOLE_CAP + 1, "the linked file is untouched");
+        assert!(!std::fs::symlink_metadata(dir.jail().join("console.1.tmp")).is_ok_and(|m| m.is_symlink()));
+
+        let elsewhere = tmp.path().join("other.sock");
+        let listener = tokio::net::UnixListener::bind(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.qmp_socket()).unwrap();
+        let refused = crate::nofollow::connect_own(&dir.qmp_socket()).await.unwrap_err();
+        assert!(refused.to_string().contains("is not a socket"), "{refused}");
+        std::fs::remove_file(dir.qmp_socket()).unwrap();
+        let _own = tokio::net::UnixListener::bind(dir.qmp_socket()).unwrap();
+        crate::nofollow::connect_own(&dir.qmp_socket()).await.expect("the VM's own socket connects");
+        drop(listener);
     }
 
     #[test]

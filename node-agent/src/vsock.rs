@@ -39,7 +39,7 @@ pub enum VsockError {
 
 /// One attempt: connect and handshake, or say why not.
 async fn attempt(socket: &Path, port: u32) -> Result<UnixStream, String> {
-    let mut stream = UnixStream::connect(socket).await.map_err(|e| format!("connect: {e}"))?;
+    let mut stream = crate::nofollow::connect_own(socket).await.map_err(|e| format!("connect: {e}"))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| format!("write: {e}"))?;
     let mut reply = Vec::with_capacity(16);
     let mut byte = [0u8; 1];

@@ -5,7 +5,7 @@ use crate::dir::VmDir;
 
 /// Console output of the current boot (from `start` bytes in), bounded.
 fn console_since(dir: &VmDir, start: u64) -> String {
-    let Ok(len) = std::fs::metadata(dir.console_log()).map(|m| m.len()) else { return String::new() };
+    let Ok(len) = std::fs::symlink_metadata(dir.console_log()).map(|m| m.len()) else { return String::new() };
     // Rotation may have shortened the file; then all of it belongs to this boot.
     let from = if start <= len { start } else { 0 };
     dir.console_tail((len - from).min(256 * 1024)).map(|(text, _)| text).unwrap_or_default()

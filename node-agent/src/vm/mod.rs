@@ -488,7 +488,7 @@ impl VmManager {
             other => return Err(VmError::WrongState { id: id.into(), state: other.as_str(), action: "start" }),
         }
         let vmm = self.vmm()?;
-        let console_start = std::fs::metadata(vm.dir.console_log()).map(|m| m.len()).unwrap_or(0);
+        let console_start = std::fs::symlink_metadata(vm.dir.console_log()).map(|m| m.len()).unwrap_or(0);
         vm.set_status(VmStatus {
             state: VmState::Starting,
             reason: String::new(),

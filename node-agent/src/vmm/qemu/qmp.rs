@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -43,8 +42,9 @@ pub async fn execute(socket: &Path, command: &str, arguments: Option<Value>) -> 
 
 async fn exchange(socket: &Path, path: &str, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
     let io = |source| QmpError::Io { path: path.to_string(), source };
-    let stream =
-        UnixStream::connect(socket).await.map_err(|source| QmpError::Connect { path: path.to_string(), source })?;
+    let stream = crate::nofollow::connect_own(socket)
+        .await
+        .map_err(|source| QmpError::Connect { path: path.to_string(), source })?;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     // The greeting: {"QMP": {...}}.
