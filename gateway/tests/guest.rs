@@ -261,6 +261,27 @@ impl Rig {
         guest_ok(&self.alice, "vm_exec", json!({"vm": "box", "argv": ["true"]})).await;
     }
 
+    /// Quotas hold under concurrency through the real parts: alice's `box` holds 256 MiB of her
+    /// 16,384 MiB; two 8,100 MiB VMs asked for at once fit one at a time, so exactly one is made
+    /// and the other is refused by the quota, whichever comes second.
+    async fn concurrent_creates_at_the_quota(&self) {
+        let args = |name: &str| json!({"name": name, "vcpus": 1, "memory_mib": 8100, "start": false});
+        let (one, two) =
+            tokio::join!(call(&self.alice, "vm_create", args("q1")), call(&self.alice, "vm_create", args("q2")));
+        let mut made = Vec::new();
+        let mut refused = Vec::new();
+        for result in [one.unwrap(), two.unwrap()] {
+            if result.is_error == Some(true) {
+                refused.push(format!("{:?}", result.content));
+            } else {
+                made.push(result.structured_content.unwrap()["vm"]["name"].as_str().unwrap().to_string());
+            }
+        }
+        assert_eq!((made.len(), refused.len()), (1, 1), "made {made:?}, refused {refused:?}");
+        assert!(refused[0].contains("quota: memory (MiB) would be 16456 of your 16384 (role agent)"), "{refused:?}");
+        guest_ok(&self.alice, "vm_delete", json!({"vm": made[0]})).await;
+    }
+
     /// A background process outlives the client that started it.
     async fn a_background_process_outlives_its_client(&mut self) {
         let args = json!({"vm": "box", "command": "echo begun; sleep 1; echo done"});
@@ -392,6 +413,7 @@ async fn guest_exec_and_files_through_the_gateway() {
     rig.the_rest_of_the_guest_tools().await;
     rig.bad_input_and_other_owners().await;
     rig.the_in_flight_cap_holds().await;
+    rig.concurrent_creates_at_the_quota().await;
     rig.a_background_process_outlives_its_client().await;
     rig.cancelling_kills_the_process_group().await;
     rig.a_killed_agent_comes_back().await;
