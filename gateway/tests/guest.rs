@@ -56,10 +56,11 @@ async fn guest_ok<H: rmcp::ClientHandler>(client: &RunningService<RoleClient, H>
 }
 
 struct Rig {
+    /// First, so it drops first: its reaper finds the VMs' directories before `tmp` goes.
+    n1: Node,
     home: Home,
     tmp: tempfile::TempDir,
     images: PathBuf,
-    n1: Node,
     moat: HttpMoat,
     alice_key: String,
     alice: RunningService<RoleClient, Progress>,

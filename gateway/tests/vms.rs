@@ -23,9 +23,10 @@ type Client = RunningService<RoleClient, ()>;
 /// A gateway over HTTP with node n1 (mTLS, QEMU TCG, the base image), and three callers:
 /// alice and bob (agents) and an admin.
 struct Rig {
+    /// First, so it drops first: its reaper finds the VMs' directories before `_tmp` goes.
+    n1: Node,
     home: Home,
     _tmp: tempfile::TempDir,
-    n1: Node,
     moat: HttpMoat,
     alice_key: String,
     alice: Client,
