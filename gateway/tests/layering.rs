@@ -27,7 +27,8 @@ const NODE: &[&[&str]] = &[
     &["server", "testing"],
     &["api"],
     &["vm"],
-    &["vmm", "probe"],
+    &["vmm", "storage"],
+    &["probe"],
     &["dir", "vsock", "kvm", "tls"],
     &["cmd", "errors", "nofollow"],
 ];

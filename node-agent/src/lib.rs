@@ -20,6 +20,7 @@ pub mod kvm;
 pub mod nofollow;
 pub mod probe;
 pub mod server;
+pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

@@ -168,6 +168,11 @@ fn statfs(root: &Path) -> Result<Storage, ProbeError> {
     })
 }
 
+/// The filesystem `path` is on ("btrfs", "ext4", ...), if statfs answers.
+pub fn filesystem_of(path: &Path) -> Option<String> {
+    statfs(path).ok().map(|s| s.filesystem)
+}
+
 /// Names the filesystem magic numbers moat cares about (linux/magic.h).
 fn fs_name(magic: i64) -> &'static str {
     match magic {
