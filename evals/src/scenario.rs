@@ -53,7 +53,11 @@ pub async fn run(moat: &Path, scenario: &Scenario) -> anyhow::Result<Vec<Result<
     let home = tempfile::tempdir()?;
     #[allow(clippy::disallowed_methods)] // starts the gateway under evaluation
     let mut cmd = tokio::process::Command::new(moat);
-    cmd.arg("serve").env("HOME", home.path()).env_remove("XDG_STATE_HOME").env_remove("XDG_CONFIG_HOME");
+    cmd.arg("serve")
+        .env("HOME", home.path())
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME");
     let client = ().serve(TokioChildProcess::new(cmd)?).await?;
     let mut outcomes = Vec::new();
     for step in &scenario.steps {

@@ -59,6 +59,13 @@ pub struct Quotas {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub workspaces: u32,
+    /// Total GiB of one's workspaces; limits files written before workspaces had sizes get 1024.
+    #[serde(default = "default_workspace_gib")]
+    pub workspace_gib: u64,
+}
+
+fn default_workspace_gib() -> u64 {
+    1024
 }
 
 /// The settled configuration a gateway runs with.
@@ -80,6 +87,8 @@ pub struct Config {
     pub prompts_dir: Option<PathBuf>,
     pub node_name: String,
     pub node_storage_root: PathBuf,
+    /// The embedded node's disk images and workspaces (btrfs for constant-time workspaces).
+    pub node_storage: PathBuf,
     /// Cedar schema, policies and limits; the built-in set unless a directory is configured.
     pub policies: PolicySource,
     pub durability: Durability,
@@ -149,6 +158,7 @@ struct FileConfig {
 struct FileNode {
     name: Option<String>,
     storage_root: Option<PathBuf>,
+    storage: Option<PathBuf>,
 }
 
 /// Values given by flag or `MOAT_*` environment variable; each beats the file.
@@ -164,6 +174,10 @@ pub struct Overrides {
     /// [default: <state dir>/audit.key, made 0600 on first serve]
     #[arg(long, env = "MOAT_AUDIT_KEY", global = true)]
     pub audit_key: Option<PathBuf>,
+    /// The embedded node's disk images and workspaces; on btrfs (and as root) workspaces are
+    /// snapshots made in constant time [default: $XDG_DATA_HOME/moat/storage]
+    #[arg(long, env = "MOAT_NODE_STORAGE", global = true)]
+    pub node_storage: Option<PathBuf>,
 }
 
 /// Settings only `moat serve` takes.
@@ -245,6 +259,10 @@ pub fn load(
         (None, None) => Role::ClusterAdmin,
     };
     let node = file.node.unwrap_or_default();
+    let node_storage = match common.node_storage.clone().or(node.storage) {
+        Some(d) => d,
+        None => xdg("XDG_DATA_HOME", ".local/share")?.join("moat").join("storage"),
+    };
     let node_name = serve.node_name.clone().or(node.name).unwrap_or_else(|| "local".into());
     validate_node_name(&node_name)?;
     let durability = match serve.durability.clone().or(file.durability) {
@@ -283,6 +301,7 @@ pub fn load(
             .clone()
             .or(node.storage_root)
             .unwrap_or_else(|| state_dir.join("node")),
+        node_storage,
         audit_key: common.audit_key.clone().unwrap_or_else(|| state_dir.join("audit.key")),
         state_dir,
         policies,
@@ -349,7 +368,7 @@ mod tests {
             "state_dir = \"/srv/moat\"\nhttp = \"127.0.0.1:9000\"\nmax_body_bytes = 2048\noperator = \"ops\"\n[node]\nname = \"n7\"\n",
         )
         .unwrap();
-        let common = Overrides { config: Some(cfg.clone()), state_dir: None, audit_key: None };
+        let common = Overrides { config: Some(cfg.clone()), state_dir: None, audit_key: None, node_storage: None };
         let c = load(&common, &ServeOverrides::default(), env_of(&[])).unwrap();
         assert!(c.config_file_found);
         assert_eq!(c.state_dir, PathBuf::from("/srv/moat"));
@@ -363,7 +382,8 @@ mod tests {
             operator_role: Some("reader".into()),
             ..Default::default()
         };
-        let common = Overrides { config: Some(cfg), state_dir: Some("/tmp/x".into()), audit_key: None };
+        let common =
+            Overrides { config: Some(cfg), state_dir: Some("/tmp/x".into()), audit_key: None, node_storage: None };
         let c = load(&common, &serve, env_of(&[])).unwrap();
         assert_eq!((c.max_body_bytes, c.node_name.as_str(), c.operator_role), (4096, "n8", Role::Reader));
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
@@ -381,11 +401,16 @@ mod tests {
         ];
         for (text, want) in cases {
             std::fs::write(&cfg, text).unwrap();
-            let common = Overrides { config: Some(cfg.clone()), state_dir: None, audit_key: None };
+            let common = Overrides { config: Some(cfg.clone()), state_dir: None, audit_key: None, node_storage: None };
             let err = load(&common, &ServeOverrides::default(), env_of(&[("HOME", "/tmp")])).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{text}: {err:#}");
         }
-        let missing = Overrides { config: Some(dir.path().join("nope.toml")), state_dir: None, audit_key: None };
+        let missing = Overrides {
+            config: Some(dir.path().join("nope.toml")),
+            state_dir: None,
+            audit_key: None,
+            node_storage: None,
+        };
         let err = load(&missing, &ServeOverrides::default(), env_of(&[])).unwrap_err();
         assert!(format!("{err:#}").contains("cannot read config file"), "{err:#}");
     }

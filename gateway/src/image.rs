@@ -11,6 +11,28 @@ use anyhow::Context;
 const BUILD_SH: &str = include_str!("../../service-vms/base/build.sh");
 const INIT: &str = include_str!("../../service-vms/base/init");
 const MODULES: &str = include_str!("../../service-vms/base/modules");
+const DEBIAN_SH: &str = include_str!("../../service-vms/debian/build.sh");
+
+/// Runs the Debian recipe (`service-vms/debian/build.sh`, embedded) into `out`: debootstrap of
+/// Debian stable (minbase) with python3, git, ca-certificates, iproute2 and `packages`, made
+/// into `out/rootfs.ext4` with `mke2fs -d`. Idempotent: a stamp of the inputs skips the work.
+pub fn build_debian(out: &Path, packages: &[String]) -> anyhow::Result<std::path::PathBuf> {
+    let staged = tempfile::tempdir().context("cannot stage the image recipe")?;
+    let script = staged.path().join("build.sh");
+    std::fs::write(&script, DEBIAN_SH).with_context(|| format!("cannot write {}", script.display()))?;
+    // The operator runs this in the foreground; its output is the progress report.
+    #[allow(clippy::disallowed_methods)]
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(out)
+        .arg(packages.join(","))
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        anyhow::bail!("building the Debian image into {} failed ({status}); the output above says why", out.display());
+    }
+    Ok(out.join("rootfs.ext4"))
+}
 
 /// Runs the recipe (`recipe/build.sh`, or the embedded copy) to build the image into `out`.
 pub fn build(recipe: Option<&Path>, out: &Path, guest: Option<&Path>) -> anyhow::Result<()> {

@@ -62,6 +62,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         moat_node::vmm::confine::DEFAULT_UID_BASE,
     )
     .with_context(|| format!("cannot open the embedded node's VMs in {}", config.node_storage_root.display()))?;
+    let storage = moat_node::storage::Storage::open(&config.node_storage).with_context(|| {
+        format!("cannot open the embedded node's image and workspace storage {}", config.node_storage.display())
+    })?;
+    let vms = vms.with_storage(storage);
     let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone(), vms);
     let node_task = tokio::spawn(moat_node::serve(listener, api, shutdown.clone().cancelled_owned()));
     state.upsert_node(&config.node_name, &format!("unix:{}", socket.display())).await?;

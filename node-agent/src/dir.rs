@@ -56,6 +56,26 @@ pub struct VmConfig {
     pub initrd: PathBuf,
     pub cmdline: String,
     pub created_at: String,
+    /// Disks (virtio-blk, serial `moat<index>`): the root first when the VM boots from one.
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+}
+
+/// One disk of a VM: an image file in the node's storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Where the guest mounts it: [`Disk::ROOT`] for the root disk, else a workspace name
+    /// (at /workspaces/<name>).
+    pub mount: String,
+    /// The workspace it is, or empty for a VM's throw-away root.
+    #[serde(default)]
+    pub workspace: String,
+}
+
+impl Disk {
+    pub const ROOT: &'static str = "/";
 }
 
 /// The one VM state enum, shared with the gateway and the tools.

@@ -46,6 +46,11 @@ struct VmArgs {
     /// Default: STORAGE_ROOT/images.
     #[arg(long, env = "MOAT_NODE_IMAGES")]
     images: Option<PathBuf>,
+    /// Disk images and workspaces. On btrfs, workspaces are snapshots made in constant time
+    /// whatever their size (needs root); elsewhere reflink or full copies (node_inspect says
+    /// which). Default: STORAGE_ROOT/storage.
+    #[arg(long, env = "MOAT_NODE_STORAGE")]
+    storage: Option<PathBuf>,
     /// The QEMU binary: a path, or a name looked up in PATH.
     #[arg(long, env = "MOAT_NODE_QEMU", default_value = "qemu-system-x86_64")]
     qemu: String,
@@ -71,7 +76,7 @@ impl VmArgs {
             _ => None,
         };
         let images = self.images.clone().unwrap_or_else(|| storage_root.join("images"));
-        moat_node::vm::VmManager::for_host(
+        let vms = moat_node::vm::VmManager::for_host(
             name,
             storage_root,
             images,
@@ -80,7 +85,11 @@ impl VmArgs {
             &self.vhost_vsock,
             self.vm_uid_base,
         )
-        .with_context(|| format!("cannot open the VM directory {}", storage_root.join("vms").display()))
+        .with_context(|| format!("cannot open the VM directory {}", storage_root.join("vms").display()))?;
+        let dir = self.storage.clone().unwrap_or_else(|| storage_root.join("storage"));
+        let storage = moat_node::storage::Storage::open(&dir)
+            .with_context(|| format!("cannot open the image and workspace storage {}", dir.display()))?;
+        Ok(vms.with_storage(storage))
     }
 }
 

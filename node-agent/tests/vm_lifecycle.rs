@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use moat_node::testing::{VmReaper, guest_image, images_with_base, until};
-use moat_node::vm::{Runtime, VmManager, VmSettings, VmState, VsockMode};
+use moat_node::vm::{NewVm, Runtime, VmManager, VmSettings, VmState, VsockMode};
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -26,6 +26,7 @@ fn manager(root: &Path) -> VmManager {
             VsockMode::detect("vhost-device-vsock"),
             moat_node::vmm::confine::DEFAULT_UID_BASE,
         ),
+        storage: None,
     })
     .unwrap()
 }
@@ -41,7 +42,7 @@ async fn qemu_vm_lifecycle_crash_and_readoption() {
     let _reaper = VmReaper(tmp.path().to_path_buf());
     let vms = manager(tmp.path());
 
-    let view = vms.create("vm-a1", "alpha", 1, 256, "", true).await.unwrap();
+    let view = vms.create(&NewVm::plain("vm-a1", "alpha", 1, 256, ""), true).await.unwrap();
     assert_eq!(view.status.state, VmState::Running);
     assert_eq!((view.vmm, view.accel), ("qemu", "tcg"));
     let ready = |vms: &VmManager| vms.logs("vm-a1", 0).unwrap().0.contains("moat-init: ready");
@@ -108,7 +109,7 @@ async fn failed_creates_leave_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
     let _reaper = VmReaper(tmp.path().to_path_buf());
     let vms = manager(tmp.path());
-    let err = vms.create("vm-b1", "beta", 1, 256, "nosuch", false).await.unwrap_err().to_string();
+    let err = vms.create(&NewVm::plain("vm-b1", "beta", 1, 256, "nosuch"), false).await.unwrap_err().to_string();
     assert!(err.contains("image `nosuch` is not on node t1") && err.contains("moat image build"), "{err}");
     assert!(!tmp.path().join("vms/vm-b1").exists());
     use std::os::unix::fs::PermissionsExt;
@@ -126,14 +127,15 @@ async fn failed_creates_leave_nothing_behind() {
             VsockMode::detect("vhost-device-vsock"),
             moat_node::vmm::confine::DEFAULT_UID_BASE,
         ),
+        storage: None,
     })
     .unwrap();
-    let err = missing.create("vm-b2", "beta", 1, 256, "", true).await.unwrap_err().to_string();
+    let err = missing.create(&NewVm::plain("vm-b2", "beta", 1, 256, ""), true).await.unwrap_err().to_string();
     assert!(err.starts_with("no VM runtime on node t2") && err.contains("qemu-system-x86"), "{err}");
     assert!(!tmp.path().join("vms/vm-b2").exists());
 
     // QEMU refuses the VM (more memory than it can map): the create rolls back.
-    let err = vms.create("vm-b3", "beta", 1, 1 << 40, "", true).await.unwrap_err().to_string();
+    let err = vms.create(&NewVm::plain("vm-b3", "beta", 1, 1 << 40, ""), true).await.unwrap_err().to_string();
     assert!(err.contains("vm vm-b3"), "{err}");
     assert!(!tmp.path().join("vms/vm-b3").exists(), "a failed start rolls back the create");
     assert!(vms.list().is_empty());
@@ -141,12 +143,15 @@ async fn failed_creates_leave_nothing_behind() {
     // A second manager on the same storage root (another gateway's embedded node) opened first
     // still finds a VM created after it started.
     let other = manager(tmp.path());
-    vms.create("vm-b4", "beta", 1, 256, "", false).await.unwrap();
+    vms.create(&NewVm::plain("vm-b4", "beta", 1, 256, ""), false).await.unwrap();
     assert_eq!(other.get("vm-b4").unwrap().config.name, "beta");
-    let err = vms.create("vm-b4", "beta", 1, 256, "", false).await.unwrap_err().to_string();
+    let err = vms.create(&NewVm::plain("vm-b4", "beta", 1, 256, ""), false).await.unwrap_err().to_string();
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(vms.get("vm-b4").unwrap().status.state, VmState::Stopped);
-    assert!(vms.create("../x", "beta", 1, 256, "", false).await.is_err(), "ids cannot escape the vms directory");
+    assert!(
+        vms.create(&NewVm::plain("../x", "beta", 1, 256, ""), false).await.is_err(),
+        "ids cannot escape the vms directory"
+    );
 }
 
 #[tokio::test]
@@ -159,7 +164,7 @@ async fn a_guest_kernel_panic_is_a_crash_and_stays_readable() {
     std::fs::create_dir_all(&broken).unwrap();
     std::os::unix::fs::symlink(guest_image().canonicalize().unwrap().join("vmlinux"), broken.join("vmlinux")).unwrap();
     std::fs::write(broken.join("initramfs.cpio.gz"), b"not an initramfs").unwrap();
-    vms.create("vm-p1", "panics", 1, 256, "broken", true).await.unwrap();
+    vms.create(&NewVm::plain("vm-p1", "panics", 1, 256, "broken"), true).await.unwrap();
     until("the panic to be recorded", Duration::from_secs(120), async || {
         vms.get("vm-p1").unwrap().status.state == VmState::Crashed
     })
@@ -193,8 +198,8 @@ async fn two_nodes_on_one_host_share_no_uid_or_cid() {
         }
     );
     // The same VM id on both nodes: nothing host-wide may be keyed by it alone.
-    a.create("vm-same", "one", 1, 128, "", true).await.unwrap();
-    b.create("vm-same", "two", 1, 128, "", true).await.unwrap();
+    a.create(&NewVm::plain("vm-same", "one", 1, 128, ""), true).await.unwrap();
+    b.create(&NewVm::plain("vm-same", "two", 1, 128, ""), true).await.unwrap();
     let read = |root: &Path, file: &str| std::fs::read_to_string(root.join("vms/vm-same").join(file)).ok();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {

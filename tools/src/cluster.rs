@@ -198,6 +198,10 @@ pub struct StorageState {
     pub is_btrfs: bool,
     pub total_mib: u64,
     pub available_mib: u64,
+    /// How the node makes workspaces: "snapshot" (btrfs, constant time), "reflink" or "copy".
+    pub workspace_method: Option<String>,
+    /// Why, in words an operator can act on (e.g. put the storage root on btrfs).
+    pub workspace_detail: Option<String>,
 }
 
 pub(crate) fn whoami_spec() -> ToolSpec {

@@ -13,6 +13,7 @@ pub mod guest;
 pub mod names;
 pub mod vm;
 pub mod vm_guest;
+pub mod workspace;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -28,6 +29,11 @@ pub use vm::{
     VmOutput, VmRefInput, VmState, VmStopInput,
 };
 pub use vm_guest::{VmExecIdInput, VmExecInput, VmExecOutputInput, VmFileReadInput, VmFileWriteInput, VmPathInput};
+pub use workspace::{
+    Attachment, DataWorkspace, ImageDeleteOutput, ImageImportInput, ImageInfo, ImageListInput, ImageListOutput,
+    ImageOutput, ImageRefInput, WorkspaceCreateInput, WorkspaceDeleteOutput, WorkspaceForkInput, WorkspaceInfo,
+    WorkspaceListInput, WorkspaceListOutput, WorkspaceOutput, WorkspaceRefInput,
+};
 
 /// A JSON object, as MCP carries tool schemas and arguments.
 pub type JsonObject = Map<String, Value>;
@@ -109,6 +115,15 @@ tool_table! {
     VmFileWrite => "vm_file_write", VmFileWriteInput, vm_guest::spec::<VmFileWriteInput>(ToolName::VmFileWrite, GuestTool::FileWrite);
     VmFileDelete => "vm_file_delete", VmPathInput, vm_guest::spec::<VmPathInput>(ToolName::VmFileDelete, GuestTool::FileDelete);
     VmFileList => "vm_file_list", VmPathInput, vm_guest::spec::<VmPathInput>(ToolName::VmFileList, GuestTool::FileList);
+    ImageList => "image_list", ImageListInput, workspace::image_list_spec();
+    ImageInspect => "image_inspect", ImageRefInput, workspace::image_inspect_spec();
+    ImageImport => "image_import", ImageImportInput, workspace::image_import_spec();
+    ImageDelete => "image_delete", ImageRefInput, workspace::image_delete_spec();
+    WorkspaceCreate => "workspace_create", WorkspaceCreateInput, workspace::workspace_create_spec();
+    WorkspaceFork => "workspace_fork", WorkspaceForkInput, workspace::workspace_fork_spec();
+    WorkspaceList => "workspace_list", WorkspaceListInput, workspace::workspace_list_spec();
+    WorkspaceInspect => "workspace_inspect", WorkspaceRefInput, workspace::workspace_inspect_spec();
+    WorkspaceDelete => "workspace_delete", WorkspaceRefInput, workspace::workspace_delete_spec();
 }
 
 impl ToolName {
@@ -188,6 +203,10 @@ pub enum ResourceKind {
     Node,
     /// One VM, named by the call's `vm` argument (or `name`, when creating it); owned.
     Vm,
+    /// One workspace, named by `workspace` (or `name`, when creating it); owned.
+    Workspace,
+    /// One image on a node; shared, no owner.
+    Image,
 }
 
 impl ResourceKind {
@@ -196,6 +215,8 @@ impl ResourceKind {
             ResourceKind::Cluster => "cluster",
             ResourceKind::Node => "node",
             ResourceKind::Vm => "vm",
+            ResourceKind::Workspace => "workspace",
+            ResourceKind::Image => "image",
         }
     }
 }
@@ -251,6 +272,12 @@ impl ToolCall {
             ToolCall::VmFileRead(input) => Some(&input.vm),
             ToolCall::VmFileWrite(input) => Some(&input.vm),
             ToolCall::VmFileDelete(input) | ToolCall::VmFileList(input) => Some(&input.vm),
+            ToolCall::ImageList(_) | ToolCall::WorkspaceList(_) => None,
+            ToolCall::ImageInspect(input) | ToolCall::ImageDelete(input) => Some(&input.image),
+            ToolCall::ImageImport(input) => Some(&input.name),
+            ToolCall::WorkspaceCreate(input) => Some(&input.name),
+            ToolCall::WorkspaceFork(input) => Some(&input.workspace),
+            ToolCall::WorkspaceInspect(input) | ToolCall::WorkspaceDelete(input) => Some(&input.workspace),
         }
     }
 }

@@ -25,11 +25,21 @@ pub struct VmCreateInput {
     /// Memory in MiB.
     #[schemars(range(min = 64, max = 262144))]
     pub memory_mib: u64,
-    /// Guest image on the node [default: "base", moat's busybox image].
+    /// Image to boot [default: "base", moat's busybox initramfs]. A disk image (e.g. "debian")
+    /// boots from a throw-away copy deleted with the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub image: Option<String>,
-    /// Node to place the VM on [default: the reachable node with the most free memory, then vCPUs].
+    /// Boot from this workspace of yours instead (persistent: what the VM writes stays in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
+    pub workspace: Option<String>,
+    /// More workspaces of yours, mounted in the guest at /workspaces/<name>; at most 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub data_workspaces: Option<Vec<crate::workspace::DataWorkspace>>,
+    /// Node to place the VM on [default: the reachable node with the most free memory, then vCPUs;
+    /// the workspaces' node when it has any].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub node: Option<String>,
@@ -187,6 +197,12 @@ pub struct VmInfo {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub image: String,
+    /// The workspace it boots from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// Workspaces mounted at /workspaces/<name>.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_workspaces: Vec<String>,
     pub labels: BTreeMap<String, String>,
     /// The VMM running it ("qemu") and its acceleration ("kvm" or "tcg").
     pub vmm: Option<String>,

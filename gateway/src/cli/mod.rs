@@ -69,12 +69,24 @@ enum PkiCommand {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Build the default guest image (Debian's kernel, busybox initramfs) into
-    /// <state-dir>/images/base, or --out DIR. Idempotent: an up-to-date image is left alone.
-    /// Needs root, apt-get, busybox-static, cpio and xz-utils.
+    /// Build an image. `base` (the default): Debian's kernel and a busybox initramfs into
+    /// <state-dir>/images/base, or --out DIR; needs apt-get, busybox-static, cpio and xz-utils.
+    /// `debian`: a Debian stable root filesystem (debootstrap minbase with python3, git,
+    /// ca-certificates, iproute2 and --packages) as ext4, built into --out (default
+    /// <state-dir>/images/debian-build) and registered as image --name (default debian) in the
+    /// embedded node's storage; needs debootstrap. Both are idempotent and need root.
     Build {
+        /// base or debian
+        #[arg(default_value = "base", value_parser = ["base", "debian"])]
+        kind: String,
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// debian: more packages to install, comma-separated
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// debian: the name to register the image under
+        #[arg(long, default_value = "debian")]
+        name: String,
         /// A static moat-guest binary to include in the image.
         #[arg(long)]
         guest: Option<std::path::PathBuf>,
@@ -191,7 +203,13 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Policy(PolicyCommand::Validate { dir }) => policy_validate(dir),
         Command::Node(cmd) => node_cmd(&config(&ServeOverrides::default())?, cmd).await,
         Command::Pki(cmd) => pki_cmd(&config(&ServeOverrides::default())?, cmd),
-        Command::Image(ImageCommand::Build { out, guest, recipe }) => {
+        Command::Image(ImageCommand::Build { kind, out, packages, name, .. }) if kind == "debian" => {
+            let config = config(&ServeOverrides::default())?;
+            let out = out.unwrap_or_else(|| config.images_dir().join("debian-build"));
+            let file = crate::image::build_debian(&out, &packages)?;
+            register(&config, &name, &file).await
+        }
+        Command::Image(ImageCommand::Build { out, guest, recipe, .. }) => {
             let out = match out {
                 Some(out) => out,
                 None => config(&ServeOverrides::default())?.images_dir().join("base"),
@@ -199,6 +217,39 @@ pub async fn run() -> anyhow::Result<()> {
             crate::image::build(recipe.as_deref(), &out, guest.as_deref())
         }
     }
+}
+
+/// Registers `file` as disk image `name` in the embedded node's storage, unless the same
+/// content is already there.
+async fn register(config: &Config, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let storage = moat_node::storage::Storage::open(&config.node_storage)
+        .with_context(|| format!("cannot open the node storage {}", config.node_storage.display()))?;
+    if let Ok(have) = storage.image(name) {
+        let sum = {
+            let out = moat_node::cmd::probe_blocking(
+                &["sha256sum", &file.display().to_string()],
+                std::time::Duration::from_secs(600),
+            );
+            out.map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_string())
+        };
+        if sum.as_deref() == Some(have.sha256.as_str()) {
+            println!("image {name} is registered and up to date in {}", config.node_storage.display());
+            return Ok(());
+        }
+        anyhow::bail!(
+            "an image named {name} with other content is registered in {}: delete it (image_delete) or pass --name",
+            config.node_storage.display()
+        );
+    }
+    let image = storage.import_image(name, file).await.map_err(|e| anyhow::anyhow!(moat_node::errors::chain(&e)))?;
+    println!(
+        "registered image {name} ({} MiB, sha256 {}) in {} ({})",
+        image.size_bytes >> 20,
+        image.sha256,
+        config.node_storage.display(),
+        storage.method_detail()
+    );
+    Ok(())
 }
 
 async fn status(config: &Config) -> anyhow::Result<()> {

@@ -52,6 +52,18 @@ impl Gateway {
                     ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
                 })
             }
+            (ResourceKind::Workspace, ToolCall::WorkspaceCreate(_)) => Ok(ResourceRef {
+                kind,
+                id: id.to_string(),
+                owner: Some(ctx.principal.name.clone()),
+                labels: Vec::new(),
+            }),
+            (ResourceKind::Workspace, _) => {
+                resource::workspace_resource_of(&self.server.shared.state, &ctx.principal.name, id).await.map_err(|e| {
+                    tracing::error!(error = %e, "resolving a workspace for authorization failed");
+                    ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
+                })
+            }
             _ => Ok(ResourceRef { kind, id: id.to_string(), owner: None, labels: Vec::new() }),
         }
     }
@@ -112,6 +124,7 @@ impl Gateway {
             let named = call.resource_id().unwrap_or(&resource.id);
             let message = match resource.kind {
                 ResourceKind::Vm => resource::not_found(named),
+                ResourceKind::Workspace => resource::workspace_not_found(named),
                 kind => format!("no {} named `{named}`", kind.as_str()),
             };
             return Ok(Checked::Answered(Ok(CallToolResult::error(vec![ContentBlock::text(message)]))));
@@ -303,10 +316,11 @@ mod tests {
         use crate::store::vms::tests::row;
         let dir = tempfile::tempdir().unwrap();
         let (gateway, state) = gateway(dir.path()).await;
-        let quotas = crate::config::Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 1 };
+        let quotas =
+            crate::config::Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 1, workspace_gib: 8 };
         let room = crate::store::vms::NodeCapacity { cpus: 8, memory_mib: 65536 };
-        state.reserve_vm(&row("vm-a", "web", "alice", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
-        state.reserve_vm(&row("vm-b", "web", "bob", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        state.reserve_vm(&row("vm-a", "web", "alice", "n1", 1, 256), &quotas, "agent", room, true, &[]).await.unwrap();
+        state.reserve_vm(&row("vm-b", "web", "bob", "n1", 1, 256), &quotas, "agent", room, true, &[]).await.unwrap();
         let ctx = alice();
         let request =
             CallToolRequestParams::new("vm_inspect").with_arguments(json!({"vm": "web"}).as_object().cloned().unwrap());

@@ -77,6 +77,31 @@ pub struct NewVm {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub image: String,
+    /// The workspace (id) it boots from.
+    pub root_workspace: Option<String>,
+    /// Workspaces mounted at /workspaces/<name>: (id, name, read-only).
+    pub disks: Vec<(String, String, bool)>,
+}
+
+/// An image as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeImage {
+    pub name: String,
+    /// "disk" or "initramfs".
+    pub kind: String,
+    pub size_bytes: u64,
+    pub sha256: Option<String>,
+    pub source: Option<String>,
+    pub created_at: Option<String>,
+}
+
+/// A workspace as its node reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeWorkspace {
+    pub id: String,
+    pub size_bytes: u64,
+    pub method: String,
+    pub exclusive_bytes: Option<u64>,
 }
 
 /// Calls to one node. Cheap to clone: the channel is shared and cached by the connector.
@@ -112,10 +137,76 @@ impl NodeClient {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             image: vm.image.clone(),
+            root_workspace: vm.root_workspace.clone().unwrap_or_default(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|(id, name, read_only)| pb::DiskAttach {
+                    workspace_id: id.clone(),
+                    name: name.clone(),
+                    read_only: *read_only,
+                })
+                .collect(),
         };
         let answer =
             self.inner.clone().create_vm(request(pb::CreateVmRequest { spec: Some(spec), start }, deadline)).await;
         Ok(trans::vm_report(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<NodeImage>, NodeError> {
+        let answer = self.inner.clone().list_images(request(pb::ListImagesRequest {}, CALL_TIMEOUT)).await;
+        Ok(answer.map_err(self.failed())?.into_inner().images.into_iter().map(trans::image).collect())
+    }
+
+    pub async fn import_image(&self, name: &str, source: &str, deadline: Duration) -> Result<NodeImage, NodeError> {
+        let message = pb::ImportImageRequest { name: name.into(), source: source.into() };
+        let answer = self.inner.clone().import_image(request(message, deadline)).await;
+        Ok(trans::image(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<(), NodeError> {
+        let answer = self.inner.clone().delete_image(request(pb::ImageRef { name: name.into() }, CALL_TIMEOUT)).await;
+        answer.map(|_| ()).map_err(self.failed())
+    }
+
+    pub async fn create_workspace(
+        &self,
+        id: &str,
+        name: &str,
+        image: &str,
+        size_gib: Option<u64>,
+        deadline: Duration,
+    ) -> Result<NodeWorkspace, NodeError> {
+        let message = pb::CreateWorkspaceRequest {
+            id: id.into(),
+            name: name.into(),
+            image: image.into(),
+            size_gib: size_gib.unwrap_or(0),
+        };
+        let answer = self.inner.clone().create_workspace(request(message, deadline)).await;
+        Ok(trans::workspace(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn fork_workspace(
+        &self,
+        from: &str,
+        id: &str,
+        name: &str,
+        deadline: Duration,
+    ) -> Result<NodeWorkspace, NodeError> {
+        let message = pb::ForkWorkspaceRequest { from: from.into(), id: id.into(), name: name.into() };
+        let answer = self.inner.clone().fork_workspace(request(message, deadline)).await;
+        Ok(trans::workspace(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn get_workspace(&self, id: &str) -> Result<NodeWorkspace, NodeError> {
+        let answer = self.inner.clone().get_workspace(request(pb::WorkspaceRef { id: id.into() }, CALL_TIMEOUT)).await;
+        Ok(trans::workspace(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    pub async fn delete_workspace(&self, id: &str, deadline: Duration) -> Result<(), NodeError> {
+        let answer = self.inner.clone().delete_workspace(request(pb::WorkspaceRef { id: id.into() }, deadline)).await;
+        answer.map(|_| ()).map_err(self.failed())
     }
 
     pub async fn start_vm(&self, id: &str, deadline: Duration) -> Result<VmReport, NodeError> {

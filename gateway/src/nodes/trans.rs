@@ -4,6 +4,7 @@
 use moat_proto::node::v1 as pb;
 use moat_tools::{AgentInfo, KvmState, NodeDetail, Protection, StorageState, VmState, VmmState};
 
+use super::client::{NodeImage, NodeWorkspace};
 use crate::store::vms::VmReport;
 
 const MIB: u64 = 1024 * 1024;
@@ -39,6 +40,8 @@ pub fn node_detail(name: &str, address: &str, info: pb::NodeInfo, last_seen: Str
             is_btrfs: s.is_btrfs,
             total_mib: s.total_bytes / MIB,
             available_mib: s.available_bytes / MIB,
+            workspace_method: (!info.storage_method.is_empty()).then(|| info.storage_method.clone()),
+            workspace_detail: (!info.storage_detail.is_empty()).then(|| info.storage_detail.clone()),
         }),
         runtime: (!info.runtime.is_empty()).then_some(info.runtime),
         accel: (!info.accel.is_empty()).then_some(info.accel),
@@ -112,4 +115,20 @@ mod tests {
     fn node_side(state: VmState) -> pb::VmState {
         pb::VmState::from_str_name(&format!("VM_STATE_{}", state.as_str().to_uppercase())).unwrap()
     }
+}
+
+pub fn image(image: pb::Image) -> NodeImage {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    NodeImage {
+        name: image.name,
+        kind: image.kind,
+        size_bytes: image.size_bytes,
+        sha256: some(image.sha256),
+        source: some(image.source),
+        created_at: some(image.created_at),
+    }
+}
+
+pub fn workspace(ws: pb::Workspace) -> NodeWorkspace {
+    NodeWorkspace { id: ws.id, size_bytes: ws.size_bytes, method: ws.method, exclusive_bytes: ws.exclusive_bytes }
 }

@@ -6,6 +6,7 @@
 use moat_tools::{ResourceKind, ToolCall};
 
 use crate::store::vms::VmRow;
+use crate::store::workspaces::WorkspaceRow;
 use crate::store::{State, StateError};
 
 /// What a call acts on, as the authorizer sees it.
@@ -84,6 +85,51 @@ pub fn vm_resource(row: &VmRow) -> ResourceRef {
     }
 }
 
+pub fn workspace_resource(row: &WorkspaceRow) -> ResourceRef {
+    ResourceRef {
+        kind: ResourceKind::Workspace,
+        id: row.id.clone(),
+        owner: Some(row.owner.clone()),
+        labels: Vec::new(),
+    }
+}
+
+/// The answer for a workspace that does not exist, and for one the caller may not see.
+pub fn workspace_not_found(arg: &str) -> String {
+    format!("no workspace named `{arg}`; workspace_list shows your workspaces")
+}
+
+/// Resolves a `workspace` argument as a `vm` one resolves: an id, else a name among the caller's
+/// own workspaces, else a name held by exactly one.
+pub async fn workspace_row(state: &State, caller: &str, arg: &str) -> Result<WorkspaceRow, LookupError> {
+    let (mut by_id, mut named): (Vec<WorkspaceRow>, Vec<WorkspaceRow>) =
+        state.workspaces_by_id_or_name(arg, caller).await?.into_iter().partition(|row| row.id == arg);
+    if let Some(row) = by_id.pop() {
+        return Ok(row);
+    }
+    named.retain(|row| row.name == arg);
+    match named.len() {
+        0 => Err(LookupError::Missing(workspace_not_found(arg))),
+        _ if named[0].owner == caller => Ok(named.swap_remove(0)),
+        1 => Ok(named.swap_remove(0)),
+        _ => Err(LookupError::Ambiguous(format!(
+            "several workspaces are named `{arg}` (ids {}); pass the id",
+            named.into_iter().map(|r| r.id).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// The authorizer's view of the workspace a call names (unknown: no owner).
+pub async fn workspace_resource_of(state: &State, caller: &str, arg: &str) -> Result<ResourceRef, StateError> {
+    match workspace_row(state, caller, arg).await {
+        Ok(row) => Ok(workspace_resource(&row)),
+        Err(LookupError::Store(e)) => Err(e),
+        Err(_) => {
+            Ok(ResourceRef { kind: ResourceKind::Workspace, id: arg.to_string(), owner: None, labels: Vec::new() })
+        }
+    }
+}
+
 /// The answer for a VM that does not exist, and for one the caller may not see.
 pub fn not_found(arg: &str) -> String {
     format!("no vm named `{arg}`; vm_list shows your VMs")
@@ -123,10 +169,16 @@ mod tests {
         use crate::store::vms::tests::row;
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("moat.db")).await.unwrap();
-        let quotas = crate::security::limits::Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 1 };
+        let quotas = crate::security::limits::Quotas {
+            running_vms: 9,
+            vcpus: 9,
+            memory_mib: 9999,
+            workspaces: 1,
+            workspace_gib: 8,
+        };
         let room = crate::store::vms::NodeCapacity { cpus: 8, memory_mib: 65536 };
-        state.reserve_vm(&row("vm-a", "web", "alice", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
-        state.reserve_vm(&row("vm-b", "web", "bob", "n1", 1, 256), &quotas, "agent", room, true).await.unwrap();
+        state.reserve_vm(&row("vm-a", "web", "alice", "n1", 1, 256), &quotas, "agent", room, true, &[]).await.unwrap();
+        state.reserve_vm(&row("vm-b", "web", "bob", "n1", 1, 256), &quotas, "agent", room, true, &[]).await.unwrap();
         let Resolved::One(judged) = resolve(&state, "alice", "web").await.unwrap() else { panic!("alice's web") };
         assert_eq!(judged.id, "vm-a");
         assert_eq!(vm_row(&state, "alice", Some(&judged.id), "web").await.unwrap().id, "vm-a");

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod keys;
 pub mod vms;
+pub mod workspaces;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -85,6 +85,13 @@ pub enum Refusal {
     Quota { what: &'static str, would: u64, quota: u64, role: String },
     #[error("node {node} has no room: {detail}")]
     NoRoom { node: String, detail: String },
+    #[error("you already have a workspace named `{0}`; pick another name or delete it first")]
+    WorkspaceNameTaken(String),
+    #[error(
+        "workspace `{workspace}` is attached {how} to vm {vm}; a workspace is read-write in one VM at a time \
+         (or read-only in any number): delete that VM, or attach it read_only"
+    )]
+    WorkspaceInUse { workspace: String, vm: String, how: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +118,7 @@ impl State {
         role: &str,
         capacity: NodeCapacity,
         start: bool,
+        disks: &[super::workspaces::DiskRow],
     ) -> Result<(), ReserveError> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let taken: Option<String> = sqlx::query_scalar("SELECT id FROM vms WHERE owner = ? AND name = ?")
@@ -188,6 +196,7 @@ impl State {
         .bind(&row.updated_at)
         .execute(&mut *tx)
         .await?;
+        super::workspaces::attach(&mut tx, &row.id, disks).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -312,7 +321,10 @@ impl State {
     }
 
     pub async fn delete_vm_row(&self, id: &str) -> Result<(), StateError> {
-        sqlx::query("DELETE FROM vms WHERE id = ?").bind(id).execute(self.pool()).await?;
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("DELETE FROM vm_disks WHERE vm_id = ?").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM vms WHERE id = ?").bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -356,7 +368,7 @@ pub(crate) mod tests {
     async fn concurrent_reservations_at_the_quota_limit_admit_exactly_one() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("moat.db")).await.unwrap();
-        let quotas = Quotas { running_vms: 1, vcpus: 8, memory_mib: 8192, workspaces: 1 };
+        let quotas = Quotas { running_vms: 1, vcpus: 8, memory_mib: 8192, workspaces: 1, workspace_gib: 8 };
         let room = NodeCapacity { cpus: 8, memory_mib: 65536 };
         for round in 0..20 {
             let owner = format!("p{round}");
@@ -365,8 +377,8 @@ pub(crate) mod tests {
                 row(&format!("b{round}"), "b", &owner, "n1", 1, 64),
             );
             let (first, second) = tokio::join!(
-                state.reserve_vm(&a, &quotas, "agent", room, true),
-                state.reserve_vm(&b, &quotas, "agent", room, true),
+                state.reserve_vm(&a, &quotas, "agent", room, true, &[]),
+                state.reserve_vm(&b, &quotas, "agent", room, true, &[]),
             );
             let won = [&first, &second].iter().filter(|r| r.is_ok()).count();
             assert_eq!(won, 1, "round {round}: {first:?} {second:?}");
@@ -386,27 +398,27 @@ pub(crate) mod tests {
     async fn reservations_enforce_names_quotas_and_capacity() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("moat.db")).await.unwrap();
-        let quotas = Quotas { running_vms: 2, vcpus: 4, memory_mib: 4096, workspaces: 1 };
+        let quotas = Quotas { running_vms: 2, vcpus: 4, memory_mib: 4096, workspaces: 1, workspace_gib: 8 };
         let big = NodeCapacity { cpus: 8, memory_mib: 65536 };
-        state.reserve_vm(&row("a", "web", "alice", "n1", 2, 1024), &quotas, "agent", big, true).await.unwrap();
-        let err = state.reserve_vm(&row("b", "web", "alice", "n1", 1, 64), &quotas, "agent", big, true).await;
+        state.reserve_vm(&row("a", "web", "alice", "n1", 2, 1024), &quotas, "agent", big, true, &[]).await.unwrap();
+        let err = state.reserve_vm(&row("b", "web", "alice", "n1", 1, 64), &quotas, "agent", big, true, &[]).await;
         assert!(matches!(err, Err(ReserveError::Refused(Refusal::NameTaken(_)))), "{err:?}");
         // Names are per owner.
-        state.reserve_vm(&row("c", "web", "bob", "n1", 1, 64), &quotas, "agent", big, true).await.unwrap();
-        let err = state.reserve_vm(&row("d", "db", "alice", "n1", 3, 64), &quotas, "agent", big, true).await;
+        state.reserve_vm(&row("c", "web", "bob", "n1", 1, 64), &quotas, "agent", big, true, &[]).await.unwrap();
+        let err = state.reserve_vm(&row("d", "db", "alice", "n1", 3, 64), &quotas, "agent", big, true, &[]).await;
         let msg = err.unwrap_err().to_string();
         assert!(msg.contains("vCPUs would be 5 of your 4 (role agent)"), "{msg}");
-        state.reserve_vm(&row("e", "db", "alice", "n1", 1, 64), &quotas, "agent", big, true).await.unwrap();
+        state.reserve_vm(&row("e", "db", "alice", "n1", 1, 64), &quotas, "agent", big, true, &[]).await.unwrap();
         let msg = state
-            .reserve_vm(&row("f", "q", "alice", "n1", 1, 64), &quotas, "agent", big, true)
+            .reserve_vm(&row("f", "q", "alice", "n1", 1, 64), &quotas, "agent", big, true, &[])
             .await
             .unwrap_err()
             .to_string();
         assert!(msg.contains("running VMs would be 3 of your 2"), "{msg}");
-        state.reserve_vm(&row("f", "q", "alice", "n1", 1, 64), &quotas, "agent", big, false).await.unwrap();
+        state.reserve_vm(&row("f", "q", "alice", "n1", 1, 64), &quotas, "agent", big, false, &[]).await.unwrap();
         let small = NodeCapacity { cpus: 1, memory_mib: 1300 };
         let msg = state
-            .reserve_vm(&row("g", "x", "carol", "n1", 1, 128), &quotas, "agent", small, false)
+            .reserve_vm(&row("g", "x", "carol", "n1", 1, 128), &quotas, "agent", small, false, &[])
             .await
             .unwrap_err()
             .to_string();

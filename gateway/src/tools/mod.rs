@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod guest;
 pub mod placement;
 pub mod vms;
+pub mod workspaces;
 
 use std::time::Duration;
 
@@ -102,6 +103,15 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::VmFileWrite(input) => in_guest(shared, ctx, GuestTool::FileWrite, input, GUEST_CALL).await,
         ToolCall::VmFileDelete(input) => in_guest(shared, ctx, GuestTool::FileDelete, input, GUEST_CALL).await,
         ToolCall::VmFileList(input) => in_guest(shared, ctx, GuestTool::FileList, input, GUEST_CALL).await,
+        ToolCall::ImageList(input) => workspaces::image_list(shared, ctx, input).await,
+        ToolCall::ImageInspect(input) => workspaces::image_inspect(shared, ctx, input).await,
+        ToolCall::ImageImport(input) => workspaces::image_import(shared, ctx, input).await,
+        ToolCall::ImageDelete(input) => workspaces::image_delete(shared, ctx, input).await,
+        ToolCall::WorkspaceCreate(input) => workspaces::create(shared, ctx, input).await,
+        ToolCall::WorkspaceFork(input) => workspaces::fork(shared, ctx, input).await,
+        ToolCall::WorkspaceList(input) => workspaces::list(shared, ctx, input).await,
+        ToolCall::WorkspaceInspect(input) => workspaces::inspect(shared, ctx, &input.workspace).await,
+        ToolCall::WorkspaceDelete(input) => workspaces::delete(shared, ctx, &input.workspace).await,
     }
 }
 

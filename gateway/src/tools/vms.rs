@@ -12,6 +12,7 @@ use moat_tools::{
 use serde_json::Value;
 
 use super::placement::{candidate, choose};
+use super::workspaces::workspace_for;
 use super::{ToolError, to_value};
 use crate::app::{CallContext, Shared};
 use crate::nodes::client::{NewVm, NodeClient, NodeError};
@@ -19,6 +20,7 @@ use crate::nodes::{refresh, refresh_all};
 use crate::security::resource::{vm_resource, vm_row};
 use crate::store::now;
 use crate::store::vms::{NodeCapacity, ReserveError, VmReport, VmRow};
+use crate::store::workspaces::{DiskRow, How, WorkspaceRow};
 
 /// How long a node may take to create and boot a VM (TCG boots are slow under load).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -75,6 +77,8 @@ pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
         vcpus: row.vcpus as u32,
         memory_mib: row.memory_mib as u64,
         image: row.image.clone(),
+        workspace: None,
+        data_workspaces: Vec::new(),
         labels: row.labels(),
         vmm: (!row.vmm.is_empty()).then(|| row.vmm.clone()),
         accel: (!row.accel.is_empty()).then(|| row.accel.clone()),
@@ -89,6 +93,18 @@ pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
     }
 }
 
+/// `info` with the workspaces its VM has as disks.
+async fn with_disks(shared: &Shared, mut info: VmInfo) -> Result<VmInfo, ToolError> {
+    for (id, how, mount) in shared.state.vm_disks(&info.id).await? {
+        if how == How::Root.as_str() {
+            info.workspace = Some(shared.state.workspace_by_id(&id).await?.map(|w| w.name).unwrap_or(id));
+        } else {
+            info.data_workspaces.push(mount);
+        }
+    }
+    Ok(info)
+}
+
 /// A stored VM with what its node just said about the guest agent and its VMM's confinement.
 fn vm_info_live(row: &VmRow, vm: &VmReport) -> VmInfo {
     let mut info = vm_info(row, None);
@@ -97,9 +113,57 @@ fn vm_info_live(row: &VmRow, vm: &VmReport) -> VmInfo {
     info
 }
 
+/// The workspaces a new VM asks for, each one the caller may attach, all on one node.
+async fn disks_for(
+    shared: &Shared,
+    ctx: &CallContext,
+    input: &VmCreateInput,
+) -> Result<(Vec<DiskRow>, Option<WorkspaceRow>, Option<String>), ToolError> {
+    let mut disks = Vec::new();
+    let mut node: Option<String> = None;
+    let mut on_node = |row: &WorkspaceRow| -> Result<(), ToolError> {
+        match &node {
+            Some(n) if *n != row.node => Err(ToolError::Invalid(format!(
+                "workspaces of one VM must be on one node: `{}` is on {}, another on {n}",
+                row.name, row.node
+            ))),
+            _ => {
+                node = Some(row.node.clone());
+                Ok(())
+            }
+        }
+    };
+    let mut root = None;
+    if let Some(arg) = &input.workspace {
+        let row = workspace_for(shared, ctx, ToolName::VmCreate, arg).await?;
+        on_node(&row)?;
+        disks.push(DiskRow { workspace_id: row.id.clone(), how: How::Root, mount: "/".into() });
+        root = Some(row);
+    }
+    for data in input.data_workspaces.iter().flatten() {
+        let row = workspace_for(shared, ctx, ToolName::VmCreate, &data.name).await?;
+        on_node(&row)?;
+        if disks.iter().any(|d| d.workspace_id == row.id) {
+            return Err(ToolError::Invalid(format!("workspace `{}` is named twice", data.name)));
+        }
+        let how = if data.read_only.unwrap_or(false) { How::ReadOnly } else { How::ReadWrite };
+        disks.push(DiskRow { workspace_id: row.id.clone(), how, mount: row.name.clone() });
+    }
+    if let (Some(wanted), Some(have)) = (&input.node, &node)
+        && wanted != have
+    {
+        return Err(ToolError::Invalid(format!("the workspaces are on node {have}, not on {wanted}")));
+    }
+    Ok((disks, root, node))
+}
+
 pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) -> Result<Value, ToolError> {
     let start = input.start.unwrap_or(true);
-    let details = match &input.node {
+    let (disks, root, disk_node) = disks_for(shared, ctx, &input).await?;
+    // A VM on a workspace boots the base image's kernel and initramfs, which switch to the disk.
+    let boot_image =
+        if root.is_some() { "base".to_string() } else { input.image.clone().unwrap_or_else(|| "base".into()) };
+    let details = match input.node.as_ref().or(disk_node.as_ref()) {
         Some(node) => {
             let row = shared.state.node(node).await?;
             vec![refresh(&shared.state, &shared.nodes, &row).await?]
@@ -109,7 +173,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
     let mut fits = Vec::new();
     let mut refusals = Vec::new();
     for detail in &details {
-        match candidate(&shared.state, detail, input.image.as_deref().unwrap_or("base")).await? {
+        match candidate(&shared.state, detail, &boot_image).await? {
             Ok(c) => fits.push(c),
             Err(why) => refusals.push(why),
         }
@@ -141,7 +205,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
         node: chosen.name.clone(),
         vcpus: i64::from(input.vcpus),
         memory_mib: input.memory_mib as i64,
-        image: input.image.clone().unwrap_or_else(|| "base".into()),
+        image: root.as_ref().map(|w| w.image.clone()).unwrap_or(boot_image.clone()),
         labels: serde_json::to_string(&labels).expect("string maps serialize"),
         state: VmState::Creating,
         reason: String::new(),
@@ -154,7 +218,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
     };
     let quotas = shared.authz.bundle().limiter.config().quotas(ctx.principal.role).clone();
     let capacity = NodeCapacity { cpus: chosen.cpus, memory_mib: chosen.memory_mib };
-    match shared.state.reserve_vm(&row, &quotas, ctx.principal.role.as_str(), capacity, start).await {
+    match shared.state.reserve_vm(&row, &quotas, ctx.principal.role.as_str(), capacity, start, &disks).await {
         Ok(()) => {}
         Err(ReserveError::Refused(refusal)) => return Err(ToolError::Invalid(refusal.to_string())),
         Err(ReserveError::State(e)) => return Err(e.into()),
@@ -164,7 +228,13 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
         name: row.name.clone(),
         vcpus: input.vcpus,
         memory_mib: input.memory_mib,
-        image: row.image.clone(),
+        image: if root.is_some() { "base".into() } else { row.image.clone() },
+        root_workspace: root.as_ref().map(|w| w.id.clone()),
+        disks: disks
+            .iter()
+            .filter(|d| d.how != How::Root)
+            .map(|d| (d.workspace_id.clone(), d.mount.clone(), d.how == How::ReadOnly))
+            .collect(),
     };
     let answer = match node_of(shared, &row.node).await {
         Ok(node) => node.create_vm(&new, start, START_TIMEOUT).await.map_err(|e| node_failed(e, Effect::Unchanged)),
@@ -176,7 +246,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
             if start && input.wait_ready.unwrap_or(false) {
                 vm = wait_ready(shared, &stored).await?;
             }
-            Ok(to_value(VmOutput { vm: vm_info_live(&stored, &vm) }))
+            Ok(to_value(VmOutput { vm: with_disks(shared, vm_info_live(&stored, &vm)).await? }))
         }
         Err(e) => {
             // Release the reservation; if the node may have made the VM after all, remove it there.
@@ -233,7 +303,7 @@ pub async fn inspect(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<Va
     match answer {
         Ok(vm) => {
             let stored = shared.state.vm_reported(&vm).await?.unwrap_or(row);
-            Ok(to_value(VmOutput { vm: vm_info_live(&stored, &vm) }))
+            Ok(to_value(VmOutput { vm: with_disks(shared, vm_info_live(&stored, &vm)).await? }))
         }
         Err(NodeError::NotFound { .. }) => {
             let reason = format!("node {} no longer has this VM", row.node);

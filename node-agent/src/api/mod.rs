@@ -2,7 +2,7 @@
 //! work, encode the answer. Conversions live in `trans`, the one error →
 //! `tonic::Status` mapping in `status`, the guest tunnel in [`tunnel`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use moat_proto::node::v1::{self as pb, GetNodeInfoRequest, NodeInfo, node_service_server::NodeService};
@@ -12,7 +12,7 @@ mod status;
 mod trans;
 pub mod tunnel;
 
-use status::{probe_status, vm_status};
+use status::{probe_status, storage_status, vm_status};
 
 use crate::probe;
 use crate::vm::VmManager;
@@ -34,6 +34,12 @@ impl NodeApi {
         &self.vms
     }
 
+    fn storage(&self) -> Result<&crate::storage::Storage, Status> {
+        self.vms.storage().ok_or_else(|| {
+            Status::failed_precondition(format!("node {} has no storage for disk images and workspaces", self.name))
+        })
+    }
+
     pub fn into_service(self) -> moat_proto::node::v1::node_service_server::NodeServiceServer<Self> {
         moat_proto::node::v1::node_service_server::NodeServiceServer::new(self)
     }
@@ -49,11 +55,7 @@ impl NodeService for NodeApi {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("CreateVm needs a spec"))?;
-        let view = self
-            .vms
-            .create(&spec.id, &spec.name, spec.vcpus, spec.memory_mib, &spec.image, request.start)
-            .await
-            .map_err(vm_status)?;
+        let view = self.vms.create(&trans::new_vm(spec), request.start).await.map_err(vm_status)?;
         Ok(Response::new(trans::vm(view)))
     }
 
@@ -104,6 +106,79 @@ impl NodeService for NodeApi {
         };
         let stream = self.vms.guest_connect(&first.vm_id, first.port, wait).await.map_err(vm_status)?;
         Ok(Response::new(Box::pin(tunnel::splice(stream, first.data, inbound))))
+    }
+
+    async fn list_images(
+        &self,
+        _request: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let mut images: Vec<pb::Image> = Vec::new();
+        let storage = self.vms.storage();
+        for name in self.vms.images() {
+            match storage.and_then(|s| s.image(&name).ok()) {
+                Some(meta) => images.push(trans::disk_image(meta)),
+                None => images.push(trans::initramfs_image(name.clone(), self.vms.initramfs_bytes(&name))),
+            }
+        }
+        Ok(Response::new(pb::ListImagesResponse { images }))
+    }
+
+    async fn import_image(&self, request: Request<pb::ImportImageRequest>) -> Result<Response<pb::Image>, Status> {
+        let request = request.into_inner();
+        if self.vms.images().contains(&request.name) {
+            return Err(Status::already_exists(format!(
+                "an image named `{}` already exists on this node",
+                request.name
+            )));
+        }
+        let meta =
+            self.storage()?.import_image(&request.name, Path::new(&request.source)).await.map_err(storage_status)?;
+        Ok(Response::new(trans::disk_image(meta)))
+    }
+
+    async fn delete_image(&self, request: Request<pb::ImageRef>) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        self.storage()?.delete_image(&request.into_inner().name).await.map_err(storage_status)?;
+        Ok(Response::new(pb::DeleteImageResponse {}))
+    }
+
+    async fn create_workspace(
+        &self,
+        request: Request<pb::CreateWorkspaceRequest>,
+    ) -> Result<Response<pb::Workspace>, Status> {
+        let r = request.into_inner();
+        let size = (r.size_gib > 0).then_some(r.size_gib);
+        let meta = self.storage()?.create_workspace(&r.id, &r.name, &r.image, size).await.map_err(storage_status)?;
+        Ok(Response::new(trans::workspace(meta, None)))
+    }
+
+    async fn fork_workspace(
+        &self,
+        request: Request<pb::ForkWorkspaceRequest>,
+    ) -> Result<Response<pb::Workspace>, Status> {
+        let r = request.into_inner();
+        let meta = self.storage()?.fork_workspace(&r.from, &r.id, &r.name).await.map_err(storage_status)?;
+        Ok(Response::new(trans::workspace(meta, None)))
+    }
+
+    async fn get_workspace(&self, request: Request<pb::WorkspaceRef>) -> Result<Response<pb::Workspace>, Status> {
+        let view = self.storage()?.workspace(&request.into_inner().id).await.map_err(storage_status)?;
+        Ok(Response::new(trans::workspace_view(view)))
+    }
+
+    async fn delete_workspace(
+        &self,
+        request: Request<pb::WorkspaceRef>,
+    ) -> Result<Response<pb::DeleteWorkspaceResponse>, Status> {
+        let id = request.into_inner().id;
+        // The node's own guard: never pull a disk from under a VMM that may be running.
+        if let Some(vm) = self.vms.using_workspace(&id) {
+            return Err(Status::failed_precondition(format!(
+                "workspace {id} is a disk of vm {} ({}); stop the VM first",
+                vm.config.id, vm.status.state
+            )));
+        }
+        self.storage()?.delete_workspace(&id).await.map_err(storage_status)?;
+        Ok(Response::new(pb::DeleteWorkspaceResponse {}))
     }
 
     async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<pb::VmLogsResponse>, Status> {

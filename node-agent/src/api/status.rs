@@ -5,6 +5,7 @@
 use tonic::Status;
 
 use crate::probe::ProbeError;
+use crate::storage::StorageError;
 use crate::vm::VmError;
 
 pub(super) fn probe_status(err: ProbeError) -> Status {
@@ -28,5 +29,17 @@ pub(super) fn vm_status(err: VmError) -> Status {
         VmError::Vmm { .. } => Status::aborted(message),
         VmError::NoVsock { .. } | VmError::AgentUnreachable { .. } => Status::failed_precondition(message),
         VmError::Io { .. } => Status::internal(message),
+        VmError::Storage(e) => storage_status(e),
+    }
+}
+
+pub(super) fn storage_status(err: StorageError) -> Status {
+    let message = crate::errors::chain(&err);
+    match err {
+        StorageError::Invalid(_) => Status::invalid_argument(message),
+        StorageError::NotFound(_) => Status::not_found(message),
+        StorageError::Exists(_) => Status::already_exists(message),
+        StorageError::Full { .. } => Status::resource_exhausted(message),
+        StorageError::Io { .. } => Status::internal(message),
     }
 }

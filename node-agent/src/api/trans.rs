@@ -3,7 +3,8 @@
 use moat_proto::node::v1 as pb;
 
 use crate::probe::HostInfo;
-use crate::vm::{Runtime, VmManager, VmState, VmView};
+use crate::storage::{ImageMeta, WorkspaceMeta, WorkspaceView};
+use crate::vm::{Attach, Disk, NewVm, Runtime, VmManager, VmState, VmView};
 
 pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
     let is_btrfs = info.storage.is_btrfs();
@@ -47,7 +48,57 @@ pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
         vm_count: defined.len() as u32,
         images: vms.images(),
         protections: vms.protections().into_iter().map(protection).collect(),
+        storage_method: vms.storage().map(|s| s.method().as_str().to_string()).unwrap_or_default(),
+        storage_detail: vms.storage().map(|s| s.method_detail().to_string()).unwrap_or_default(),
     }
+}
+
+pub(crate) fn new_vm(spec: pb::VmSpec) -> NewVm {
+    NewVm {
+        id: spec.id,
+        name: spec.name,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        image: spec.image,
+        root_workspace: (!spec.root_workspace.is_empty()).then_some(spec.root_workspace),
+        disks: spec
+            .disks
+            .into_iter()
+            .map(|d| Attach { workspace: d.workspace_id, name: d.name, read_only: d.read_only })
+            .collect(),
+    }
+}
+
+pub(crate) fn disk_image(meta: ImageMeta) -> pb::Image {
+    pb::Image {
+        name: meta.name,
+        kind: "disk".into(),
+        size_bytes: meta.size_bytes,
+        sha256: meta.sha256,
+        source: meta.source,
+        created_at: meta.created_at,
+    }
+}
+
+pub(crate) fn initramfs_image(name: String, size_bytes: u64) -> pb::Image {
+    pb::Image { name, kind: "initramfs".into(), size_bytes, ..pb::Image::default() }
+}
+
+pub(crate) fn workspace(meta: WorkspaceMeta, exclusive_bytes: Option<u64>) -> pb::Workspace {
+    pb::Workspace {
+        id: meta.id,
+        name: meta.name,
+        image: meta.image,
+        parent: meta.parent.unwrap_or_default(),
+        size_bytes: meta.size_bytes,
+        method: meta.method.as_str().into(),
+        created_at: meta.created_at,
+        exclusive_bytes,
+    }
+}
+
+pub(crate) fn workspace_view(view: WorkspaceView) -> pb::Workspace {
+    workspace(view.meta, view.exclusive_bytes)
 }
 
 fn protection(p: moat_tools::Protection) -> pb::Protection {
@@ -61,6 +112,24 @@ pub(crate) fn vm(view: VmView) -> pb::Vm {
             name: view.config.name,
             vcpus: view.config.vcpus,
             memory_mib: view.config.memory_mib,
+            root_workspace: view
+                .config
+                .disks
+                .iter()
+                .find(|d| d.mount == Disk::ROOT)
+                .map(|d| d.workspace.clone())
+                .unwrap_or_default(),
+            disks: view
+                .config
+                .disks
+                .iter()
+                .filter(|d| d.mount != Disk::ROOT)
+                .map(|d| pb::DiskAttach {
+                    workspace_id: d.workspace.clone(),
+                    name: d.mount.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
             image: view.config.image,
         }),
         state: vm_state(view.status.state) as i32,

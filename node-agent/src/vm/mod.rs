@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use crate::dir::{VmConfig, VmDir, VmState, VmStatus};
+pub use crate::dir::{Disk, VmConfig, VmDir, VmState, VmStatus};
+use crate::storage::{Storage, StorageError};
 pub use crate::vmm::{Accel, Runtime, Vmm, VmmError, VsockMode};
 use crate::vsock;
 use console::{console_panic, last_lines, vmm_log_tail};
@@ -57,6 +58,8 @@ pub enum VmError {
     NoVsock { node: String, detail: String },
     #[error("agent on vm {id} not reachable: {detail}; console says: {console}")]
     AgentUnreachable { id: String, detail: String, console: String },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
     #[error("vm {id}: {what}")]
     Io {
         id: String,
@@ -85,6 +88,37 @@ pub struct VmSettings {
     pub vms_root: PathBuf,
     pub images_root: PathBuf,
     pub runtime: Runtime,
+    /// Disk images and workspaces; without it VMs boot only initramfs images.
+    pub storage: Option<Storage>,
+}
+
+/// What a VM is made from: its size, its image, and the workspaces it boots from or mounts.
+#[derive(Debug, Clone, Default)]
+pub struct NewVm {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// An initramfs image, or a disk image booted from a throw-away copy ("" means "base").
+    pub image: String,
+    /// Boot from this workspace (its id) instead of from a copy of the image.
+    pub root_workspace: Option<String>,
+    pub disks: Vec<Attach>,
+}
+
+/// A workspace mounted in the guest at /workspaces/<name>.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    pub workspace: String,
+    pub name: String,
+    pub read_only: bool,
+}
+
+impl NewVm {
+    /// A VM booting image `image` with no disks.
+    pub fn plain(id: &str, name: &str, vcpus: u32, memory_mib: u64, image: &str) -> NewVm {
+        NewVm { id: id.into(), name: name.into(), vcpus, memory_mib, image: image.into(), ..NewVm::default() }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -303,7 +337,33 @@ impl VmManager {
         if let Runtime::Missing(detail) = &runtime {
             tracing::warn!(node, "no VM runtime: {detail}");
         }
-        VmManager::open(VmSettings { node: node.to_string(), vms_root: storage_root.join("vms"), images_root, runtime })
+        VmManager::open(VmSettings {
+            node: node.to_string(),
+            vms_root: storage_root.join("vms"),
+            images_root,
+            runtime,
+            storage: None,
+        })
+    }
+
+    /// Gives the manager the node's image and workspace storage (before it is shared), and
+    /// removes throw-away roots whose VM is gone.
+    pub fn with_storage(mut self, storage: Storage) -> VmManager {
+        let known: Vec<String> = self.list().into_iter().map(|v| v.config.id).collect();
+        storage.prune_vm_roots(&known);
+        Arc::get_mut(&mut self.inner).expect("with_storage is called before the manager is shared").settings.storage =
+            Some(storage);
+        self
+    }
+
+    pub fn storage(&self) -> Option<&Storage> {
+        self.inner.settings.storage.as_ref()
+    }
+
+    fn storage_or_err(&self) -> Result<&Storage, VmError> {
+        self.storage().ok_or_else(|| {
+            VmError::Invalid(format!("node {} has no storage for disk images and workspaces", self.inner.settings.node))
+        })
     }
 
     /// Images this node can boot: directories under the image root with a kernel and initramfs.
@@ -316,8 +376,29 @@ impl VmManager {
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| valid_token(n, 63))
             .collect();
+        if let Some(storage) = self.storage() {
+            names.extend(storage.images().into_iter().map(|i| i.name));
+        }
         names.sort();
+        names.dedup();
         names
+    }
+
+    /// Bytes of an initramfs image's kernel and initramfs.
+    pub fn initramfs_bytes(&self, image: &str) -> u64 {
+        let dir = self.inner.settings.images_root.join(image);
+        ["vmlinux", "initramfs.cpio.gz"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// A VM with a VMM that may be running and that has workspace `id` as a disk.
+    pub fn using_workspace(&self, id: &str) -> Option<VmView> {
+        self.list()
+            .into_iter()
+            .find(|v| v.status.state.has_process() && v.config.disks.iter().any(|d| d.workspace == id))
     }
 
     pub fn runtime(&self) -> &Runtime {
@@ -389,24 +470,17 @@ impl VmManager {
         views
     }
 
-    /// Creates the VM's directory and config; starts it when `start`. Any failure removes
-    /// everything this call made.
-    pub async fn create(
-        &self,
-        id: &str,
-        name: &str,
-        vcpus: u32,
-        memory_mib: u64,
-        image: &str,
-        start: bool,
-    ) -> Result<VmView, VmError> {
+    /// Creates the VM's directory and config (and its throw-away root when it boots a disk
+    /// image); starts it when `start`. Any failure removes everything this call made.
+    pub async fn create(&self, new: &NewVm, start: bool) -> Result<VmView, VmError> {
+        let (id, name, vcpus, memory_mib) = (new.id.as_str(), new.name.as_str(), new.vcpus, new.memory_mib);
         if !valid_token(id, 64) {
             return Err(VmError::Invalid(format!("vm id `{id}` must be 1-64 lowercase letters, digits or '-'")));
         }
         if !valid_token(name, 63) {
             return Err(VmError::Invalid(format!("vm name `{name}` must be a DNS label")));
         }
-        let image = if image.is_empty() { "base" } else { image };
+        let image = if new.image.is_empty() { "base" } else { new.image.as_str() };
         if !valid_token(image, 63) {
             return Err(VmError::Invalid(format!("image `{image}` must be 1-63 lowercase letters, digits or '-'")));
         }
@@ -414,15 +488,59 @@ impl VmManager {
             return Err(VmError::Invalid("a vm needs at least 1 vCPU and 64 MiB of memory".into()));
         }
         self.vmm()?;
-        let image_dir = self.inner.settings.images_root.join(image);
+        // A disk image or a workspace boots with the base image's kernel and initramfs, whose
+        // init switches to the disk.
+        let disk_image = self.storage().and_then(|s| s.image_file(image)).is_some()
+            && !self.inner.settings.images_root.join(image).join("vmlinux").is_file();
+        let boots_disk = disk_image || new.root_workspace.is_some();
+        let kernel_image = if boots_disk { "base" } else { image };
+        let image_dir = self.inner.settings.images_root.join(kernel_image);
         let (kernel, initrd) = (image_dir.join("vmlinux"), image_dir.join("initramfs.cpio.gz"));
         if !kernel.is_file() || !initrd.is_file() {
             return Err(VmError::NoImage {
                 node: self.inner.settings.node.clone(),
-                image: image.into(),
+                image: kernel_image.into(),
                 dir: image_dir.display().to_string(),
             });
         }
+        let mut disks = Vec::new();
+        if let Some(ws) = &new.root_workspace {
+            let path = self.storage_or_err()?.workspace_file(ws)?;
+            disks.push(Disk { path, read_only: false, mount: Disk::ROOT.into(), workspace: ws.clone() });
+        }
+        for attach in &new.disks {
+            if !valid_token(&attach.name, 63) {
+                return Err(VmError::Invalid(format!("workspace name `{}` must be a DNS label", attach.name)));
+            }
+            let path = self.storage_or_err()?.workspace_file(&attach.workspace)?;
+            disks.push(Disk {
+                path,
+                read_only: attach.read_only,
+                mount: attach.name.clone(),
+                workspace: attach.workspace.clone(),
+            });
+        }
+        if disk_image && new.root_workspace.is_none() {
+            let path = self.storage_or_err()?.make_vm_root(id, image).await?;
+            disks.insert(0, Disk { path, read_only: false, mount: Disk::ROOT.into(), workspace: String::new() });
+        }
+        let created = self.create_dir(new, image, kernel, initrd, disks, start).await;
+        if created.is_err() && disk_image {
+            self.storage_or_err()?.remove_vm_root(id);
+        }
+        created
+    }
+
+    async fn create_dir(
+        &self,
+        new: &NewVm,
+        image: &str,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        disks: Vec<Disk>,
+        start: bool,
+    ) -> Result<VmView, VmError> {
+        let (id, name, vcpus, memory_mib) = (new.id.as_str(), new.name.as_str(), new.vcpus, new.memory_mib);
         let dir = VmDir::new(&self.inner.settings.vms_root, id);
         match std::fs::create_dir(dir.path()) {
             Ok(()) => {}
@@ -439,8 +557,9 @@ impl VmManager {
             image: image.into(),
             kernel,
             initrd,
-            cmdline: "console=ttyS0 panic=-1".into(),
+            cmdline: cmdline(&disks),
             created_at: moat_proto::time::now(),
+            disks,
         };
         let written = dir
             .mark_creating()
@@ -609,6 +728,9 @@ impl VmManager {
             return Err(VmError::Io { id: id.into(), what: "cannot remove its directory".into(), source });
         }
         self.inner.vms.lock().expect("vm map lock is never poisoned").remove(id);
+        if let Some(storage) = self.storage() {
+            storage.remove_vm_root(id);
+        }
         tracing::info!(vm = id, "deleted vm");
         Ok(())
     }
@@ -671,6 +793,29 @@ impl VmManager {
     fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {
         monitor::spawn(vm, process, self.vmm().ok());
     }
+}
+
+/// The kernel command line: the console, and which disk (by serial) is the root and which are
+/// mounted where (read by the base image's init).
+fn cmdline(disks: &[Disk]) -> String {
+    let mut line = String::from("console=ttyS0 panic=-1");
+    let serial = |i: usize| format!("moat{i}");
+    let mounts: Vec<String> = disks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            if d.mount == Disk::ROOT {
+                line.push_str(&format!(" moat.root={}", serial(i)));
+                None
+            } else {
+                Some(format!("{}:{}:{}", d.mount, serial(i), if d.read_only { "ro" } else { "rw" }))
+            }
+        })
+        .collect();
+    if !mounts.is_empty() {
+        line.push_str(&format!(" moat.mounts={}", mounts.join(",")));
+    }
+    line
 }
 
 async fn kill_and_wait(vm: &Vm, pid: u32, exits: &mut watch::Receiver<u64>) {

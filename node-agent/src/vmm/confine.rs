@@ -473,6 +473,7 @@ mod tests {
             initrd: "/i".into(),
             cmdline: String::new(),
             created_at: String::new(),
+            disks: Vec::new(),
         }
     }
 

@@ -44,6 +44,11 @@ struct Inherited {
     initrd: File,
     /// Kernel vsock: the CID the host kernel granted and the vhost-vsock device holding it.
     vhost: Option<(u32, OwnedFd)>,
+    /// The VM's disks, in `config.disks` order: a read-only descriptor each, and a read-write
+    /// one for disks attached read-write (QEMU opens an image read-only first, then reopens it
+    /// for writing, and takes from its fd set the descriptor whose mode matches). QEMU gets them
+    /// in an fd set: the VM's uid has no right to the files themselves.
+    disks: Vec<(File, Option<File>)>,
 }
 
 impl Inherited {
@@ -55,7 +60,29 @@ impl Inherited {
             VsockMode::Kernel => Some(reserve_cid()?),
             _ => None,
         };
-        Ok(Inherited { binary: open(binary)?, kernel: open(&config.kernel)?, initrd: open(&config.initrd)?, vhost })
+        let mut disks = Vec::new();
+        for disk in &config.disks {
+            let open = |write: bool| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(&disk.path)
+                    .map_err(|e| VmmError::Launch { vmm: "qemu", detail: format!("disk {}: {e}", disk.path.display()) })
+            };
+            disks.push((open(false)?, if disk.read_only { None } else { Some(open(true)?) }));
+        }
+        Ok(Inherited {
+            binary: open(binary)?,
+            kernel: open(&config.kernel)?,
+            initrd: open(&config.initrd)?,
+            vhost,
+            disks,
+        })
+    }
+
+    /// Per disk, its descriptors (read-only first).
+    fn disk_fds(&self) -> Vec<Vec<RawFd>> {
+        self.disks.iter().map(|(ro, rw)| std::iter::once(ro).chain(rw).map(|f| f.as_raw_fd()).collect()).collect()
     }
 
     /// Kernel, initramfs, then the vhost device if any, as [`Qemu::argv`] expects them.
@@ -148,7 +175,7 @@ impl Qemu {
 
     /// QEMU's command line. It runs in the VM's jail: sockets and console are relative paths,
     /// kernel and initramfs the descriptors `fds` names (kernel, initrd, then the vhost device).
-    fn argv(&self, config: &VmConfig, fds: &[RawFd], cid: Option<u32>) -> Vec<String> {
+    fn argv(&self, config: &VmConfig, fds: &[RawFd], cid: Option<u32>, disk_fds: &[Vec<RawFd>]) -> Vec<String> {
         let mut argv = vec![self.binary.display().to_string()];
         let mut push = |args: &[&str]| argv.extend(args.iter().map(|s| s.to_string()));
         push(&["-name", &format!("moat-{},process=moat-{}", config.name, config.id)]);
@@ -180,6 +207,16 @@ impl Qemu {
         push(&["-kernel", &format!("/proc/self/fd/{}", fds[0])]);
         push(&["-initrd", &format!("/proc/self/fd/{}", fds[1])]);
         push(&["-append", &config.cmdline]);
+        // Disks: fd set i+1 holds disk i's descriptor; the guest finds it by serial moat<i>.
+        for (i, (disk, fds)) in config.disks.iter().zip(disk_fds).enumerate() {
+            let set = i + 1;
+            let readonly = if disk.read_only { "on" } else { "off" };
+            for fd in fds {
+                push(&["-add-fd", &format!("fd={fd},set={set}")]);
+            }
+            let drive = format!("file=/dev/fdset/{set},if=none,id=disk{i},format=raw,readonly={readonly}");
+            push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i},serial=moat{i}")]);
+        }
         let console = format!("file,id=console,path={CONSOLE_LOG},append=on");
         push(&["-chardev", &console, "-serial", "chardev:console"]);
         push(&["-qmp", &format!("unix:{QMP_SOCKET},server=on,wait=off")]);
@@ -212,7 +249,9 @@ impl Qemu {
                 .map_err(|e| launch_err(format!("cannot record the vsock CID: {e}")))?;
         }
         confine.inherit = inherited.fds();
-        let mut argv = self.argv(config, &confine.inherit, cid);
+        let disk_fds = inherited.disk_fds();
+        let mut argv = self.argv(config, &confine.inherit, cid, &disk_fds);
+        confine.inherit.extend(disk_fds.iter().flatten());
         argv[0] = format!("/proc/self/fd/{}", inherited.binary.as_raw_fd());
         confine.inherit.push(inherited.binary.as_raw_fd());
         let child = cmd::spawn_detached(&argv, &dir.vmm_log(), Some(&confine))
@@ -352,8 +391,22 @@ mod tests {
             initrd: "/img/initramfs.cpio.gz".into(),
             cmdline: "console=ttyS0".into(),
             created_at: String::new(),
+            disks: vec![
+                crate::dir::Disk {
+                    path: "/s/root".into(),
+                    read_only: false,
+                    mount: "/".into(),
+                    workspace: String::new(),
+                },
+                crate::dir::Disk {
+                    path: "/s/data".into(),
+                    read_only: true,
+                    mount: "data".into(),
+                    workspace: "ws-1".into(),
+                },
+            ],
         };
-        let argv = qemu(Accel::Tcg, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None).join(" ");
+        let argv = qemu(Accel::Tcg, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None, &[]).join(" ");
         for want in [
             "-accel tcg,tb-size=128",
             "-smp 2 -m 512M",
@@ -365,18 +418,29 @@ mod tests {
             assert!(argv.contains(want), "{want} missing from {argv}");
         }
         assert!(!argv.contains("-cpu host"), "TCG cannot use -cpu host");
+        let disks = qemu(Accel::Tcg, VsockMode::Unavailable(String::new()))
+            .argv(&config, &[7, 8], None, &[vec![11, 13], vec![12]])
+            .join(" ");
+        for want in [
+            "-add-fd fd=11,set=1 -add-fd fd=13,set=1 -drive file=/dev/fdset/1,if=none,id=disk0,format=raw,readonly=off",
+            "-device virtio-blk-pci,drive=disk0,serial=moat0",
+            "-add-fd fd=12,set=2 -drive file=/dev/fdset/2,if=none,id=disk1,format=raw,readonly=on",
+        ] {
+            assert!(disks.contains(want), "{want} missing from {disks}");
+        }
         assert!(!argv.contains("-sandbox"), "no sandbox where it is not supported");
         let sandboxed = Qemu::new("/q".into(), Accel::Tcg, VsockMode::Unavailable(String::new()), {
             Confinement::detect(DEFAULT_UID_BASE, Ok(()))
         })
-        .argv(&config, &[7, 8], None)
+        .argv(&config, &[7, 8], None, &[])
         .join(" ");
         assert!(sandboxed.ends_with(&format!("-sandbox {SANDBOX}")), "{sandboxed}");
-        let kvm = qemu(Accel::Kvm, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None).join(" ");
+        let kvm = qemu(Accel::Kvm, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None, &[]).join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
-        let kernel = qemu(Accel::Tcg, VsockMode::Kernel).argv(&config, &[7, 8, 9], Some(4)).join(" ");
+        let kernel = qemu(Accel::Tcg, VsockMode::Kernel).argv(&config, &[7, 8, 9], Some(4), &[]).join(" ");
         assert!(kernel.contains("-device vhost-vsock-pci,guest-cid=4,vhostfd=9"), "{kernel}");
-        let hybrid = qemu(Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() }).argv(&config, &[7, 8], None).join(" ");
+        let hybrid =
+            qemu(Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() }).argv(&config, &[7, 8], None, &[]).join(" ");
         for want in [
             "-object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem",
             "-chardev socket,id=vsock0,path=vhost.sock -device vhost-user-vsock-pci,chardev=vsock0",
