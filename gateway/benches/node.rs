@@ -120,7 +120,15 @@ async fn main() {
     let (mut running, mut ready) = (Vec::new(), Vec::new());
     for i in 0..vms {
         let id = format!("vm-bench{i}");
-        let new = NewVm { id: id.clone(), name: format!("b{i}"), vcpus: 1, memory_mib: 256, image: "base".into() };
+        let new = NewVm {
+            id: id.clone(),
+            name: format!("b{i}"),
+            vcpus: 1,
+            memory_mib: 256,
+            image: "base".into(),
+            root_workspace: None,
+            disks: Vec::new(),
+        };
         let started = Instant::now();
         let vm = client.create_vm(&new, true, Duration::from_secs(90)).await.unwrap();
         assert_eq!(vm.state, VmState::Running);

@@ -261,7 +261,10 @@ pub fn load(
     let node = file.node.unwrap_or_default();
     let node_storage = match common.node_storage.clone().or(node.storage) {
         Some(d) => d,
-        None => xdg("XDG_DATA_HOME", ".local/share")?.join("moat").join("storage"),
+        // Without XDG_DATA_HOME and HOME (a service with only a state directory), beside the state.
+        None => xdg("XDG_DATA_HOME", ".local/share").map(|d| d.join("moat").join("storage")).unwrap_or_else(|_| {
+            common.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/moat")).join("storage")
+        }),
     };
     let node_name = serve.node_name.clone().or(node.name).unwrap_or_else(|| "local".into());
     validate_node_name(&node_name)?;

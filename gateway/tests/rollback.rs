@@ -88,6 +88,33 @@ impl NodeService for FailingNode {
     async fn guest_stream(&self, _: Request<tonic::Streaming<pb::GuestFrame>>) -> Result<Response<Frames>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+    async fn list_images(&self, _: Request<pb::ListImagesRequest>) -> Result<Response<pb::ListImagesResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn import_image(&self, _: Request<pb::ImportImageRequest>) -> Result<Response<pb::Image>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn delete_image(&self, _: Request<pb::ImageRef>) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn create_workspace(
+        &self,
+        _: Request<pb::CreateWorkspaceRequest>,
+    ) -> Result<Response<pb::Workspace>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn fork_workspace(&self, _: Request<pb::ForkWorkspaceRequest>) -> Result<Response<pb::Workspace>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn get_workspace(&self, _: Request<pb::WorkspaceRef>) -> Result<Response<pb::Workspace>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn delete_workspace(
+        &self,
+        _: Request<pb::WorkspaceRef>,
+    ) -> Result<Response<pb::DeleteWorkspaceResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves `node` on a Unix socket in `dir`; returns its address.

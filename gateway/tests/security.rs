@@ -79,7 +79,12 @@ async fn role_by_tool_matrix_from_the_catalog() {
             want.extend(
                 moat_tools::catalog()
                     .iter()
-                    .filter(|s| s.group == moat_tools::ActionGroup::Vm && s.name != moat_tools::ToolName::VmCreate)
+                    .filter(|s| {
+                        // Likewise workspace `dev`.
+                        (s.group == moat_tools::ActionGroup::Vm && s.name != moat_tools::ToolName::VmCreate)
+                            || (s.group == moat_tools::ActionGroup::Workspace
+                                && s.name != moat_tools::ToolName::WorkspaceCreate)
+                    })
                     .map(|s| s.name.to_string()),
             );
         }

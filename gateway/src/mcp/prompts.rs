@@ -196,6 +196,9 @@ mod tests {
         let p = Prompts::load(None).unwrap();
         let names: Vec<&str> = p.all().map(|p| p.name.as_str()).collect();
         assert!(names.contains(&"choose_node") && names.contains(&"getting_started"), "{names:?}");
+        let sandbox = BTreeMap::from([("name".to_string(), "dev".to_string())]);
+        let (_, body) = p.render("workspace_sandbox", &sandbox).unwrap();
+        assert!(body.contains("workspace_create {name: \"dev\"") && !body.contains("{{"), "{body}");
         let args = BTreeMap::from([("vcpus".to_string(), "4".to_string()), ("memory_mib".into(), "2048".into())]);
         let (_, body) = p.render("choose_node", &args).unwrap();
         assert!(body.contains("needs 4 vCPUs and\n2048 MiB"), "{body}");

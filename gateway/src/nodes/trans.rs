@@ -96,6 +96,22 @@ fn vm_state(state: pb::VmState) -> Option<VmState> {
     })
 }
 
+pub fn image(image: pb::Image) -> NodeImage {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    NodeImage {
+        name: image.name,
+        kind: image.kind,
+        size_bytes: image.size_bytes,
+        sha256: some(image.sha256),
+        source: some(image.source),
+        created_at: some(image.created_at),
+    }
+}
+
+pub fn workspace(ws: pb::Workspace) -> NodeWorkspace {
+    NodeWorkspace { id: ws.id, size_bytes: ws.size_bytes, method: ws.method, exclusive_bytes: ws.exclusive_bytes }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,20 +131,4 @@ mod tests {
     fn node_side(state: VmState) -> pb::VmState {
         pb::VmState::from_str_name(&format!("VM_STATE_{}", state.as_str().to_uppercase())).unwrap()
     }
-}
-
-pub fn image(image: pb::Image) -> NodeImage {
-    let some = |s: String| (!s.is_empty()).then_some(s);
-    NodeImage {
-        name: image.name,
-        kind: image.kind,
-        size_bytes: image.size_bytes,
-        sha256: some(image.sha256),
-        source: some(image.source),
-        created_at: some(image.created_at),
-    }
-}
-
-pub fn workspace(ws: pb::Workspace) -> NodeWorkspace {
-    NodeWorkspace { id: ws.id, size_bytes: ws.size_bytes, method: ws.method, exclusive_bytes: ws.exclusive_bytes }
 }

@@ -105,7 +105,7 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::VmFileList(input) => in_guest(shared, ctx, GuestTool::FileList, input, GUEST_CALL).await,
         ToolCall::ImageList(input) => workspaces::image_list(shared, ctx, input).await,
         ToolCall::ImageInspect(input) => workspaces::image_inspect(shared, ctx, input).await,
-        ToolCall::ImageImport(input) => workspaces::image_import(shared, ctx, input).await,
+        ToolCall::ImageImport(input) => workspaces::image_import(shared, input).await,
         ToolCall::ImageDelete(input) => workspaces::image_delete(shared, ctx, input).await,
         ToolCall::WorkspaceCreate(input) => workspaces::create(shared, ctx, input).await,
         ToolCall::WorkspaceFork(input) => workspaces::fork(shared, ctx, input).await,

@@ -58,11 +58,12 @@ async fn node_of(shared: &Shared, node: &str) -> Result<NodeClient, ToolError> {
     shared.nodes.node(&row.name, &row.address).map_err(|e| node_failed(e, Effect::Unchanged))
 }
 
-fn random_id() -> String {
+/// A fresh id: `prefix` and 12 random hex digits (`vm-3f9a0c1d2e4b`).
+pub(super) fn random_id(prefix: &str) -> String {
     let mut bytes = [0u8; 6];
     getrandom::fill(&mut bytes).expect("the OS random source works");
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("vm-{hex}")
+    format!("{prefix}-{hex}")
 }
 
 /// A stored VM as tools show it; `stale` says why the state may be old.
@@ -199,7 +200,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
         input.labels.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
     let at = now();
     let row = VmRow {
-        id: random_id(),
+        id: random_id("vm"),
         name: input.name.clone(),
         owner: ctx.principal.name.clone(),
         node: chosen.name.clone(),

@@ -29,12 +29,6 @@ async fn client(shared: &Shared, node: &str) -> Result<NodeClient, ToolError> {
     Ok(shared.nodes.node(&row.name, &row.address)?)
 }
 
-fn random_id() -> String {
-    let mut bytes = [0u8; 6];
-    getrandom::fill(&mut bytes).expect("the OS random source works");
-    format!("ws-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
-}
-
 /// The workspaces `ctx` may see.
 async fn visible(shared: &Shared, ctx: &CallContext) -> Result<Vec<WorkspaceRow>, ToolError> {
     let bundle = shared.authz.bundle();
@@ -117,7 +111,7 @@ pub async fn image_inspect(shared: &Shared, ctx: &CallContext, input: ImageRefIn
     Ok(to_value(ImageOutput { image: one_image(shared, ctx, &input).await? }))
 }
 
-pub async fn image_import(shared: &Shared, ctx: &CallContext, input: ImageImportInput) -> Result<Value, ToolError> {
+pub async fn image_import(shared: &Shared, input: ImageImportInput) -> Result<Value, ToolError> {
     let node = match input.node {
         Some(node) => node,
         None => {
@@ -129,7 +123,6 @@ pub async fn image_import(shared: &Shared, ctx: &CallContext, input: ImageImport
         }
     };
     let image = client(shared, &node).await?.import_image(&input.name, &input.source, MAKE_TIMEOUT).await?;
-    let _ = ctx;
     Ok(to_value(ImageOutput { image: image_info(&node, image, Vec::new()) }))
 }
 
@@ -231,7 +224,7 @@ fn new_row(
     size_gib: u64,
 ) -> WorkspaceRow {
     WorkspaceRow {
-        id: random_id(),
+        id: super::vms::random_id("ws"),
         name: name.to_string(),
         owner: ctx.principal.name.clone(),
         node: node.to_string(),

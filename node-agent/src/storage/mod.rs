@@ -16,6 +16,8 @@
 mod btrfs;
 mod copy;
 mod ext4;
+#[cfg(any(test, feature = "testing"))]
+pub mod loopfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -582,8 +584,8 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[cfg(test)]
 mod tests {
+    use super::loopfs::LoopFs;
     use super::*;
-    use crate::testing::LoopFs;
 
     /// A small ext4 image holding `hello` with `text`.
     async fn image_file(dir: &Path, text: &str) -> PathBuf {
