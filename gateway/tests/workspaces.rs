@@ -11,8 +11,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::node::Node;
+use tokio::io::AsyncBufReadExt;
 use common::{Home, call_err, call_ok, tool_error};
-use moat_node::testing::{LoopFs, images_with_base};
+use moat_node::testing::{LoopFs, images_with_base, until};
 use serde_json::json;
 
 /// The Debian image the tests import: `$MOAT_DEBIAN_IMAGE`, else what `.ci/test` builds.
@@ -49,7 +50,7 @@ async fn workspaces_on_btrfs_boot_fork_and_stay_apart() {
     home.run(&["pki", "init"]).await;
     let images = images_with_base(tmp.path());
     let storage = btrfs.path().join("storage");
-    let n1 = Node::enroll_and_start(
+    let mut n1 = Node::enroll_and_start(
         &home,
         tmp.path(),
         "n1",
@@ -58,7 +59,8 @@ async fn workspaces_on_btrfs_boot_fork_and_stay_apart() {
     .await;
     let moat = home.http_server(&[]).await;
     let admin = moat.client(&moat.key).await;
-    let alice = moat.client(&home.key("alice", "agent").await).await;
+    let alice_key = home.key("alice", "agent").await;
+    let alice = moat.client(&alice_key).await;
     let bob = moat.client(&home.key("bob", "agent").await).await;
 
     // The node says how it makes workspaces.
@@ -147,6 +149,49 @@ async fn workspaces_on_btrfs_boot_fork_and_stay_apart() {
     let fork_disk = storage.join("workspaces").join(fork["workspace"]["id"].as_str().unwrap()).join("rootfs.ext4");
     assert!(in_disk(&dev_disk, "/root/note.txt") && in_disk(&fork_disk, "/root/fork-only.txt"));
     assert!(!in_disk(&dev_disk, "/root/fork-only.txt"), "the fork's change reached the original");
+
+    // moat-node killed in the middle of a fork (held at a rename by strace): the caller is told,
+    // no row stays, and the restarted node leaves no half-made workspace.
+    let mut strace = tokio::process::Command::new("strace")
+        .args(["-f", "-p", &n1.pid().to_string(), "-e", "trace=rename,renameat,renameat2"])
+        .args(["-e", "inject=rename,renameat,renameat2:delay_enter=3000000", "-o", "/dev/null"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("strace is installed (.ci/setup)");
+    // Kept open until strace is killed: strace dies of SIGPIPE writing to a closed pipe.
+    let mut strace_says = tokio::io::BufReader::new(strace.stderr.take().unwrap()).lines();
+    while let Some(line) = strace_says.next_line().await.unwrap() {
+        if line.contains("attached") {
+            break;
+        }
+    }
+    let held = moat.client(&alice_key).await;
+    let fork_call = tokio::spawn(async move {
+        let answer = tool_error(&held, "workspace_fork", json!({"workspace": "dev", "name": "interrupted"})).await;
+        held.cancel().await.unwrap();
+        answer
+    });
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(storage.join("tmp")).unwrap().count() == 0 {
+        assert!(!fork_call.is_finished(), "the fork ended before the node was killed: {:?}", fork_call.await);
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "the node never started the fork");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    n1.kill().await;
+    strace.kill().await.unwrap();
+    drop(strace_says);
+    let told = fork_call.await.unwrap();
+    assert!(told.contains("n1"), "the caller is told the fork did not finish: {told}");
+    n1.start().await;
+    until("n1 to answer again", std::time::Duration::from_secs(30), async || {
+        common::call(&admin, "node_inspect", json!({"node": "n1"})).await.is_ok_and(|r| r.is_error != Some(true))
+    })
+    .await;
+    assert_eq!(std::fs::read_dir(storage.join("tmp")).unwrap().count(), 0, "a half-made fork outlived the restart");
+    assert_eq!(std::fs::read_dir(storage.join("workspaces")).unwrap().count(), 2, "only dev and dev-fork");
+    let names = call_ok(&alice, "workspace_list", json!({})).await.to_string();
+    assert!(!names.contains("interrupted"), "a row outlived the failed fork: {names}");
 
     // Another owner learns nothing and touches nothing.
     assert_eq!(call_ok(&bob, "workspace_list", json!({})).await["workspaces"], json!([]));

@@ -205,14 +205,31 @@ where
             Ok(to_value(WorkspaceOutput { workspace: info(&stored, &all, &[], made.exclusive_bytes) }))
         }
         Err(e) => {
-            // The node may have made it before it stopped answering: remove it there too.
+            // The node may have made it before it stopped answering: remove it there too, once it
+            // answers again (a restarted node has already dropped what it left half made).
             if matches!(e, NodeError::Unreachable { .. }) {
-                let _ = node.delete_workspace(&row.id, crate::nodes::client::CALL_TIMEOUT).await;
+                tokio::spawn(remove_when_back(node.clone(), row.id.clone()));
             }
             shared.state.delete_workspace_row(&row.id).await?;
             Err(e.into())
         }
     }
+}
+
+/// Deletes workspace `id` on `node` once the node answers (for up to ten minutes): it was never
+/// acknowledged, so nothing may keep it.
+async fn remove_when_back(node: NodeClient, id: String) {
+    for _ in 0..300 {
+        match node.delete_workspace(&id, crate::nodes::client::CALL_TIMEOUT).await {
+            Ok(()) | Err(NodeError::NotFound { .. }) => return,
+            Err(NodeError::Refused { message, .. }) => {
+                tracing::warn!(workspace = id, "cannot remove an unacknowledged workspace: {message}");
+                return;
+            }
+            Err(NodeError::Unreachable { .. }) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
+    tracing::warn!(workspace = id, node = node.name(), "gave up removing an unacknowledged workspace");
 }
 
 fn new_row(

@@ -80,8 +80,12 @@ async def exercise(client, mode, transport):
     vm_tools = ["vm_create", "vm_start", "vm_stop", "vm_delete", "vm_list", "vm_inspect", "vm_logs",
                 "vm_exec", "vm_exec_start", "vm_exec_status", "vm_exec_output", "vm_exec_kill",
                 "vm_file_read", "vm_file_write", "vm_file_delete", "vm_file_list"]
-    # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log).
-    expected = ["whoami", "node_list", "node_inspect"] + (["audit_query"] if transport == "stdio" else []) + vm_tools
+    admin_only = transport == "stdio"
+    image_tools = ["image_list", "image_inspect"] + (["image_import", "image_delete"] if admin_only else [])
+    workspace_tools = ["workspace_create", "workspace_fork", "workspace_list", "workspace_inspect", "workspace_delete"]
+    # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log, no image import).
+    expected = (["whoami", "node_list", "node_inspect"] + (["audit_query"] if admin_only else []) + vm_tools
+                + image_tools + workspace_tools)
     assert names == expected, names
     assert all(t.output_schema for t in tools.tools)
 

@@ -266,11 +266,14 @@ impl Storage {
                         source.display()
                     )));
                 }
-                self.copy_file(source, &file, false)?;
+                let (from, to) = (source.to_path_buf(), file.clone());
+                self.blocking(move |st| st.copy_file(&from, &to, false)).await?;
             } else {
                 return Err(StorageError::Invalid(format!("{} is neither a file nor a directory", source.display())));
             }
-            let sha256 = sha256_file(&file).map_err(StorageError::io("cannot hash the image"))?;
+            let hashed = file.clone();
+            let sha256 =
+                self.blocking(move |_| sha256_file(&hashed)).await.map_err(StorageError::io("cannot hash the image"))?;
             let size_bytes = std::fs::metadata(&file).map_err(StorageError::io("cannot stat the image"))?.len();
             let image = ImageMeta {
                 name: name.into(),
@@ -286,14 +289,12 @@ impl Storage {
         let image = match made {
             Ok(image) => image,
             Err(e) => {
-                self.remove_tree(&tmp);
+                self.blocking(move |st| st.remove_tree(&tmp)).await;
                 return Err(e);
             }
         };
-        if let Err(e) = std::fs::rename(&tmp, self.image_dir(name)) {
-            self.remove_tree(&tmp);
-            return Err(StorageError::io("cannot move the image into place")(e));
-        }
+        let dest = self.image_dir(name);
+        self.blocking(move |st| st.into_place(&tmp, &dest, "cannot move the image into place")).await?;
         // Read-only once in place (btrfs will not rename a read-only subvolume).
         if self.inner.method == Method::Snapshot {
             btrfs::set_read_only(&self.image_dir(name)).map_err(StorageError::io("cannot make the image read-only"))?;
@@ -311,7 +312,8 @@ impl Storage {
         if !dir.exists() {
             return Err(StorageError::NotFound(format!("no disk image `{name}` on this node")));
         }
-        self.remove_whole(&dir, &format!("gone-image-{name}"))
+        let gone = format!("gone-image-{name}");
+        self.blocking(move |st| st.remove_whole(&dir, &gone)).await
     }
 
     /// Makes workspace `id` from image `image`, grown to `size_gib` when that is larger.
@@ -354,7 +356,8 @@ impl Storage {
         }
         let tmp = self.tmp_dir(id);
         let made = async {
-            self.copy_tree(source, &tmp)?;
+            let (from, to) = (source.to_path_buf(), tmp.clone());
+            self.blocking(move |st| st.copy_tree(&from, &to)).await?;
             let file = tmp.join(ROOTFS);
             let _ = std::fs::remove_file(tmp.join(IMAGE_META));
             let mut size_bytes = std::fs::metadata(&file).map_err(StorageError::io("cannot stat the disk"))?.len();
@@ -374,21 +377,20 @@ impl Storage {
                 method: self.inner.method,
                 created_at: moat_proto::time::now(),
             };
-            write_json(&tmp.join(WORKSPACE_META), &meta)?;
+            let (at, written) = (tmp.join(WORKSPACE_META), meta.clone());
+            self.blocking(move |_| write_json(&at, &written)).await?;
             Ok(meta)
         }
         .await;
         let meta = match made {
             Ok(meta) => meta,
             Err(e) => {
-                self.remove_tree(&tmp);
+                self.blocking(move |st| st.remove_tree(&tmp)).await;
                 return Err(e);
             }
         };
-        if let Err(e) = std::fs::rename(&tmp, self.workspace_dir(id)) {
-            self.remove_tree(&tmp);
-            return Err(StorageError::io("cannot move the workspace into place")(e));
-        }
+        let dest = self.workspace_dir(id);
+        self.blocking(move |st| st.into_place(&tmp, &dest, "cannot move the workspace into place")).await?;
         Ok(meta)
     }
 
@@ -400,7 +402,8 @@ impl Storage {
         if !dir.exists() {
             return Err(StorageError::NotFound(format!("no workspace `{id}` on this node")));
         }
-        self.remove_whole(&dir, &format!("gone-{id}"))
+        let gone = format!("gone-{id}");
+        self.blocking(move |st| st.remove_whole(&dir, &gone)).await
     }
 
     /// A throw-away copy of image `image` for VM `vm` to boot from; its disk file.
@@ -411,17 +414,16 @@ impl Storage {
             return Err(StorageError::NotFound(format!("no disk image `{image}` on this node")));
         }
         let _op = self.inner.op.lock().await;
-        let tmp = self.tmp_dir(&format!("root-{vm}"));
-        if let Err(e) = self.copy_tree(&source, &tmp) {
-            self.remove_tree(&tmp);
-            return Err(e);
-        }
-        let dest = self.vm_root_dir(vm);
-        std::fs::rename(&tmp, &dest).map_err(|e| {
-            self.remove_tree(&tmp);
-            StorageError::io("cannot move the VM's root into place")(e)
-        })?;
-        Ok(dest.join(ROOTFS))
+        let (tmp, dest) = (self.tmp_dir(&format!("root-{vm}")), self.vm_root_dir(vm));
+        self.blocking(move |st| {
+            if let Err(e) = st.copy_tree(&source, &tmp) {
+                st.remove_tree(&tmp);
+                return Err(e);
+            }
+            st.into_place(&tmp, &dest, "cannot move the VM's root into place")?;
+            Ok(dest.join(ROOTFS))
+        })
+        .await
     }
 
     /// Removes VM `vm`'s throw-away root, if it has one.
@@ -443,6 +445,21 @@ impl Storage {
                 self.remove_tree(&dir);
             }
         }
+    }
+
+    /// Runs `work` (file copies, hashing, renames: blocking system calls) on tokio's blocking
+    /// pool, so a long copy never holds up the node's other calls.
+    async fn blocking<T: Send + 'static>(&self, work: impl FnOnce(&Storage) -> T + Send + 'static) -> T {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || work(&this)).await.expect("storage work does not panic")
+    }
+
+    /// Renames the finished `tmp` to `dest`; on failure removes `tmp`.
+    fn into_place(&self, tmp: &Path, dest: &Path, what: &str) -> Result<(), StorageError> {
+        std::fs::rename(tmp, dest).map_err(|e| {
+            self.remove_tree(tmp);
+            StorageError::io(what)(e)
+        })
     }
 
     fn make_dir(&self, dir: &Path) -> Result<(), StorageError> {

@@ -607,6 +607,17 @@ impl VmManager {
             other => return Err(VmError::WrongState { id: id.into(), state: other.as_str(), action: "start" }),
         }
         let vmm = self.vmm()?;
+        if let Some(gone) = vm.config.disks.iter().find(|d| !d.path.exists()) {
+            let what = if gone.workspace.is_empty() {
+                "its root disk".to_string()
+            } else {
+                format!("workspace {}", gone.workspace)
+            };
+            return Err(VmError::Invalid(format!(
+                "vm {id} cannot start: {what} ({}) no longer exists; delete the VM and create it again",
+                gone.path.display()
+            )));
+        }
         let console_start = std::fs::symlink_metadata(vm.dir.console_log()).map(|m| m.len()).unwrap_or(0);
         vm.set_status(VmStatus {
             state: VmState::Starting,
