@@ -116,7 +116,8 @@ async fn main() {
         let registered = storage.join("images").join(name).join("rootfs.ext4");
         let (mut create, mut fork, mut plain, mut reflink) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {
-            create.push(timed(&client, "workspace_create", json!({"name": format!("{name}-c{i}"), "image": name})).await);
+            create
+                .push(timed(&client, "workspace_create", json!({"name": format!("{name}-c{i}"), "image": name})).await);
         }
         for i in 0..n {
             let args = json!({"workspace": format!("{name}-c0"), "name": format!("{name}-f{i}")});

@@ -11,10 +11,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::node::Node;
-use tokio::io::AsyncBufReadExt;
 use common::{Home, call_err, call_ok, tool_error};
 use moat_node::testing::{LoopFs, images_with_base, until};
 use serde_json::json;
+use tokio::io::AsyncBufReadExt;
 
 /// The Debian image the tests import: `$MOAT_DEBIAN_IMAGE`, else what `.ci/test` builds.
 fn debian_image() -> PathBuf {

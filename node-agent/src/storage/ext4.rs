@@ -18,6 +18,9 @@ pub fn is_ext4(path: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// How e2fsprogs say the filesystem they write to is full.
+const NO_SPACE: &str = "No space left on device";
+
 async fn tool(argv: &[&std::ffi::OsStr], ok: &[i32]) -> Result<(), String> {
     let program = argv[0].to_string_lossy().into_owned();
     let out = crate::cmd::run(argv, TOOL_TIMEOUT).await.map_err(|e| crate::errors::chain(&e))?;
@@ -25,6 +28,10 @@ async fn tool(argv: &[&std::ffi::OsStr], ok: &[i32]) -> Result<(), String> {
         Some(code) if ok.contains(&code) => Ok(()),
         _ => {
             let stderr = String::from_utf8_lossy(&out.stderr);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if stdout.contains(NO_SPACE) || stderr.contains(NO_SPACE) {
+                return Err(format!("{program} failed: {NO_SPACE}"));
+            }
             let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
             Err(format!("{program} failed ({}): {last}", out.status))
         }
@@ -55,12 +62,12 @@ pub async fn from_dir(dir: &Path, dest: &Path) -> Result<(), StorageError> {
 /// Grows the ext4 filesystem in `file` to `bytes` (offline).
 pub async fn grow(file: &Path, bytes: u64) -> std::io::Result<()> {
     std::fs::OpenOptions::new().write(true).open(file)?.set_len(bytes)?;
-    let fail = |e: String| std::io::Error::other(e);
+    let fail = |e: String| {
+        if e.contains(NO_SPACE) { std::io::Error::from_raw_os_error(libc::ENOSPC) } else { std::io::Error::other(e) }
+    };
     // e2fsck exits 1 when it fixed something, which is fine before a resize.
     tool(&["e2fsck".as_ref(), "-f".as_ref(), "-y".as_ref(), file.as_os_str()], &[0, 1]).await.map_err(fail)?;
-    tool(&["resize2fs".as_ref(), file.as_os_str()], &[0]).await.map_err(|e| {
-        if e.contains("No space left") { std::io::Error::from_raw_os_error(libc::ENOSPC) } else { fail(e) }
-    })
+    tool(&["resize2fs".as_ref(), file.as_os_str()], &[0]).await.map_err(fail)
 }
 
 fn tree_bytes(dir: &Path) -> u64 {

@@ -272,8 +272,10 @@ impl Storage {
                 return Err(StorageError::Invalid(format!("{} is neither a file nor a directory", source.display())));
             }
             let hashed = file.clone();
-            let sha256 =
-                self.blocking(move |_| sha256_file(&hashed)).await.map_err(StorageError::io("cannot hash the image"))?;
+            let sha256 = self
+                .blocking(move |_| sha256_file(&hashed))
+                .await
+                .map_err(StorageError::io("cannot hash the image"))?;
             let size_bytes = std::fs::metadata(&file).map_err(StorageError::io("cannot stat the image"))?.len();
             let image = ImageMeta {
                 name: name.into(),
@@ -282,7 +284,7 @@ impl Storage {
                 source: source.display().to_string(),
                 created_at: moat_proto::time::now(),
             };
-            write_json(&tmp.join(IMAGE_META), &image)?;
+            write_json(&tmp.join(IMAGE_META), &image).map_err(|e| self.full_or(e, "writing its metadata"))?;
             Ok(image)
         }
         .await;
@@ -294,7 +296,7 @@ impl Storage {
             }
         };
         let dest = self.image_dir(name);
-        self.blocking(move |st| st.into_place(&tmp, &dest, "cannot move the image into place")).await?;
+        self.blocking(move |st| st.move_into_place(&tmp, &dest, "cannot move the image into place")).await?;
         // Read-only once in place (btrfs will not rename a read-only subvolume).
         if self.inner.method == Method::Snapshot {
             btrfs::set_read_only(&self.image_dir(name)).map_err(StorageError::io("cannot make the image read-only"))?;
@@ -378,7 +380,8 @@ impl Storage {
                 created_at: moat_proto::time::now(),
             };
             let (at, written) = (tmp.join(WORKSPACE_META), meta.clone());
-            self.blocking(move |_| write_json(&at, &written)).await?;
+            self.blocking(move |st| write_json(&at, &written).map_err(|e| st.full_or(e, "writing its metadata")))
+                .await?;
             Ok(meta)
         }
         .await;
@@ -390,7 +393,7 @@ impl Storage {
             }
         };
         let dest = self.workspace_dir(id);
-        self.blocking(move |st| st.into_place(&tmp, &dest, "cannot move the workspace into place")).await?;
+        self.blocking(move |st| st.move_into_place(&tmp, &dest, "cannot move the workspace into place")).await?;
         Ok(meta)
     }
 
@@ -420,7 +423,7 @@ impl Storage {
                 st.remove_tree(&tmp);
                 return Err(e);
             }
-            st.into_place(&tmp, &dest, "cannot move the VM's root into place")?;
+            st.move_into_place(&tmp, &dest, "cannot move the VM's root into place")?;
             Ok(dest.join(ROOTFS))
         })
         .await
@@ -455,7 +458,7 @@ impl Storage {
     }
 
     /// Renames the finished `tmp` to `dest`; on failure removes `tmp`.
-    fn into_place(&self, tmp: &Path, dest: &Path, what: &str) -> Result<(), StorageError> {
+    fn move_into_place(&self, tmp: &Path, dest: &Path, what: &str) -> Result<(), StorageError> {
         std::fs::rename(tmp, dest).map_err(|e| {
             self.remove_tree(tmp);
             StorageError::io(what)(e)
@@ -575,9 +578,9 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StorageError> {
+fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).expect("metadata serializes");
-    crate::dir::write_atomic(path, &bytes).map_err(StorageError::io(format!("cannot write {}", path.display())))
+    crate::dir::write_atomic(path, &bytes)
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -728,6 +731,36 @@ mod tests {
         }
         assert!(storage.workspaces().is_empty());
         assert_eq!(std::fs::read_dir(storage.root().join("tmp")).unwrap().count(), 0, "a half copy stayed");
+    }
+
+    /// On a full btrfs a create fails as full and leaves no subvolume behind; with room again it
+    /// works.
+    #[tokio::test]
+    async fn a_full_btrfs_leaves_no_subvolume() {
+        let Some(fs) = LoopFs::new("mkfs.btrfs", 512) else { return };
+        let storage = Storage::open(&fs.path().join("storage")).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        storage.import_image("img", &image_file(src.path(), "x").await).await.unwrap();
+        // Fill the filesystem with data until it refuses more.
+        let mut filler = std::fs::File::create(fs.path().join("filler")).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        while std::io::Write::write_all(&mut filler, &chunk).and_then(|()| filler.sync_data()).is_ok() {}
+        match storage.create_workspace("big", "big", "img", Some(64)).await {
+            Err(StorageError::Full { .. }) => {}
+            other => panic!("growing on a full filesystem must fail as full: {other:?}"),
+        }
+        // Even a snapshot needs a little room (its metadata): refused the same way.
+        match storage.create_workspace("small", "small", "img", None).await {
+            Err(StorageError::Full { .. }) | Ok(_) => {}
+            other => panic!("{other:?}"),
+        }
+        let _ = storage.delete_workspace("small").await;
+        assert!(storage.workspaces().is_empty());
+        assert_eq!(std::fs::read_dir(storage.root().join("tmp")).unwrap().count(), 0, "an orphaned subvolume");
+        // With room again, the same create works.
+        drop(filler);
+        std::fs::remove_file(fs.path().join("filler")).unwrap();
+        storage.create_workspace("big", "big", "img", Some(1)).await.unwrap();
     }
 
     /// What a crash left in tmp/ is gone at the next open.
