@@ -81,6 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         keys: key_checker,
         guest: crate::guest::Sessions::default(),
     });
+    crate::tools::workspaces::clear_unfinished(&shared).await.context("cannot clear unfinished workspace creates")?;
     let mcp = Arc::new(Server {
         shared: shared.clone(),
         catalog: Catalog::build(),

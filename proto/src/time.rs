@@ -13,6 +13,12 @@ pub fn rfc3339_after(delay: Duration) -> String {
     rfc3339(d.as_secs() as i64, d.subsec_millis())
 }
 
+/// The RFC 3339 time `age` ago.
+pub fn rfc3339_before(age: Duration) -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().saturating_sub(age);
+    rfc3339(d.as_secs() as i64, d.subsec_millis())
+}
+
 fn rfc3339(secs: i64, millis: u32) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);

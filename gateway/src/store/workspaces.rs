@@ -134,6 +134,15 @@ impl State {
         Ok(())
     }
 
+    /// Workspaces still 'creating' that were reserved before `before`: their create never
+    /// finished (the gateway that made them stopped), so no caller was told they exist.
+    pub async fn unfinished_workspaces(&self, before: &str) -> Result<Vec<WorkspaceRow>, StateError> {
+        Ok(sqlx::query_as("SELECT * FROM workspaces WHERE state = 'creating' AND created_at < ?")
+            .bind(before)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
     pub async fn workspaces(&self) -> Result<Vec<WorkspaceRow>, StateError> {
         Ok(sqlx::query_as("SELECT * FROM workspaces WHERE state = 'ready' ORDER BY owner, name")
             .fetch_all(self.pool())
@@ -207,4 +216,71 @@ pub(super) async fn attach(tx: &mut sqlx::SqliteConnection, vm: &str, disks: &[D
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::vms::NodeCapacity;
+    use crate::store::vms::tests::row as vm_row;
+
+    fn ws(id: &str, name: &str, owner: &str, gib: i64, created_at: &str) -> WorkspaceRow {
+        WorkspaceRow {
+            id: id.into(),
+            name: name.into(),
+            owner: owner.into(),
+            node: "n1".into(),
+            image: "debian".into(),
+            parent: None,
+            size_gib: gib,
+            size_bytes: 0,
+            method: String::new(),
+            state: "creating".into(),
+            created_at: created_at.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn quotas_names_attachments_and_unfinished_creates() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("moat.db")).await.unwrap();
+        let quotas = Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 2, workspace_gib: 10 };
+        state.reserve_workspace(&ws("ws-a", "a", "alice", 6, "2026-01-01T00:00:00.000Z"), &quotas, "agent").await.unwrap();
+        let refused = |r: Result<(), ReserveError>| match r {
+            Err(ReserveError::Refused(refusal)) => refusal.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let msg = refused(state.reserve_workspace(&ws("ws-b", "a", "alice", 1, "x"), &quotas, "agent").await);
+        assert!(msg.contains("already have a workspace named `a`"), "{msg}");
+        let msg = refused(state.reserve_workspace(&ws("ws-b", "b", "alice", 5, "x"), &quotas, "agent").await);
+        assert!(msg.contains("workspace GiB would be 11 of your 10"), "{msg}");
+        state.reserve_workspace(&ws("ws-b", "b", "alice", 4, &crate::store::now()), &quotas, "agent").await.unwrap();
+        let msg = refused(state.reserve_workspace(&ws("ws-c", "c", "alice", 1, "x"), &quotas, "agent").await);
+        assert!(msg.contains("workspaces would be 3 of your 2"), "{msg}");
+        state.reserve_workspace(&ws("ws-c", "a", "bob", 1, "x"), &quotas, "agent").await.unwrap();
+
+        // Only creates reserved long ago and never finished are unfinished; made ones are ready.
+        state.workspace_made("ws-c", 1 << 30, "snapshot").await.unwrap();
+        let old = state.unfinished_workspaces("2026-06-01T00:00:00.000Z").await.unwrap();
+        assert_eq!(old.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), ["ws-a"]);
+        assert_eq!(state.workspaces().await.unwrap().iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), ["ws-c"]);
+
+        // Read-write in one VM; read-only in many, but not beside a writer.
+        let room = NodeCapacity { cpus: 8, memory_mib: 65536 };
+        let disk = |how| [DiskRow { workspace_id: "ws-c".into(), how, mount: "a".into() }];
+        let vm = |id: &str| vm_row(id, id, "bob", "n1", 1, 64);
+        state.reserve_vm(&vm("v1"), &quotas, "agent", room, false, &disk(How::ReadOnly)).await.unwrap();
+        state.reserve_vm(&vm("v2"), &quotas, "agent", room, false, &disk(How::ReadOnly)).await.unwrap();
+        let msg = match state.reserve_vm(&vm("v3"), &quotas, "agent", room, false, &disk(How::ReadWrite)).await {
+            Err(ReserveError::Refused(r)) => r.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(msg.contains("is attached read-only to vm v1"), "{msg}");
+        assert!(state.vm_by_id("v3").await.unwrap().is_none(), "a refused VM left its row");
+        state.delete_vm_row("v1").await.unwrap();
+        state.delete_vm_row("v2").await.unwrap();
+        state.reserve_vm(&vm("v3"), &quotas, "agent", room, false, &disk(How::Root)).await.unwrap();
+        assert!(state.reserve_vm(&vm("v4"), &quotas, "agent", room, false, &disk(How::ReadOnly)).await.is_err());
+        assert_eq!(state.attachments(Some("ws-c")).await.unwrap()[0].how, "root");
+    }
 }

@@ -216,6 +216,21 @@ where
     }
 }
 
+/// At start: removes workspaces whose create a stopped gateway never finished (reserved more than
+/// a create's longest time ago, so never another gateway's create in progress), here and on
+/// their nodes, freeing their names and quota.
+pub async fn clear_unfinished(shared: &Shared) -> Result<(), crate::store::StateError> {
+    let before = moat_proto::time::rfc3339_before(MAKE_TIMEOUT + Duration::from_secs(60));
+    for row in shared.state.unfinished_workspaces(&before).await? {
+        tracing::warn!(workspace = row.id, name = row.name, owner = row.owner, "removing a workspace whose create never finished");
+        shared.state.delete_workspace_row(&row.id).await?;
+        if let Ok(node) = client(shared, &row.node).await {
+            tokio::spawn(remove_when_back(node, row.id));
+        }
+    }
+    Ok(())
+}
+
 /// Deletes workspace `id` on `node` once the node answers (for up to ten minutes): it was never
 /// acknowledged, so nothing may keep it.
 async fn remove_when_back(node: NodeClient, id: String) {

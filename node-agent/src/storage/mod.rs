@@ -127,6 +127,10 @@ struct Inner {
     /// Why the method is what it is, for node_inspect.
     detail: String,
     op: tokio::sync::Mutex<()>,
+    /// Whether no other process had this root open when this one opened it.
+    alone: bool,
+    /// Holds the root's lock (shared) for as long as this storage is open.
+    _lock: std::fs::File,
 }
 
 /// 1-64 of a-z, 0-9, '-', not starting with '-': what an image name or workspace id may be
@@ -159,15 +163,31 @@ impl Storage {
         for sub in ["images", "workspaces", "vm-roots", "tmp"] {
             std::fs::create_dir_all(root.join(sub))?;
         }
+        // Several processes may share a root (moat serve and `moat image build debian`, two
+        // gateways on one state directory): only one that finds itself alone may treat what is
+        // in tmp/ or vm-roots/ as left over. All hold a shared lock while they run.
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join(".lock"))?;
+        let alone = flock(&lock, libc::LOCK_EX | libc::LOCK_NB);
         let (method, detail) = detect(root);
         tracing::info!(root = %root.display(), method = method.as_str(), "{detail}");
         let storage = Storage {
-            inner: Arc::new(Inner { root: root.to_path_buf(), method, detail, op: tokio::sync::Mutex::new(()) }),
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                method,
+                detail,
+                op: tokio::sync::Mutex::new(()),
+                alone,
+                _lock: lock,
+            }),
         };
-        for entry in std::fs::read_dir(root.join("tmp"))?.flatten() {
-            tracing::warn!(path = %entry.path().display(), "removing a half-made image or workspace");
-            storage.remove_tree(&entry.path());
+        if alone {
+            for entry in std::fs::read_dir(root.join("tmp"))?.flatten() {
+                tracing::warn!(path = %entry.path().display(), "removing a half-made image or workspace");
+                storage.remove_tree(&entry.path());
+            }
         }
+        // Shared from here on (a conversion, never unlocked in between).
+        flock(&storage.inner._lock, libc::LOCK_SH);
         Ok(storage)
     }
 
@@ -439,8 +459,12 @@ impl Storage {
         }
     }
 
-    /// Removes the throw-away roots of VMs not in `keep`.
+    /// Removes the throw-away roots of VMs not in `keep` (only when no other process shares
+    /// this root: its VMs are not in `keep`).
     pub fn prune_vm_roots(&self, keep: &[String]) {
+        if !self.inner.alone {
+            return;
+        }
         for dir in list_dirs(&self.inner.root.join("vm-roots")) {
             let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
             if !keep.contains(&id) {
@@ -534,7 +558,7 @@ impl Storage {
 /// How copies are made under `root`: btrfs snapshots, reflinks, or plain copies, and why.
 fn detect(root: &Path) -> (Method, String) {
     if crate::probe::filesystem_of(root).as_deref() == Some("btrfs") {
-        let probe = root.join("tmp").join(".probe-subvolume");
+        let probe = root.join("tmp").join(format!(".probe-subvolume-{}", std::process::id()));
         let works = btrfs::create(&probe).and_then(|()| btrfs::destroy(&probe));
         return match works {
             Ok(()) => (Method::Snapshot, "btrfs: workspaces are snapshots, made in constant time".into()),
@@ -549,7 +573,10 @@ fn detect(root: &Path) -> (Method, String) {
             }
         };
     }
-    let (a, b) = (root.join("tmp").join(".probe-a"), root.join("tmp").join(".probe-b"));
+    let (a, b) = {
+        let pid = std::process::id();
+        (root.join("tmp").join(format!(".probe-a-{pid}")), root.join("tmp").join(format!(".probe-b-{pid}")))
+    };
     let _ = std::fs::write(&a, b"moat");
     let reflinks = copy::reflink(&a, &b);
     let _ = (std::fs::remove_file(&a), std::fs::remove_file(&b));
@@ -563,6 +590,12 @@ fn detect(root: &Path) -> (Method, String) {
             ),
         ),
     }
+}
+
+fn flock(file: &std::fs::File, how: libc::c_int) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this process owns.
+    unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
 
 fn list_dirs(dir: &Path) -> impl Iterator<Item = PathBuf> {
@@ -763,14 +796,21 @@ mod tests {
         storage.create_workspace("big", "big", "img", Some(1)).await.unwrap();
     }
 
-    /// What a crash left in tmp/ is gone at the next open.
+    /// What a crash left in tmp/ is gone at the next open, unless another process has the root
+    /// open (then it may be that process's work in progress).
     #[test]
-    fn open_removes_half_made_work() {
+    fn open_removes_half_made_work_when_alone() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("s");
-        std::fs::create_dir_all(root.join("tmp/ws-half")).unwrap();
-        std::fs::write(root.join("tmp/ws-half/rootfs.ext4"), b"partial").unwrap();
-        let storage = Storage::open(&root).unwrap();
-        assert_eq!(std::fs::read_dir(storage.root().join("tmp")).unwrap().count(), 0);
+        let half = root.join("tmp/ws-half");
+        std::fs::create_dir_all(&half).unwrap();
+        let first = Storage::open(&root).unwrap();
+        assert!(!half.exists());
+        std::fs::create_dir_all(&half).unwrap();
+        let second = Storage::open(&root).unwrap();
+        assert!(half.exists(), "another open storage's work in progress was removed");
+        drop((first, second));
+        Storage::open(&root).unwrap();
+        assert!(!half.exists());
     }
 }
