@@ -17,6 +17,12 @@ struct Cli {
     /// The moat binary to start (on stdio) for each scenario
     #[arg(long, env = "MOAT_BIN", default_value = "moat")]
     moat: PathBuf,
+    /// The guest image directory (vmlinux, initramfs with moat-guest) for scenarios that boot VMs
+    #[arg(long, env = "MOAT_GUEST_IMAGE")]
+    guest_image: Option<PathBuf>,
+    /// The Debian image (rootfs.ext4) for scenarios that boot VMs
+    #[arg(long, env = "MOAT_DEBIAN_IMAGE")]
+    debian_image: Option<PathBuf>,
     /// Scenario files (TOML)
     #[arg(required = true)]
     scenarios: Vec<PathBuf>,
@@ -31,7 +37,8 @@ async fn main() -> anyhow::Result<()> {
         let scenario: scenario::Scenario =
             toml::from_str(&text).with_context(|| format!("{} is not a valid scenario", path.display()))?;
         println!("scenario {}: {}", scenario.name, scenario.description);
-        let outcomes = scenario::run(&cli.moat, &scenario).await?;
+        let images = scenario::Images { guest: cli.guest_image.clone(), debian: cli.debian_image.clone() };
+        let outcomes = scenario::run(&cli.moat, &scenario, &images).await?;
         for (i, outcome) in outcomes.iter().enumerate() {
             match outcome {
                 Ok(()) => {

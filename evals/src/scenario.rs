@@ -14,6 +14,10 @@ use serde_json::Value;
 pub struct Scenario {
     pub name: String,
     pub description: String,
+    /// Boots VMs: the runner gives the gateway the guest image as `base`, and string arguments
+    /// equal to `$DEBIAN_IMAGE` become the Debian image's path (`--guest-image`, `--debian-image`).
+    #[serde(default)]
+    pub images: bool,
     #[serde(rename = "step")]
     pub steps: Vec<Step>,
 }
@@ -48,9 +52,26 @@ pub enum Answer {
     RpcError { message: String },
 }
 
+/// The images a scenario with `images = true` boots.
+#[derive(Debug, Clone, Default)]
+pub struct Images {
+    pub guest: Option<std::path::PathBuf>,
+    pub debian: Option<std::path::PathBuf>,
+}
+
 /// Runs every step against a fresh `moat serve` in a private HOME.
-pub async fn run(moat: &Path, scenario: &Scenario) -> anyhow::Result<Vec<Result<(), String>>> {
+pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::Result<Vec<Result<(), String>>> {
     let home = tempfile::tempdir()?;
+    let mut debian = None;
+    if scenario.images {
+        let (Some(guest), Some(image)) = (&images.guest, &images.debian) else {
+            anyhow::bail!("scenario {} boots VMs: pass --guest-image and --debian-image", scenario.name);
+        };
+        let dir = home.path().join(".local/state/moat/images");
+        std::fs::create_dir_all(&dir)?;
+        std::os::unix::fs::symlink(std::fs::canonicalize(guest)?, dir.join("base"))?;
+        debian = Some(std::fs::canonicalize(image)?.display().to_string());
+    }
     #[allow(clippy::disallowed_methods)] // starts the gateway under evaluation
     let mut cmd = tokio::process::Command::new(moat);
     cmd.arg("serve")
@@ -62,7 +83,14 @@ pub async fn run(moat: &Path, scenario: &Scenario) -> anyhow::Result<Vec<Result<
     let mut outcomes = Vec::new();
     for step in &scenario.steps {
         let mut params = CallToolRequestParams::new(step.tool.clone());
-        let args = serde_json::to_value(&step.args)?;
+        let mut args = serde_json::to_value(&step.args)?;
+        if let (Some(path), Value::Object(map)) = (&debian, &mut args) {
+            for value in map.values_mut() {
+                if value == "$DEBIAN_IMAGE" {
+                    *value = Value::String(path.clone());
+                }
+            }
+        }
         if let Value::Object(map) = args {
             params = params.with_arguments(map);
         }

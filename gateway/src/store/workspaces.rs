@@ -245,7 +245,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("moat.db")).await.unwrap();
         let quotas = Quotas { running_vms: 9, vcpus: 9, memory_mib: 9999, workspaces: 2, workspace_gib: 10 };
-        state.reserve_workspace(&ws("ws-a", "a", "alice", 6, "2026-01-01T00:00:00.000Z"), &quotas, "agent").await.unwrap();
+        state
+            .reserve_workspace(&ws("ws-a", "a", "alice", 6, "2026-01-01T00:00:00.000Z"), &quotas, "agent")
+            .await
+            .unwrap();
         let refused = |r: Result<(), ReserveError>| match r {
             Err(ReserveError::Refused(refusal)) => refusal.to_string(),
             other => panic!("{other:?}"),

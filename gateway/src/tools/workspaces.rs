@@ -222,7 +222,12 @@ where
 pub async fn clear_unfinished(shared: &Shared) -> Result<(), crate::store::StateError> {
     let before = moat_proto::time::rfc3339_before(MAKE_TIMEOUT + Duration::from_secs(60));
     for row in shared.state.unfinished_workspaces(&before).await? {
-        tracing::warn!(workspace = row.id, name = row.name, owner = row.owner, "removing a workspace whose create never finished");
+        tracing::warn!(
+            workspace = row.id,
+            name = row.name,
+            owner = row.owner,
+            "removing a workspace whose create never finished"
+        );
         shared.state.delete_workspace_row(&row.id).await?;
         if let Ok(node) = client(shared, &row.node).await {
             tokio::spawn(remove_when_back(node, row.id));
