@@ -288,9 +288,12 @@ pub(crate) fn vm_create_spec() -> ToolSpec {
         ToolName::VmCreate,
         "Create a VM",
         "Creates a VM that you own and, unless start is false, boots it and returns once its VMM \
-         runs the guest (state running). Placed on the node you name, else on the reachable node \
-         with the most free memory. Fails, changing nothing, when the name is taken, no node has \
-         room, or your quota (vCPUs, memory, running VMs) would be exceeded.",
+         runs the guest (state running). It boots the busybox image by default, a disk image such \
+         as \"debian\" from a throw-away copy, or one of your workspaces (persistent); \
+         data_workspaces mounts more at /workspaces/<name>. Placed on the node you name (or its \
+         workspaces' node), else on the reachable node with the most free memory. Fails, changing \
+         nothing, when the name is taken, no node has room, a workspace is in use read-write \
+         elsewhere, or your quota (vCPUs, memory, running VMs) would be exceeded.",
         Hints { read_only: false, destructive: false, idempotent: false, open_world: false },
         (ToolClass::Write, ActionGroup::Vm),
         json!({"name": "dev", "vcpus": 1, "memory_mib": 256, "labels": {"team": "infra"}}),

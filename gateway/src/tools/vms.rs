@@ -160,6 +160,11 @@ async fn disks_for(
 
 pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) -> Result<Value, ToolError> {
     let start = input.start.unwrap_or(true);
+    if input.workspace.is_some() && input.image.is_some() {
+        return Err(ToolError::Invalid(
+            "pass image or workspace, not both: a VM boots from one (a workspace keeps the image it was made from)".into(),
+        ));
+    }
     let (disks, root, disk_node) = disks_for(shared, ctx, &input).await?;
     // A VM on a workspace boots the base image's kernel and initramfs, which switch to the disk.
     let boot_image =
