@@ -295,6 +295,29 @@ pub struct DecodeError {
     pub source: serde_json::Error,
 }
 
+/// A tool's spec from its input type `I` and output type `O`.
+pub(crate) fn spec_for<I: schemars::JsonSchema, O: schemars::JsonSchema>(
+    name: ToolName,
+    title: &'static str,
+    description: &'static str,
+    hints: Hints,
+    (class, group, resource): (ToolClass, ActionGroup, ResourceKind),
+    example: Value,
+) -> ToolSpec {
+    ToolSpec {
+        name,
+        title,
+        description,
+        hints,
+        class,
+        group,
+        resource,
+        example,
+        input_schema: schema_object::<I>(),
+        output_schema: schema_object::<O>(),
+    }
+}
+
 /// Generates a tool schema as a JSON object (draft 2020-12, what MCP expects).
 pub fn schema_object<T: schemars::JsonSchema>() -> JsonObject {
     match schemars::schema_for!(T).to_value() {

@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{ActionGroup, Hints, ResourceKind, ToolClass, ToolName, ToolSpec, schema_object};
+use crate::{ActionGroup, Hints, ResourceKind, ToolClass, ToolName, ToolSpec};
 
 /// Most labels one VM may carry.
 pub const MAX_LABELS: usize = 16;
@@ -269,18 +269,7 @@ fn spec<I: JsonSchema, O: JsonSchema>(
     (class, group): (ToolClass, ActionGroup),
     example: serde_json::Value,
 ) -> ToolSpec {
-    ToolSpec {
-        name,
-        title,
-        description,
-        hints,
-        class,
-        group,
-        resource: ResourceKind::Vm,
-        example,
-        input_schema: schema_object::<I>(),
-        output_schema: schema_object::<O>(),
-    }
+    crate::spec_for::<I, O>(name, title, description, hints, (class, group, ResourceKind::Vm), example)
 }
 
 pub(crate) fn vm_create_spec() -> ToolSpec {

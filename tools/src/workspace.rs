@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{ActionGroup, Hints, ResourceKind, ToolClass, ToolName, ToolSpec, schema_object};
+use crate::{ActionGroup, Hints, ResourceKind, ToolClass, ToolName, ToolSpec, spec_for as spec};
 
 /// Largest `size_gib` a workspace may ask for.
 pub const MAX_SIZE_GIB: u64 = 1024;
@@ -189,28 +189,6 @@ pub struct DataWorkspace {
     /// Mount it read-only: any number of VMs may; read-write is one VM at a time [default: false].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
-}
-
-fn spec<I: JsonSchema, O: JsonSchema>(
-    name: ToolName,
-    title: &'static str,
-    description: &'static str,
-    hints: Hints,
-    (class, group, resource): (ToolClass, ActionGroup, ResourceKind),
-    example: serde_json::Value,
-) -> ToolSpec {
-    ToolSpec {
-        name,
-        title,
-        description,
-        hints,
-        class,
-        group,
-        resource,
-        example,
-        input_schema: schema_object::<I>(),
-        output_schema: schema_object::<O>(),
-    }
 }
 
 const WRITE: Hints = Hints { read_only: false, destructive: false, idempotent: false, open_world: false };

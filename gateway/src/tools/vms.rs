@@ -162,7 +162,8 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
     let start = input.start.unwrap_or(true);
     if input.workspace.is_some() && input.image.is_some() {
         return Err(ToolError::Invalid(
-            "pass image or workspace, not both: a VM boots from one (a workspace keeps the image it was made from)".into(),
+            "pass image or workspace, not both: a VM boots from one (a workspace keeps the image it was made from)"
+                .into(),
         ));
     }
     let (disks, root, disk_node) = disks_for(shared, ctx, &input).await?;
