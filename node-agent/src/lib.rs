@@ -17,6 +17,7 @@ pub mod cmd;
 pub mod dir;
 pub mod errors;
 pub mod kvm;
+pub mod net;
 pub mod nofollow;
 pub mod probe;
 pub mod server;

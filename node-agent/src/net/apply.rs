@@ -1,0 +1,134 @@
+//! Making the host match a [`NetState`]: bridges with their gateway addresses, forwarding and
+//! proxy ARP for isolated ports, and the whole `inet moat` table in one `nft -f` transaction.
+//! Idempotent: applying the same state twice changes nothing; what moat made and the state no
+//! longer has (an `mb*` bridge) is removed. Every change runs through the node's command runner,
+//! behind an optional prefix (`ip netns exec NS`) so tests act only inside namespaces they made.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::model::{Mode, NetState};
+use super::{names, render};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("`nft` is not installed on this host: install nftables (apt-get install nftables)")]
+    NoNft,
+    #[error(transparent)]
+    Invalid(#[from] super::model::Invalid),
+    #[error("{argv} failed: {detail}")]
+    Command { argv: String, detail: String },
+}
+
+/// Applies states to the host (or to the namespace its prefix enters).
+#[derive(Debug, Clone, Default)]
+pub struct Applier {
+    prefix: Vec<String>,
+    /// Where the ruleset file is written before `nft -f` reads it.
+    scratch: PathBuf,
+}
+
+impl Applier {
+    /// Acting on this host's own network namespace.
+    pub fn host(scratch: PathBuf) -> Applier {
+        Applier { prefix: Vec::new(), scratch }
+    }
+
+    /// Acting inside network namespace `ns` (tests).
+    pub fn in_namespace(ns: &str, scratch: PathBuf) -> Applier {
+        Applier { prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.into()], scratch }
+    }
+
+    async fn run(&self, args: &[&str], ok_if: &[&str]) -> Result<String, ApplyError> {
+        let argv: Vec<String> = self.prefix.iter().cloned().chain(args.iter().map(|s| s.to_string())).collect();
+        let shown = args.join(" ");
+        let out = crate::cmd::run(&argv, TIMEOUT).await.map_err(|e| {
+            if args.first() == Some(&"nft") && matches!(e, crate::cmd::CmdError::Spawn { .. }) {
+                ApplyError::NoNft
+            } else {
+                ApplyError::Command { argv: shown.clone(), detail: crate::errors::chain(&e) }
+            }
+        })?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if !out.status.success() && !ok_if.iter().any(|s| stderr.contains(s)) {
+            if args.first() == Some(&"nft") && stderr.contains("No such file or directory") && stderr.contains("nft") {
+                return Err(ApplyError::NoNft);
+            }
+            return Err(ApplyError::Command { argv: shown, detail: stderr });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Makes bridges, addresses, forwarding and the ruleset match `state`.
+    pub async fn apply(&self, state: &NetState) -> Result<(), ApplyError> {
+        state.validate()?;
+        if !state.networks.is_empty() {
+            self.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], &[]).await?;
+        }
+        for net in &state.networks {
+            let bridge = render::bridge_of(net);
+            if !matches!(net.mode, Mode::Bridged { .. }) {
+                self.run(&["ip", "link", "add", "name", &bridge, "type", "bridge"], &["File exists"]).await?;
+                let gateway =
+                    format!("{}/{}", net.cidr.gateway().expect("validated: /29 or larger"), net.cidr.prefix());
+                self.run(&["ip", "addr", "replace", &gateway, "dev", &bridge], &[]).await?;
+                self.run(&["ip", "link", "set", &bridge, "up"], &[]).await?;
+            }
+            // VMs' ports are isolated from each other: their traffic goes through the host (and
+            // the ruleset), which answers ARP for the other VMs.
+            let pvlan = format!("net.ipv4.conf.{bridge}.proxy_arp_pvlan=1");
+            self.run(&["sysctl", "-qw", &pvlan], &[]).await?;
+            let arp = format!("net.ipv4.conf.{bridge}.proxy_arp=1");
+            self.run(&["sysctl", "-qw", &arp], &[]).await?;
+        }
+        self.ruleset(state).await?;
+        // Bridges moat made that the state no longer has.
+        let wanted: Vec<String> = state.networks.iter().map(render::bridge_of).collect();
+        for bridge in self.moat_bridges().await? {
+            if !wanted.contains(&bridge) {
+                self.run(&["ip", "link", "del", &bridge], &["Cannot find device"]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the `inet moat` table whole (or removes it when there are no networks).
+    pub async fn ruleset(&self, state: &NetState) -> Result<(), ApplyError> {
+        let text =
+            if state.networks.is_empty() { render::REMOVE.to_string() } else { render::print(&render::table(state)) };
+        std::fs::create_dir_all(&self.scratch)
+            .map_err(|e| ApplyError::Command { argv: "mkdir".into(), detail: e.to_string() })?;
+        let file = self.scratch.join(format!("moat-{}.nft", std::process::id()));
+        std::fs::write(&file, text).map_err(|e| ApplyError::Command { argv: "write".into(), detail: e.to_string() })?;
+        let applied = self.run(&["nft", "-f", &file.display().to_string()], &[]).await;
+        let _ = std::fs::remove_file(&file);
+        applied.map(drop)
+    }
+
+    /// Attaches VM `vm`'s tap (already made) to its network's bridge as an isolated port.
+    pub async fn attach(&self, state: &NetState, vm: &str) -> Result<(), ApplyError> {
+        let Some(port) = state.ports.iter().find(|p| p.vm == vm) else { return Ok(()) };
+        let Some(net) = state.networks.iter().find(|n| n.id == port.network) else { return Ok(()) };
+        let tap = names::tap(vm);
+        self.run(&["ip", "link", "set", &tap, "master", &render::bridge_of(net)], &[]).await?;
+        self.run(&["bridge", "link", "set", "dev", &tap, "isolated", "on"], &[]).await?;
+        self.run(&["ip", "link", "set", &tap, "up"], &[]).await?;
+        Ok(())
+    }
+
+    /// The `mb*` bridges present (moat's own: other bridges are never touched).
+    async fn moat_bridges(&self) -> Result<Vec<String>, ApplyError> {
+        let out = self.run(&["ip", "-j", "link", "show", "type", "bridge"], &[]).await?;
+        let links: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        Ok(links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| n.len() == 10 && n.starts_with("mb") && n[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string)
+            .collect())
+    }
+}
