@@ -167,14 +167,21 @@ mod tests {
 
     #[test]
     fn shipped_scenarios_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         let mut count = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            let s: Scenario = toml::from_str(&text).unwrap();
-            assert!(!s.steps.is_empty());
-            count += 1;
+        for (dir, boots) in [(root.clone(), false), (root.join("images"), true)] {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let s: Scenario = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!s.steps.is_empty());
+                assert_eq!(s.images, boots, "{}: scenarios that boot VMs live in scenarios/images", path.display());
+                count += 1;
+            }
         }
-        assert!(count > 0);
+        assert!(count > 2);
     }
 }

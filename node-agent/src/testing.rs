@@ -83,3 +83,24 @@ pub fn free_port() -> u16 {
 }
 
 pub use crate::storage::loopfs::LoopFs;
+
+/// A network namespace made for one test, deleted (with everything in it) when dropped.
+#[derive(Debug)]
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: String) -> Netns {
+        let _ = crate::cmd::probe_blocking(&["ip", "netns", "del", &name], Duration::from_secs(10));
+        for argv in [vec!["ip", "netns", "add", &name], vec!["ip", "-n", &name, "link", "set", "lo", "up"]] {
+            let out = crate::cmd::probe_blocking(&argv, Duration::from_secs(10));
+            assert!(out.is_some_and(|o| o.status.success()), "{} failed", argv.join(" "));
+        }
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = crate::cmd::probe_blocking(&["ip", "netns", "del", &self.0], Duration::from_secs(10));
+    }
+}

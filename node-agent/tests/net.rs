@@ -11,24 +11,9 @@ use std::process::{Command, Stdio};
 use moat_node::net::apply::Applier;
 use moat_node::net::model::{Egress, Group, Ingress, Mode, NetState, Network, Port, Ports, Proto, Source};
 use moat_node::net::{names, render};
+use moat_node::testing::Netns;
 
-/// A network namespace deleted (with everything in it) when dropped.
-struct Ns(String);
-
-impl Ns {
-    fn new(name: String) -> Ns {
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-        sh(&["ip", "netns", "add", &name]);
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Ns(name)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+type Ns = Netns;
 
 fn sh(argv: &[&str]) -> String {
     let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();

@@ -5,8 +5,8 @@
 //! Policy, per network bridge `B`:
 //! * `forward`: `iifname B jump from_B` for every bridge, then `oifname B jump to_B` for every
 //!   bridge (a destination's accept must never run before a source's drop).
-//! * `from_B`: replies pass; a VM's own source address goes to its `out_<tap>`; any other source
-//!   (spoofed, IPv6) is dropped.
+//! * `from_B`: replies pass; a VM's own source address goes to its `out_<tap>` (one verdict-map
+//!   lookup for all VMs); any other source (spoofed, IPv6) is dropped.
 //! * `out_<tap>`: traffic staying on `B` goes on to `to_B`; beyond it, an isolated network drops
 //!   everything, a VM whose groups list egress rules may reach only those, otherwise anything.
 //! * `to_B`: replies pass; traffic to a VM goes to its `in_<tap>`, which accepts only what one of
@@ -50,6 +50,12 @@ pub enum Verdict {
     Goto(String),
     Masquerade,
     Dnat(Ipv4Addr, u16),
+    /// One lookup instead of a rule per VM: the packet's source (or destination) address picks
+    /// the chain to `goto`; no entry, no verdict (the next rule runs).
+    Vmap {
+        source: bool,
+        entries: Vec<(Ipv4Addr, String)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,18 +154,17 @@ pub fn table(state: &NetState) -> Table {
         let ports: Vec<_> = state.ports.iter().filter(|p| p.network == net.id).collect();
         let mut from = vec![rule(vec![Match::Established], Verdict::Accept)];
         let mut to = vec![rule(vec![Match::Established], Verdict::Accept)];
+        let (mut outs, mut ins) = (Vec::new(), Vec::new());
         for port in &ports {
             let tap = names::tap(&port.vm);
-            from.push(Rule {
-                comment: Some(format!("vm {}", port.vm)),
-                ..rule(vec![Match::Saddr(port.ip)], Verdict::Goto(format!("out_{tap}")))
-            });
-            to.push(Rule {
-                comment: Some(format!("vm {}", port.vm)),
-                ..rule(vec![Match::Daddr(port.ip)], Verdict::Goto(format!("in_{tap}")))
-            });
+            outs.push((port.ip, format!("out_{tap}")));
+            ins.push((port.ip, format!("in_{tap}")));
             t.chains.push(Chain { name: format!("out_{tap}"), hook: None, rules: egress(state, net, &b, port) });
             t.chains.push(Chain { name: format!("in_{tap}"), hook: None, rules: ingress(state, port) });
+        }
+        if !outs.is_empty() {
+            from.push(rule(vec![], Verdict::Vmap { source: true, entries: outs }));
+            to.push(rule(vec![], Verdict::Vmap { source: false, entries: ins }));
         }
         from.push(rule(vec![], Verdict::Drop));
         to.push(rule(vec![], Verdict::Drop));
@@ -275,6 +280,10 @@ fn print_verdict(v: &Verdict) -> String {
         Verdict::Goto(c) => format!("goto {c}"),
         Verdict::Masquerade => "masquerade".into(),
         Verdict::Dnat(ip, port) => format!("dnat ip to {ip}:{port}"),
+        Verdict::Vmap { source, entries } => {
+            let list: Vec<String> = entries.iter().map(|(ip, chain)| format!("{ip} : goto {chain}")).collect();
+            format!("ip {} vmap {{ {} }}", if *source { "saddr" } else { "daddr" }, list.join(", "))
+        }
     }
 }
 
@@ -368,6 +377,12 @@ mod tests {
                     other => return other,
                 },
                 Verdict::Goto(c) => return run(t, c, p),
+                Verdict::Vmap { source, entries } => {
+                    let key = if *source { p.src } else { p.dst };
+                    if let Some((_, c)) = entries.iter().find(|(ip, _)| *ip == key) {
+                        return run(t, c, p);
+                    }
+                }
                 Verdict::Masquerade | Verdict::Dnat(..) => unreachable!("no NAT in the filter chains"),
             }
         }
@@ -577,8 +592,8 @@ mod tests {
         for want in [
             "table inet moat\ndelete table inet moat\ntable inet moat {".to_string(),
             format!("iifname \"{b}\" jump from_{b} comment \"from network dev\""),
-            format!("ip saddr 10.5.0.2 goto out_{tap}"),
-            format!("ip daddr 10.5.0.2 goto in_{tap}"),
+            format!("ip saddr vmap {{ 10.5.0.2 : goto out_{tap} }}"),
+            format!("ip daddr vmap {{ 10.5.0.2 : goto in_{tap} }}"),
             "ip saddr 10.5.0.0/24 tcp dport 80 accept comment \"group web\"".into(),
             "ct status dnat tcp dport 80 accept".into(),
             "ip saddr 10.5.0.0/24 oifname \"eth0\" masquerade".into(),
