@@ -5,13 +5,15 @@
 //! Policy, per network bridge `B`:
 //! * `forward`: `iifname B jump from_B` for every bridge, then `oifname B jump to_B` for every
 //!   bridge (a destination's accept must never run before a source's drop).
-//! * `from_B`: replies pass; a VM's own source address goes to its `out_<tap>` (one verdict-map
-//!   lookup for all VMs); any other source (spoofed, IPv6) is dropped.
-//! * `out_<tap>`: traffic staying on `B` goes on to `to_B`; beyond it, an isolated network drops
+//! * `from_B`: replies pass; a VM's own source address goes to its profile's `out_` chain (one
+//!   verdict-map lookup for all VMs); any other source (spoofed, IPv6) is dropped.
+//! * `out_<profile>`: traffic staying on `B` goes on to `to_B`; beyond it, an isolated network drops
 //!   everything, a VM whose groups list egress rules may reach only those, otherwise anything.
-//! * `to_B`: replies pass; traffic to a VM goes to its `in_<tap>`, which accepts only what one of
-//!   its groups' ingress rules (or a port forward) allows, and drops the rest. So VM-to-VM traffic
-//!   (forced through the host by isolated bridge ports with proxy ARP) needs a rule.
+//! * `to_B`: replies and port-forwarded connections pass; traffic to a VM goes to its profile's
+//!   `in_` chain, which accepts only what one of its groups' ingress rules allows, and drops the
+//!   rest. So VM-to-VM traffic (forced through the host by isolated bridge ports with proxy ARP)
+//!   needs a rule. VMs with the same groups on the same network share one `in_` and one `out_`
+//!   chain (a profile), so the ruleset grows with the kinds of VMs, not their number.
 //! * `input`: from a VM to the host itself, only replies and ICMP.
 //! * NAT: `postrouting` masquerades nat networks out of their uplink; `prerouting` DNATs forwarded
 //!   host ports (to local addresses only) to their VM.
@@ -154,13 +156,34 @@ pub fn table(state: &NetState) -> Table {
         let ports: Vec<_> = state.ports.iter().filter(|p| p.network == net.id).collect();
         let mut from = vec![rule(vec![Match::Established], Verdict::Accept)];
         let mut to = vec![rule(vec![Match::Established], Verdict::Accept)];
+        // Port forwards are per VM: accepted before the per-profile chains.
+        for f in &state.forwards {
+            if let Some(port) = ports.iter().find(|p| p.vm == f.vm) {
+                let one = Some(Ports { from: f.vm_port, to: f.vm_port });
+                to.push(Rule {
+                    comment: Some(format!("forward to vm {}", f.vm)),
+                    ..rule(vec![Match::Dnatted, Match::Daddr(port.ip), Match::L4(f.proto, one)], Verdict::Accept)
+                });
+            }
+        }
+        // VMs with the same groups on the same network share their chains (a profile), so the
+        // number of chains grows with the kinds of VMs, not with the VMs.
         let (mut outs, mut ins) = (Vec::new(), Vec::new());
+        let mut made = std::collections::HashSet::new();
         for port in &ports {
-            let tap = names::tap(&port.vm);
-            outs.push((port.ip, format!("out_{tap}")));
-            ins.push((port.ip, format!("in_{tap}")));
-            t.chains.push(Chain { name: format!("out_{tap}"), hook: None, rules: egress(state, net, &b, port) });
-            t.chains.push(Chain { name: format!("in_{tap}"), hook: None, rules: ingress(state, port) });
+            let mut groups = port.groups.clone();
+            groups.sort();
+            let profile = names::short(&format!("{}/{}", net.id, groups.join(",")));
+            outs.push((port.ip, format!("out_{profile}")));
+            ins.push((port.ip, format!("in_{profile}")));
+            if made.insert(profile.clone()) {
+                t.chains.push(Chain {
+                    name: format!("out_{profile}"),
+                    hook: None,
+                    rules: egress(state, net, &b, port),
+                });
+                t.chains.push(Chain { name: format!("in_{profile}"), hook: None, rules: ingress(state, port) });
+            }
         }
         if !outs.is_empty() {
             from.push(rule(vec![], Verdict::Vmap { source: true, entries: outs }));
@@ -220,10 +243,6 @@ fn ingress(state: &NetState, port: &super::model::Port) -> Vec<Rule> {
             }
             rules.push(Rule { comment: Some(format!("group {}", g.name)), ..rule(m, Verdict::Accept) });
         }
-    }
-    for f in state.forwards.iter().filter(|f| f.vm == port.vm) {
-        let one = Some(Ports { from: f.vm_port, to: f.vm_port });
-        rules.push(rule(vec![Match::Dnatted, Match::L4(f.proto, one)], Verdict::Accept));
     }
     rules.push(rule(vec![], Verdict::Drop));
     rules
@@ -588,14 +607,14 @@ mod tests {
         };
         state.validate().unwrap();
         let text = print(&table(&state));
-        let (b, tap) = (names::bridge("net-1"), names::tap("vm-1"));
+        let (b, profile) = (names::bridge("net-1"), names::short("net-1/sg-1"));
         for want in [
             "table inet moat\ndelete table inet moat\ntable inet moat {".to_string(),
             format!("iifname \"{b}\" jump from_{b} comment \"from network dev\""),
-            format!("ip saddr vmap {{ 10.5.0.2 : goto out_{tap} }}"),
-            format!("ip daddr vmap {{ 10.5.0.2 : goto in_{tap} }}"),
+            format!("ip saddr vmap {{ 10.5.0.2 : goto out_{profile} }}"),
+            format!("ip daddr vmap {{ 10.5.0.2 : goto in_{profile} }}"),
             "ip saddr 10.5.0.0/24 tcp dport 80 accept comment \"group web\"".into(),
-            "ct status dnat tcp dport 80 accept".into(),
+            "ct status dnat ip daddr 10.5.0.2 tcp dport 80 accept comment \"forward to vm vm-1\"".into(),
             "ip saddr 10.5.0.0/24 oifname \"eth0\" masquerade".into(),
             "fib daddr type local tcp dport 8080 dnat ip to 10.5.0.2:80".into(),
         ] {
