@@ -130,6 +130,8 @@ async fn workspaces_on_btrfs_boot_fork_and_stay_apart() {
         json!({"name": "two", "vcpus": 1, "memory_mib": 256, "data_workspaces": [{"name": "dev"}], "start": false});
     let err = tool_error(&alice, "vm_create", args).await;
     assert!(err.contains("is attached root to vm"), "{err}");
+    let listed = call_ok(&alice, "vm_list", json!({})).await;
+    assert_eq!(listed["vms"][0]["workspace"], "dev", "vm_list shows what a VM boots from: {listed}");
     let stopped = call_ok(&alice, "vm_stop", json!({"vm": "one"})).await;
     assert_eq!(stopped["vm"]["state"], "stopped", "{stopped}");
     let inspected = call_ok(&alice, "workspace_inspect", json!({"workspace": "dev"})).await;

@@ -117,7 +117,10 @@ impl State {
         let lock_path = wal_file(path, "-lock");
         let locking = lock_path.clone();
         let lock = tokio::task::spawn_blocking(move || {
-            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&locking)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Made 0600 (an older one is tightened below), like the database beside it.
+            let file =
+                std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&locking)?;
             private_file(&locking)?;
             file.lock()?;
             Ok(file)

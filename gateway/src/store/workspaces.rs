@@ -177,11 +177,14 @@ impl State {
         .await?)
     }
 
-    /// The disks of VM `vm`.
-    pub async fn vm_disks(&self, vm: &str) -> Result<Vec<(String, String, String)>, StateError> {
+    /// VMs' disks as (vm id, workspace name (its id if it is gone), how, mount), of VM `vm` or
+    /// of every VM.
+    pub async fn vm_disks(&self, vm: Option<&str>) -> Result<Vec<(String, String, String, String)>, StateError> {
         Ok(sqlx::query_as(
-            "SELECT workspace_id, how, mount FROM vm_disks WHERE vm_id = ? ORDER BY how = 'root' DESC, mount",
+            "SELECT d.vm_id, COALESCE(w.name, d.workspace_id), d.how, d.mount FROM vm_disks d
+             LEFT JOIN workspaces w ON w.id = d.workspace_id WHERE ? IS NULL OR d.vm_id = ? ORDER BY d.vm_id, d.mount",
         )
+        .bind(vm)
         .bind(vm)
         .fetch_all(self.pool())
         .await?)

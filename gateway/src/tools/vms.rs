@@ -94,15 +94,21 @@ pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
     }
 }
 
-/// `info` with the workspaces its VM has as disks.
-async fn with_disks(shared: &Shared, mut info: VmInfo) -> Result<VmInfo, ToolError> {
-    for (id, how, mount) in shared.state.vm_disks(&info.id).await? {
+/// `info` with the workspaces its VM has as disks, from `disks` (as `State::vm_disks` gives them).
+fn add_disks(info: &mut VmInfo, disks: &[(String, String, String, String)]) {
+    for (_, workspace, how, mount) in disks.iter().filter(|(vm, ..)| *vm == info.id) {
         if how == How::Root.as_str() {
-            info.workspace = Some(shared.state.workspace_by_id(&id).await?.map(|w| w.name).unwrap_or(id));
+            info.workspace = Some(workspace.clone());
         } else {
-            info.data_workspaces.push(mount);
+            info.data_workspaces.push(mount.clone());
         }
     }
+}
+
+/// `info` with the workspaces its VM has as disks.
+async fn with_disks(shared: &Shared, mut info: VmInfo) -> Result<VmInfo, ToolError> {
+    let disks = shared.state.vm_disks(Some(&info.id)).await?;
+    add_disks(&mut info, &disks);
     Ok(info)
 }
 
@@ -349,6 +355,7 @@ pub async fn logs(shared: &Shared, ctx: &CallContext, arg: &str, tail: Option<u3
 pub async fn list(shared: &Shared, ctx: &CallContext, input: VmListInput) -> Result<Value, ToolError> {
     let bundle = shared.authz.bundle();
     let label = input.label.as_deref().and_then(|l| l.split_once('='));
+    let disks = shared.state.vm_disks(None).await?;
     let vms = shared
         .state
         .vms()
@@ -359,7 +366,11 @@ pub async fn list(shared: &Shared, ctx: &CallContext, input: VmListInput) -> Res
         .filter(|row| label.is_none_or(|(k, v)| row.labels().get(k).is_some_and(|have| have == v)))
         // A caller sees exactly the VMs it may inspect.
         .filter(|row| bundle.is_allowed(&ctx.principal, ToolName::VmInspect, &vm_resource(row)))
-        .map(|row| vm_info(&row, None))
+        .map(|row| {
+            let mut info = vm_info(&row, None);
+            add_disks(&mut info, &disks);
+            info
+        })
         .collect();
     Ok(to_value(VmListOutput { vms }))
 }
