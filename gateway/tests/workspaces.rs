@@ -247,9 +247,17 @@ async fn workspaces_on_btrfs_boot_fork_and_stay_apart() {
     for vm in ["one", "ro", "ro2"] {
         call_ok(&alice, "vm_delete", json!({"vm": vm})).await;
     }
+    // A lineage stays whole when an ancestor is deleted.
+    let grandchild = call_ok(&alice, "workspace_fork", json!({"workspace": "dev-fork", "name": "dev-fork-2"})).await;
+    let fork_id = fork["workspace"]["id"].as_str().unwrap();
+    let whole = json!(["debian", dev_id, fork_id]);
+    assert_eq!(grandchild["workspace"]["lineage"], whole);
     for ws in ["dev-fork", "dev"] {
         call_ok(&alice, "workspace_delete", json!({"workspace": ws})).await;
     }
+    let kept = call_ok(&alice, "workspace_inspect", json!({"workspace": "dev-fork-2"})).await;
+    assert_eq!(kept["workspace"]["lineage"], whole, "deleting ancestors cut the lineage: {kept}");
+    call_ok(&alice, "workspace_delete", json!({"workspace": "dev-fork-2"})).await;
     assert_eq!(std::fs::read_dir(storage.join("workspaces")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(storage.join("tmp")).unwrap().count(), 0);
     drop(n1);

@@ -23,6 +23,15 @@ pub struct WorkspaceRow {
     pub method: String,
     pub state: String,
     pub created_at: String,
+    /// Ancestor workspace ids, oldest first (JSON array).
+    pub lineage: String,
+}
+
+impl WorkspaceRow {
+    /// Ancestor workspace ids, oldest first (deleted ones included).
+    pub fn ancestors(&self) -> Vec<String> {
+        serde_json::from_str(&self.lineage).unwrap_or_default()
+    }
 }
 
 /// How a VM has a workspace.
@@ -93,8 +102,9 @@ impl State {
             return Err(over("workspace GiB", (gib + row.size_gib) as u64, quotas.workspace_gib).into());
         }
         sqlx::query(
-            "INSERT INTO workspaces (id, name, owner, node, image, parent, size_gib, size_bytes, method, state, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO workspaces (id, name, owner, node, image, parent, size_gib, size_bytes, method, state, created_at,
+                                     lineage)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&row.id)
         .bind(&row.name)
@@ -107,6 +117,7 @@ impl State {
         .bind(&row.method)
         .bind(&row.state)
         .bind(&row.created_at)
+        .bind(&row.lineage)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -240,6 +251,7 @@ mod tests {
             method: String::new(),
             state: "creating".into(),
             created_at: created_at.into(),
+            lineage: "[]".into(),
         }
     }
 

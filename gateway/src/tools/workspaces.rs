@@ -138,18 +138,22 @@ pub async fn image_delete(shared: &Shared, ctx: &CallContext, input: ImageRefInp
     Ok(to_value(ImageDeleteOutput { deleted: image.name, node: image.node }))
 }
 
+/// The image, then each workspace `row` was forked from, oldest first (deleted ones too). Rows
+/// made before lineages were stored have only their parent to go by: walked through the rows
+/// that still exist.
 fn lineage(row: &WorkspaceRow, all: &[WorkspaceRow]) -> Vec<String> {
-    let mut chain = Vec::new();
-    let mut parent = row.parent.clone();
-    while let Some(id) = parent {
-        if chain.contains(&id) || chain.len() > 64 {
-            break;
+    let mut chain = row.ancestors();
+    if chain.is_empty() {
+        let mut parent = row.parent.clone();
+        while let Some(id) = parent {
+            if chain.contains(&id) || chain.len() > 64 {
+                break;
+            }
+            parent = all.iter().find(|w| w.id == id).and_then(|w| w.parent.clone());
+            chain.insert(0, id);
         }
-        parent = all.iter().find(|w| w.id == id).and_then(|w| w.parent.clone());
-        chain.push(id);
     }
-    chain.push(row.image.clone());
-    chain.reverse();
+    chain.insert(0, row.image.clone());
     chain
 }
 
@@ -272,6 +276,7 @@ fn new_row(
         method: String::new(),
         state: "creating".into(),
         created_at: now(),
+        lineage: "[]".into(),
     }
 }
 
@@ -295,7 +300,12 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: WorkspaceCreateIn
 
 pub async fn fork(shared: &Shared, ctx: &CallContext, input: WorkspaceForkInput) -> Result<Value, ToolError> {
     let source = workspace_for(shared, ctx, ToolName::WorkspaceFork, &input.workspace).await?;
-    let row = new_row(ctx, &input.name, &source.node, &source.image, Some(source.id.clone()), source.size_gib as u64);
+    let mut row =
+        new_row(ctx, &input.name, &source.node, &source.image, Some(source.id.clone()), source.size_gib as u64);
+    let mut ancestors = lineage(&source, &shared.state.workspaces().await?);
+    ancestors.remove(0); // the image
+    ancestors.push(source.id.clone());
+    row.lineage = serde_json::to_string(&ancestors).expect("strings serialize");
     let (id, name) = (row.id.clone(), row.name.clone());
     make(shared, ctx, row, async |node: &NodeClient| node.fork_workspace(&source.id, &id, &name, MAKE_TIMEOUT).await)
         .await
