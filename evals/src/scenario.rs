@@ -18,6 +18,10 @@ pub struct Scenario {
     /// equal to `$DEBIAN_IMAGE` become the Debian image's path (`--guest-image`, `--debian-image`).
     #[serde(default)]
     pub images: bool,
+    /// Makes networks: the runner gives the gateway's embedded node a network namespace of its
+    /// own (made for the scenario, removed after it), so nothing touches the host's network.
+    #[serde(default)]
+    pub netns: bool,
     #[serde(rename = "step")]
     pub steps: Vec<Step>,
 }
@@ -72,8 +76,12 @@ pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::R
         std::os::unix::fs::symlink(std::fs::canonicalize(guest)?, dir.join("base"))?;
         debian = Some(std::fs::canonicalize(image)?.display().to_string());
     }
+    let netns = if scenario.netns { Some(Netns::new(&scenario.name)?) } else { None };
     #[allow(clippy::disallowed_methods)] // starts the gateway under evaluation
     let mut cmd = tokio::process::Command::new(moat);
+    if let Some(ns) = &netns {
+        cmd.env("MOAT_NODE_NETNS", &ns.0);
+    }
     cmd.arg("serve")
         .env("HOME", home.path())
         .env_remove("XDG_STATE_HOME")
@@ -107,6 +115,33 @@ pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::R
     }
     client.cancel().await?;
     Ok(outcomes)
+}
+
+/// A network namespace made for one scenario, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(scenario: &str) -> anyhow::Result<Netns> {
+        let name = format!("moat-eval-{}-{}", std::process::id(), scenario.chars().take(12).collect::<String>());
+        let ns = Netns(name);
+        for argv in [vec!["netns", "add", &ns.0], vec!["-n", &ns.0, "link", "set", "lo", "up"]] {
+            #[allow(clippy::disallowed_methods)] // the scenario's own namespace
+            let status = std::process::Command::new("ip").args(&argv).status()?;
+            anyhow::ensure!(
+                status.success(),
+                "ip {} failed: scenarios with netns need root and iproute2",
+                argv.join(" ")
+            );
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        #[allow(clippy::disallowed_methods)] // the scenario's own namespace
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }
 
 /// Compares one answer with what the step expects.

@@ -128,6 +128,7 @@ async fn main() {
             image: "base".into(),
             root_workspace: None,
             disks: Vec::new(),
+            nic: None,
         };
         let started = Instant::now();
         let vm = client.create_vm(&new, true, Duration::from_secs(90)).await.unwrap();

@@ -89,6 +89,8 @@ pub struct Config {
     pub node_storage_root: PathBuf,
     /// The embedded node's disk images and workspaces (btrfs for constant-time workspaces).
     pub node_storage: PathBuf,
+    /// The network namespace the embedded node keeps its networks in (None: the host's own).
+    pub node_netns: Option<String>,
     /// Cedar schema, policies and limits; the built-in set unless a directory is configured.
     pub policies: PolicySource,
     pub durability: Durability,
@@ -159,6 +161,7 @@ struct FileNode {
     name: Option<String>,
     storage_root: Option<PathBuf>,
     storage: Option<PathBuf>,
+    netns: Option<String>,
 }
 
 /// Values given by flag or `MOAT_*` environment variable; each beats the file.
@@ -210,6 +213,10 @@ pub struct ServeOverrides {
     /// Storage root of the embedded node [default: <state-dir>/node]
     #[arg(long, env = "MOAT_NODE_STORAGE_ROOT")]
     pub node_storage_root: Option<PathBuf>,
+    /// Keep the embedded node's networks (bridges, taps, the `inet moat` nftables table) in
+    /// this named network namespace (`ip netns add NAME`) [default: the host's own]
+    #[arg(long, env = "MOAT_NODE_NETNS")]
+    pub node_netns: Option<String>,
     /// Directory with moat.cedarschema, moat.cedar and limits.toml [default: the built-in policies]
     #[arg(long, env = "MOAT_POLICIES_DIR")]
     pub policies_dir: Option<PathBuf>,
@@ -305,6 +312,7 @@ pub fn load(
             .or(node.storage_root)
             .unwrap_or_else(|| state_dir.join("node")),
         node_storage,
+        node_netns: serve.node_netns.clone().or(node.netns),
         audit_key: common.audit_key.clone().unwrap_or_else(|| state_dir.join("audit.key")),
         state_dir,
         policies,

@@ -65,7 +65,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let storage = moat_node::storage::Storage::open(&config.node_storage).with_context(|| {
         format!("cannot open the embedded node's image and workspace storage {}", config.node_storage.display())
     })?;
-    let vms = vms.with_storage(storage);
+    let net = config.node_storage_root.join("net");
+    let networks = moat_node::net::host::Networks::open(&net, config.node_netns.clone())
+        .with_context(|| format!("cannot open the embedded node's network state in {}", net.display()))?;
+    networks.reconcile().await;
+    let vms = vms.with_storage(storage).with_networks(networks);
     let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone(), vms);
     let node_task = tokio::spawn(moat_node::serve(listener, api, shutdown.clone().cancelled_owned()));
     state.upsert_node(&config.node_name, &format!("unix:{}", socket.display())).await?;

@@ -115,6 +115,15 @@ impl NodeService for FailingNode {
     ) -> Result<Response<pb::DeleteWorkspaceResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+    async fn apply_networks(
+        &self,
+        _: Request<pb::ApplyNetworksRequest>,
+    ) -> Result<Response<pb::NetworksReport>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn get_networks(&self, _: Request<pb::GetNetworksRequest>) -> Result<Response<pb::NetworksReport>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves `node` on a Unix socket in `dir`; returns its address.

@@ -41,6 +41,11 @@ async fn lists_tools_and_answers_whoami() {
             "image_inspect",
             "workspace_list",
             "workspace_inspect",
+            "network_list",
+            "network_inspect",
+            "security_group_list",
+            "security_group_inspect",
+            "port_forward_list",
         ];
         assert_eq!(hints.read_only_hint, Some(read_only.contains(&tool.name.as_ref())), "{}", tool.name);
     }
@@ -189,7 +194,7 @@ async fn status_reports_paths_schema_and_nodes() {
     assert!(stdout.contains(&home.path().join(".config/moat/moat.toml").display().to_string()), "{stdout}");
     assert!(stdout.contains("not present; defaults in use"), "{stdout}");
     assert!(stdout.contains(&home.state_dir().join("moat.db").display().to_string()), "{stdout}");
-    assert!(stdout.contains("schema version:  6"), "{stdout}");
+    assert!(stdout.contains("schema version:  7"), "{stdout}");
     assert!(stdout.contains("active API keys: 0"), "{stdout}");
     // node_list's call record and its outcome.
     assert!(stdout.contains("audit records:   2 (last 20"), "{stdout}");

@@ -59,6 +59,43 @@ pub struct VmConfig {
     /// Disks (virtio-blk, serial `moat<index>`): the root first when the VM boots from one.
     #[serde(default)]
     pub disks: Vec<Disk>,
+    /// Its network card, if it has one: a tap on the network's bridge, made at each start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<Nic>,
+}
+
+/// A VM's network card, as the gateway assigned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// The network's id (its bridge is derived from it).
+    pub network: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    #[serde(default)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl Nic {
+    /// `moat.net=<ip>/<prefix>,<gateway>[,<dns>+<dns>...]`, read by the base image's init.
+    pub fn cmdline(&self) -> String {
+        let mut arg = format!("moat.net={}/{},{}", self.ip, self.prefix, self.gateway);
+        if !self.dns.is_empty() {
+            let dns: Vec<String> = self.dns.iter().map(|d| d.to_string()).collect();
+            arg.push(',');
+            arg.push_str(&dns.join("+"));
+        }
+        arg
+    }
+
+    /// A MAC address is six hex octets, locally administered and unicast (what moat hands out).
+    pub fn valid_mac(mac: &str) -> bool {
+        let octets: Vec<&str> = mac.split(':').collect();
+        octets.len() == 6
+            && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+            && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 0b11 == 0b10)
+    }
 }
 
 /// One disk of a VM: an image file in the node's storage.

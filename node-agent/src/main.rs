@@ -66,6 +66,11 @@ struct VmArgs {
     /// moat-node runs as root; pick a range no other user or container on the host uses.
     #[arg(long, env = "MOAT_NODE_VM_UID_BASE", default_value_t = moat_node::vmm::confine::DEFAULT_UID_BASE)]
     vm_uid_base: u32,
+    /// Keep moat's networks (bridges, VMs' taps, the `inet moat` nftables table) inside this
+    /// named network namespace (`ip netns add NAME`) instead of the host's own. Default: the
+    /// host's. Their state is kept in STORAGE_ROOT/net and re-applied at every start.
+    #[arg(long, env = "MOAT_NODE_NETNS")]
+    netns: Option<String>,
 }
 
 impl VmArgs {
@@ -89,7 +94,10 @@ impl VmArgs {
         let dir = self.storage.clone().unwrap_or_else(|| storage_root.join("storage"));
         let storage = moat_node::storage::Storage::open(&dir)
             .with_context(|| format!("cannot open the image and workspace storage {}", dir.display()))?;
-        Ok(vms.with_storage(storage))
+        let net = storage_root.join("net");
+        let networks = moat_node::net::host::Networks::open(&net, self.netns.clone())
+            .with_context(|| format!("cannot open the network state in {}", net.display()))?;
+        Ok(vms.with_storage(storage).with_networks(networks))
     }
 }
 
@@ -106,6 +114,10 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create storage root {}", storage_root.display()))?;
             // VMs first: re-adopt what still runs before taking calls about it.
             let vms = vm.manager(&name, &storage_root)?;
+            // Then the networks, as they were last given: a reboot or a flushed table is repaired.
+            if let Some(networks) = vms.networks() {
+                networks.reconcile().await;
+            }
             let listener = match (&listen, certs) {
                 (ListenAddr::Tcp(addr), Some(dir)) => {
                     let tls = moat_node::tls::ServerTls::load(&dir)
@@ -128,12 +140,30 @@ async fn main() -> anyhow::Result<()> {
             // Tests and scripts read this line to learn the port when --listen used port 0.
             tracing::info!(node = %name, listen = %listener.local_addr(), "moat-node listening");
             let api = moat_node::NodeApi::new(name, storage_root, vms);
-            moat_node::serve(listener, api, shutdown_signal()).await?;
+            // A signal stops new calls; open streams (guest sessions the gateway keeps, exec
+            // output) get a short grace to end, then the node stops anyway: VMs keep running and
+            // the next start re-adopts them.
+            let stop = tokio_util::sync::CancellationToken::new();
+            let signalled = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signalled.cancel();
+            });
+            tokio::select! {
+                served = moat_node::serve(listener, api, stop.clone().cancelled_owned()) => served?,
+                () = async {
+                    stop.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => tracing::warn!("streams still open {SHUTDOWN_GRACE:?} after the stop signal; stopping anyway"),
+            }
             tracing::info!("moat-node stopped");
             Ok(())
         }
     }
 }
+
+/// How long open streams may take to end once moat-node is told to stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn reload_on_sighup(tls: moat_node::tls::ServerTls) {
     use tokio::signal::unix::{SignalKind, signal};

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod cluster;
 pub mod guest;
 pub mod names;
+pub mod network;
 pub mod vm;
 pub mod vm_guest;
 pub mod workspace;
@@ -24,6 +25,13 @@ pub use cluster::{
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
 };
 pub use guest::{GuestTool, InVm};
+pub use network::{
+    DeletedOutput, EgressRule, IngressRule, NetworkCreateInput, NetworkInfo, NetworkListInput, NetworkListOutput,
+    NetworkMode, NetworkOutput, NetworkRefInput, NetworkVm, NicInfo, PortForwardCreateInput, PortForwardInfo,
+    PortForwardListInput, PortForwardListOutput, PortForwardOutput, PortForwardRefInput, Protocol,
+    SecurityGroupCreateInput, SecurityGroupInfo, SecurityGroupListInput, SecurityGroupListOutput, SecurityGroupOutput,
+    SecurityGroupRefInput, SecurityGroupUpdateInput,
+};
 pub use vm::{
     AgentInfo, LabelValue, VmCreateInput, VmDeleteOutput, VmInfo, VmListInput, VmListOutput, VmLogsInput, VmLogsOutput,
     VmOutput, VmRefInput, VmState, VmStopInput,
@@ -124,6 +132,18 @@ tool_table! {
     WorkspaceList => "workspace_list", WorkspaceListInput, workspace::workspace_list_spec();
     WorkspaceInspect => "workspace_inspect", WorkspaceRefInput, workspace::workspace_inspect_spec();
     WorkspaceDelete => "workspace_delete", WorkspaceRefInput, workspace::workspace_delete_spec();
+    NetworkCreate => "network_create", NetworkCreateInput, network::network_create_spec();
+    NetworkList => "network_list", NetworkListInput, network::network_list_spec();
+    NetworkInspect => "network_inspect", NetworkRefInput, network::network_inspect_spec();
+    NetworkDelete => "network_delete", NetworkRefInput, network::network_delete_spec();
+    SecurityGroupCreate => "security_group_create", SecurityGroupCreateInput, network::security_group_create_spec();
+    SecurityGroupUpdate => "security_group_update", SecurityGroupUpdateInput, network::security_group_update_spec();
+    SecurityGroupDelete => "security_group_delete", SecurityGroupRefInput, network::security_group_delete_spec();
+    SecurityGroupList => "security_group_list", SecurityGroupListInput, network::security_group_list_spec();
+    SecurityGroupInspect => "security_group_inspect", SecurityGroupRefInput, network::security_group_inspect_spec();
+    PortForwardCreate => "port_forward_create", PortForwardCreateInput, network::port_forward_create_spec();
+    PortForwardDelete => "port_forward_delete", PortForwardRefInput, network::port_forward_delete_spec();
+    PortForwardList => "port_forward_list", PortForwardListInput, network::port_forward_list_spec();
 }
 
 impl ToolName {
@@ -207,9 +227,20 @@ pub enum ResourceKind {
     Workspace,
     /// One image on a node; shared, no owner.
     Image,
+    /// One network, named by `network` (or `name`, when creating it); shared, no owner.
+    Network,
+    /// One security group, named by `group` (or `name`, when creating it); owned.
+    SecurityGroup,
+    /// One port forward, named by `forward`; owned.
+    PortForward,
 }
 
 impl ResourceKind {
+    /// Kinds that never have an owner: shared infrastructure.
+    pub const fn is_shared(self) -> bool {
+        matches!(self, ResourceKind::Cluster | ResourceKind::Node | ResourceKind::Image | ResourceKind::Network)
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             ResourceKind::Cluster => "cluster",
@@ -217,6 +248,9 @@ impl ResourceKind {
             ResourceKind::Vm => "vm",
             ResourceKind::Workspace => "workspace",
             ResourceKind::Image => "image",
+            ResourceKind::Network => "network",
+            ResourceKind::SecurityGroup => "security_group",
+            ResourceKind::PortForward => "port_forward",
         }
     }
 }
@@ -278,6 +312,14 @@ impl ToolCall {
             ToolCall::WorkspaceCreate(input) => Some(&input.name),
             ToolCall::WorkspaceFork(input) => Some(&input.workspace),
             ToolCall::WorkspaceInspect(input) | ToolCall::WorkspaceDelete(input) => Some(&input.workspace),
+            ToolCall::NetworkList(_) | ToolCall::SecurityGroupList(_) | ToolCall::PortForwardList(_) => None,
+            ToolCall::NetworkCreate(input) => Some(&input.name),
+            ToolCall::NetworkInspect(input) | ToolCall::NetworkDelete(input) => Some(&input.network),
+            ToolCall::SecurityGroupCreate(input) => Some(&input.name),
+            ToolCall::SecurityGroupUpdate(input) => Some(&input.group),
+            ToolCall::SecurityGroupDelete(input) | ToolCall::SecurityGroupInspect(input) => Some(&input.group),
+            ToolCall::PortForwardCreate(input) => Some(&input.vm),
+            ToolCall::PortForwardDelete(input) => Some(&input.forward),
         }
     }
 }

@@ -14,6 +14,11 @@ pub fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// A name as a schema item, for lists of names (`["web", "db"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(transparent)]
+pub struct Label(#[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))] pub String);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,17 @@ pub struct VmCreateInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 8))]
     pub data_workspaces: Option<Vec<crate::workspace::DataWorkspace>>,
+    /// Put the VM on this network (name or id): it gets a network card with an address from
+    /// the network's range, a route and resolvers (network_list shows networks). The VM runs on
+    /// the network's node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
+    pub network: Option<String>,
+    /// Your security groups on that network (names or ids) whose rules apply to the VM; at most 8.
+    /// Without one, nothing on the network reaches the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub security_groups: Option<Vec<crate::names::Label>>,
     /// Node to place the VM on [default: the reachable node with the most free memory, then vCPUs;
     /// the workspaces' node when it has any].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +214,9 @@ pub struct VmInfo {
     /// Workspaces mounted at /workspaces/<name>.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_workspaces: Vec<String>,
+    /// Its network card, when it is on a network: address, MAC, gateway and security groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<crate::network::NicInfo>,
     pub labels: BTreeMap<String, String>,
     /// The VMM running it ("qemu") and its acceleration ("kvm" or "tcg").
     pub vmm: Option<String>,

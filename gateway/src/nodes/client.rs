@@ -17,6 +17,8 @@ use crate::store::vms::VmReport;
 /// How long a node may take to answer a quick call (facts, state, logs); calls that boot or
 /// stop VMs pass their own deadline.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a node may take to apply its networks (bridges, sysctls, one nft transaction).
+const NET_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes per frame on a guest stream.
 const FRAME: usize = 64 * 1024;
 
@@ -81,6 +83,17 @@ pub struct NewVm {
     pub root_workspace: Option<String>,
     /// Workspaces mounted at /workspaces/<name>: (id, name, read-only).
     pub disks: Vec<(String, String, bool)>,
+    /// Its network card.
+    pub nic: Option<moat_node::vm::Nic>,
+}
+
+/// A node's networks as it reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeNetworks {
+    /// `nft list table inet moat` now.
+    pub ruleset: String,
+    /// Why the state it kept could not be applied at its start, if so.
+    pub detail: String,
 }
 
 /// An image as a node reports it.
@@ -147,10 +160,26 @@ impl NodeClient {
                     read_only: *read_only,
                 })
                 .collect(),
+            nic: vm.nic.as_ref().map(trans::nic),
         };
         let answer =
             self.inner.clone().create_vm(request(pb::CreateVmRequest { spec: Some(spec), start }, deadline)).await;
         Ok(trans::vm_report(answer.map_err(self.failed())?.into_inner()))
+    }
+
+    /// Makes `state` the node's whole network state; the node applies it or keeps the last one.
+    pub async fn apply_networks(&self, state: &moat_node::net::model::NetState) -> Result<NodeNetworks, NodeError> {
+        let message =
+            pb::ApplyNetworksRequest { state_json: serde_json::to_string(state).expect("network state serializes") };
+        let answer = self.inner.clone().apply_networks(request(message, NET_TIMEOUT)).await;
+        let report = answer.map_err(self.failed())?.into_inner();
+        Ok(NodeNetworks { ruleset: report.ruleset, detail: report.detail })
+    }
+
+    pub async fn networks(&self) -> Result<NodeNetworks, NodeError> {
+        let answer = self.inner.clone().get_networks(request(pb::GetNetworksRequest {}, CALL_TIMEOUT)).await;
+        let report = answer.map_err(self.failed())?.into_inner();
+        Ok(NodeNetworks { ruleset: report.ruleset, detail: report.detail })
     }
 
     pub async fn list_images(&self) -> Result<Vec<NodeImage>, NodeError> {

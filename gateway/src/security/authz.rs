@@ -155,12 +155,13 @@ impl Bundle {
     }
 
     /// Whether `principal` could call `tool` on some resource: tested against a resource it owns,
-    /// the most any policy grants. Decides what `tools/list` shows.
+    /// the most any policy grants (shared kinds, which never have an owner, without one). Decides
+    /// what `tools/list` shows.
     pub fn may_ever_call(&self, principal: &Principal, tool: ToolName) -> bool {
         let kind = resource_kind(tool);
-        let owned = ResourceRef { kind, id: "probe".into(), owner: Some(principal.name.clone()), labels: Vec::new() };
-        self.is_allowed(principal, tool, &owned)
-            || self.is_allowed(principal, tool, &ResourceRef { owner: None, ..owned.clone() })
+        let shared = ResourceRef { kind, id: "probe".into(), owner: None, labels: Vec::new() };
+        let owned = ResourceRef { owner: Some(principal.name.clone()), ..shared.clone() };
+        self.is_allowed(principal, tool, &shared) || (!kind.is_shared() && self.is_allowed(principal, tool, &owned))
     }
 
     fn decide(&self, principal: &Principal, tool: ToolName, resource: &ResourceRef) -> Result<bool, String> {

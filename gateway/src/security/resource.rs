@@ -5,6 +5,7 @@
 
 use moat_tools::{ResourceKind, ToolCall};
 
+use crate::store::networks::{ForwardRow, GroupRow};
 use crate::store::vms::VmRow;
 use crate::store::workspaces::WorkspaceRow;
 use crate::store::{State, StateError};
@@ -127,6 +128,67 @@ pub async fn workspace_resource_of(state: &State, caller: &str, arg: &str) -> Re
         Err(_) => {
             Ok(ResourceRef { kind: ResourceKind::Workspace, id: arg.to_string(), owner: None, labels: Vec::new() })
         }
+    }
+}
+
+pub fn group_resource(row: &GroupRow) -> ResourceRef {
+    ResourceRef {
+        kind: ResourceKind::SecurityGroup,
+        id: row.id.clone(),
+        owner: Some(row.owner.clone()),
+        labels: Vec::new(),
+    }
+}
+
+pub fn forward_resource(row: &ForwardRow) -> ResourceRef {
+    ResourceRef {
+        kind: ResourceKind::PortForward,
+        id: row.id.clone(),
+        owner: Some(row.owner.clone()),
+        labels: Vec::new(),
+    }
+}
+
+/// The answer for a security group that does not exist, and for one the caller may not see.
+pub fn group_not_found(arg: &str) -> String {
+    format!("no security group named `{arg}`; security_group_list shows yours")
+}
+
+/// Resolves a `group` argument: an id, else a name among the caller's own groups, else a name
+/// held by exactly one group.
+pub async fn group_row(state: &State, caller: &str, arg: &str) -> Result<GroupRow, LookupError> {
+    let rows = state.groups_by_id_or_name(arg, caller).await?;
+    if let Some(row) = rows.iter().find(|r| r.id == arg) {
+        return Ok(row.clone());
+    }
+    let mine: Vec<&GroupRow> = rows.iter().filter(|r| r.owner == caller).collect();
+    match (mine.as_slice(), rows.as_slice()) {
+        ([one], _) => Ok((*one).clone()),
+        ([], []) => Err(LookupError::Missing(group_not_found(arg))),
+        ([], [one]) => Ok(one.clone()),
+        _ => Err(LookupError::Ambiguous(format!(
+            "several security groups are named `{arg}` (ids {}); pass the id",
+            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// The authorizer's view of the security group or port forward a call names (unknown: no owner).
+pub async fn owned_resource_of(
+    state: &State,
+    caller: &str,
+    kind: ResourceKind,
+    arg: &str,
+) -> Result<ResourceRef, StateError> {
+    let unknown = ResourceRef { kind, id: arg.to_string(), owner: None, labels: Vec::new() };
+    match kind {
+        ResourceKind::SecurityGroup => match group_row(state, caller, arg).await {
+            Ok(row) => Ok(group_resource(&row)),
+            Err(LookupError::Store(e)) => Err(e),
+            Err(_) => Ok(unknown),
+        },
+        ResourceKind::PortForward => Ok(state.forward(arg).await?.map(|r| forward_resource(&r)).unwrap_or(unknown)),
+        _ => Ok(unknown),
     }
 }
 

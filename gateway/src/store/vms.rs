@@ -92,6 +92,17 @@ pub enum Refusal {
          (or read-only in any number): delete that VM, or attach it read_only"
     )]
     WorkspaceInUse { workspace: String, vm: String, how: String },
+    #[error("a network named `{0}` already exists; pick another name")]
+    NetworkNameTaken(String),
+    #[error("you already have a security group named `{0}` on this network; pick another name or update it")]
+    GroupNameTaken(String),
+    #[error(
+        "network {network} ({cidr}) has no free address left: {used} VMs hold all of them; delete a VM on it \
+         or use a larger network"
+    )]
+    NoAddress { network: String, cidr: String, used: usize },
+    #[error("host port {port}/{protocol} on node {node} is already forwarded ({id}); pick another host port")]
+    PortTaken { node: String, protocol: String, port: u16, id: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -323,6 +334,9 @@ impl State {
     pub async fn delete_vm_row(&self, id: &str) -> Result<(), StateError> {
         let mut tx = self.pool().begin().await?;
         sqlx::query("DELETE FROM vm_disks WHERE vm_id = ?").bind(id).execute(&mut *tx).await?;
+        // Its address and forwards go with it: the address may be handed out again.
+        sqlx::query("DELETE FROM vm_nics WHERE vm_id = ?").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM port_forwards WHERE vm_id = ?").bind(id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM vms WHERE id = ?").bind(id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())

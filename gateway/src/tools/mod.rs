@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod guest;
+pub mod networks;
 pub mod placement;
 pub mod vms;
 pub mod workspaces;
@@ -112,6 +113,18 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::WorkspaceList(input) => workspaces::list(shared, ctx, input).await,
         ToolCall::WorkspaceInspect(input) => workspaces::inspect(shared, ctx, &input.workspace).await,
         ToolCall::WorkspaceDelete(input) => workspaces::delete(shared, ctx, &input.workspace).await,
+        ToolCall::NetworkCreate(input) => networks::network_create(shared, ctx, input).await,
+        ToolCall::NetworkList(input) => networks::network_list(shared, input).await,
+        ToolCall::NetworkInspect(input) => networks::network_inspect(shared, ctx, &input.network).await,
+        ToolCall::NetworkDelete(input) => networks::network_delete(shared, &input.network).await,
+        ToolCall::SecurityGroupCreate(input) => networks::group_create(shared, ctx, input).await,
+        ToolCall::SecurityGroupUpdate(input) => networks::group_update(shared, ctx, input).await,
+        ToolCall::SecurityGroupDelete(input) => networks::group_delete(shared, ctx, &input.group).await,
+        ToolCall::SecurityGroupList(input) => networks::group_list(shared, ctx, input).await,
+        ToolCall::SecurityGroupInspect(input) => networks::group_inspect(shared, ctx, &input.group).await,
+        ToolCall::PortForwardCreate(input) => networks::forward_create(shared, ctx, input).await,
+        ToolCall::PortForwardDelete(input) => networks::forward_delete(shared, ctx, &input.forward).await,
+        ToolCall::PortForwardList(input) => networks::forward_list(shared, ctx, input).await,
     }
 }
 

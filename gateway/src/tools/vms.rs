@@ -11,6 +11,7 @@ use moat_tools::{
 };
 use serde_json::Value;
 
+use super::networks;
 use super::placement::{candidate, choose};
 use super::workspaces::workspace_for;
 use super::{ToolError, to_value};
@@ -80,6 +81,7 @@ pub fn vm_info(row: &VmRow, stale: Option<String>) -> VmInfo {
         image: row.image.clone(),
         workspace: None,
         data_workspaces: Vec::new(),
+        nic: None,
         labels: row.labels(),
         vmm: (!row.vmm.is_empty()).then(|| row.vmm.clone()),
         accel: (!row.accel.is_empty()).then(|| row.accel.clone()),
@@ -105,10 +107,13 @@ fn add_disks(info: &mut VmInfo, disks: &[(String, String, String, String)]) {
     }
 }
 
-/// `info` with the workspaces its VM has as disks.
+/// `info` with the workspaces its VM has as disks and its network card.
 async fn with_disks(shared: &Shared, mut info: VmInfo) -> Result<VmInfo, ToolError> {
     let disks = shared.state.vm_disks(Some(&info.id)).await?;
     add_disks(&mut info, &disks);
+    if shared.state.nic(&info.id).await?.is_some() {
+        info.nic = networks::nic_infos(shared).await?.remove(&info.id);
+    }
     Ok(info)
 }
 
@@ -173,6 +178,33 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
         ));
     }
     let (disks, root, disk_node) = disks_for(shared, ctx, &input).await?;
+    let wanted_groups: Vec<String> = input.security_groups.iter().flatten().map(|g| g.0.clone()).collect();
+    let nic = match &input.network {
+        Some(network) => Some(networks::nic_request(shared, ctx, network, &wanted_groups).await?),
+        None if !wanted_groups.is_empty() => {
+            return Err(ToolError::Invalid("security_groups apply to a VM on a network; pass network too".into()));
+        }
+        None => None,
+    };
+    // A VM on a network runs on the network's node.
+    let disk_node = match (&nic, disk_node) {
+        (Some((net, _)), Some(node)) if net.node != node => {
+            return Err(ToolError::Invalid(format!(
+                "network {} is on node {}, the workspaces on {node}: a VM's network and disks must be on one node",
+                net.name, net.node
+            )));
+        }
+        (Some((net, _)), _) => {
+            if let Some(wanted) = input.node.as_ref().filter(|n| **n != net.node) {
+                return Err(ToolError::Invalid(format!(
+                    "network {} is on node {}, not on {wanted}",
+                    net.name, net.node
+                )));
+            }
+            Some(net.node.clone())
+        }
+        (None, node) => node,
+    };
     // A VM on a workspace boots the base image's kernel and initramfs, which switch to the disk.
     let boot_image =
         if root.is_some() { "base".to_string() } else { input.image.clone().unwrap_or_else(|| "base".into()) };
@@ -236,7 +268,19 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
         Err(ReserveError::Refused(refusal)) => return Err(ToolError::Invalid(refusal.to_string())),
         Err(ReserveError::State(e)) => return Err(e.into()),
     }
+    let nic = match &nic {
+        Some((network, groups)) => match networks::attach(shared, &row, network, groups).await {
+            Ok(nic) => Some(nic),
+            Err(e) => {
+                shared.state.delete_vm_row(&row.id).await?;
+                networks::detached(shared, &row.node).await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let new = NewVm {
+        nic: nic.clone(),
         id: row.id.clone(),
         name: row.name.clone(),
         vcpus: input.vcpus,
@@ -267,6 +311,9 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
                 let _ = node.delete_vm(&row.id, crate::nodes::client::CALL_TIMEOUT).await;
             }
             shared.state.delete_vm_row(&row.id).await?;
+            if nic.is_some() {
+                networks::detached(shared, &row.node).await;
+            }
             Err(e)
         }
     }
@@ -303,7 +350,11 @@ pub async fn delete(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<Val
         Ok(()) | Err(NodeError::NotFound { .. }) => {}
         Err(e) => return Err(node_failed(e, Effect::Unchanged)),
     }
+    let had_nic = shared.state.nic(&row.id).await?.is_some();
     shared.state.delete_vm_row(&row.id).await?;
+    if had_nic {
+        networks::detached(shared, &row.node).await;
+    }
     Ok(to_value(VmDeleteOutput { deleted: row.id, name: row.name }))
 }
 
@@ -356,6 +407,7 @@ pub async fn list(shared: &Shared, ctx: &CallContext, input: VmListInput) -> Res
     let bundle = shared.authz.bundle();
     let label = input.label.as_deref().and_then(|l| l.split_once('='));
     let disks = shared.state.vm_disks(None).await?;
+    let mut nics = networks::nic_infos(shared).await?;
     let vms = shared
         .state
         .vms()
@@ -369,6 +421,7 @@ pub async fn list(shared: &Shared, ctx: &CallContext, input: VmListInput) -> Res
         .map(|row| {
             let mut info = vm_info(&row, None);
             add_disks(&mut info, &disks);
+            info.nic = nics.remove(&row.id);
             info
         })
         .collect();

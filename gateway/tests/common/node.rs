@@ -16,6 +16,8 @@ pub struct Node {
     pub name: String,
     pub root: PathBuf,
     args: Vec<String>,
+    /// Environment variables set for the process (e.g. a PATH without some tool).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     /// What moat-node logged, printed if the test fails.
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -26,6 +28,17 @@ pub struct Node {
 impl Node {
     /// Enrolls `name` at a free port and starts it with `extra` arguments.
     pub async fn enroll_and_start(home: &Home, tmp: &Path, name: &str, extra: &[&str]) -> Node {
+        Node::enroll_and_start_env(home, tmp, name, extra, &[]).await
+    }
+
+    /// As [`Node::enroll_and_start`], with `env` set for the process.
+    pub async fn enroll_and_start_env(
+        home: &Home,
+        tmp: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let port = free_port();
         let certs = tmp.join(format!("{name}-certs"));
         let address = format!("https://127.0.0.1:{port}");
@@ -39,7 +52,9 @@ impl Node {
         args.extend(["--storage-root".to_string(), root.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let reaper = VmReaper(root.clone());
-        let mut node = Node { name: name.into(), root, args, child: None, log: Default::default(), _reaper: reaper };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut node =
+            Node { name: name.into(), root, args, env, child: None, log: Default::default(), _reaper: reaper };
         node.start().await;
         node
     }
@@ -50,6 +65,7 @@ impl Node {
         let mut child = Command::new(binary)
             .args(&self.args)
             .env("MOAT_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

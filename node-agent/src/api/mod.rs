@@ -12,7 +12,7 @@ mod status;
 mod trans;
 pub mod tunnel;
 
-use status::{probe_status, storage_status, vm_status};
+use status::{net_status, probe_status, storage_status, vm_status};
 
 use crate::probe;
 use crate::vm::VmManager;
@@ -40,6 +40,12 @@ impl NodeApi {
         })
     }
 
+    fn networks(&self) -> Result<&crate::net::host::Networks, Status> {
+        self.vms
+            .networks()
+            .ok_or_else(|| Status::failed_precondition(format!("node {} does not manage networks", self.name)))
+    }
+
     pub fn into_service(self) -> moat_proto::node::v1::node_service_server::NodeServiceServer<Self> {
         moat_proto::node::v1::node_service_server::NodeServiceServer::new(self)
     }
@@ -55,7 +61,7 @@ impl NodeService for NodeApi {
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("CreateVm needs a spec"))?;
-        let view = self.vms.create(&trans::new_vm(spec), request.start).await.map_err(vm_status)?;
+        let view = self.vms.create(&trans::new_vm(spec)?, request.start).await.map_err(vm_status)?;
         Ok(Response::new(trans::vm(view)))
     }
 
@@ -179,6 +185,25 @@ impl NodeService for NodeApi {
         }
         self.storage()?.delete_workspace(&id).await.map_err(storage_status)?;
         Ok(Response::new(pb::DeleteWorkspaceResponse {}))
+    }
+
+    async fn apply_networks(
+        &self,
+        request: Request<pb::ApplyNetworksRequest>,
+    ) -> Result<Response<pb::NetworksReport>, Status> {
+        let networks = self.networks()?;
+        let state: crate::net::model::NetState = serde_json::from_str(&request.into_inner().state_json)
+            .map_err(|e| Status::invalid_argument(format!("the network state does not parse: {e}")))?;
+        networks.set(state).await.map_err(net_status)?;
+        Ok(Response::new(pb::NetworksReport { ruleset: networks.ruleset().await, detail: networks.detail() }))
+    }
+
+    async fn get_networks(
+        &self,
+        _request: Request<pb::GetNetworksRequest>,
+    ) -> Result<Response<pb::NetworksReport>, Status> {
+        let networks = self.networks()?;
+        Ok(Response::new(pb::NetworksReport { ruleset: networks.ruleset().await, detail: networks.detail() }))
     }
 
     async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<pb::VmLogsResponse>, Status> {

@@ -4,6 +4,7 @@
 
 use tonic::Status;
 
+use crate::net::apply::ApplyError;
 use crate::probe::ProbeError;
 use crate::storage::StorageError;
 use crate::vm::VmError;
@@ -41,5 +42,14 @@ pub(super) fn storage_status(err: StorageError) -> Status {
         StorageError::Exists(_) => Status::already_exists(message),
         StorageError::Full { .. } => Status::resource_exhausted(message),
         StorageError::Io { .. } => Status::internal(message),
+    }
+}
+
+pub(super) fn net_status(err: ApplyError) -> Status {
+    let message = crate::errors::chain(&err);
+    match err {
+        ApplyError::Invalid(_) => Status::invalid_argument(message),
+        ApplyError::NoNft => Status::failed_precondition(message),
+        ApplyError::Command { .. } => Status::aborted(message),
     }
 }

@@ -4,7 +4,7 @@ use moat_proto::node::v1 as pb;
 
 use crate::probe::HostInfo;
 use crate::storage::{ImageMeta, WorkspaceMeta, WorkspaceView};
-use crate::vm::{Attach, Disk, NewVm, Runtime, VmManager, VmState, VmView};
+use crate::vm::{Attach, Disk, NewVm, Nic, Runtime, VmManager, VmState, VmView};
 
 pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
     let is_btrfs = info.storage.is_btrfs();
@@ -53,8 +53,9 @@ pub(crate) fn node_info(info: HostInfo, vms: &VmManager) -> pb::NodeInfo {
     }
 }
 
-pub(crate) fn new_vm(spec: pb::VmSpec) -> NewVm {
-    NewVm {
+pub(crate) fn new_vm(spec: pb::VmSpec) -> Result<NewVm, tonic::Status> {
+    let nic = spec.nic.map(nic).transpose()?;
+    Ok(NewVm {
         id: spec.id,
         name: spec.name,
         vcpus: spec.vcpus,
@@ -66,6 +67,36 @@ pub(crate) fn new_vm(spec: pb::VmSpec) -> NewVm {
             .into_iter()
             .map(|d| Attach { workspace: d.workspace_id, name: d.name, read_only: d.read_only })
             .collect(),
+        nic,
+    })
+}
+
+fn nic(nic: pb::Nic) -> Result<Nic, tonic::Status> {
+    let ip = |what: &str, s: &str| {
+        s.parse::<std::net::Ipv4Addr>()
+            .map_err(|_| tonic::Status::invalid_argument(format!("nic {what} `{s}` is not an IPv4 address")))
+    };
+    if nic.prefix > 30 {
+        return Err(tonic::Status::invalid_argument(format!("nic prefix /{} is not 0-30", nic.prefix)));
+    }
+    Ok(Nic {
+        ip: ip("address", &nic.ip)?,
+        gateway: ip("gateway", &nic.gateway)?,
+        dns: nic.dns.iter().map(|d| ip("resolver", d)).collect::<Result<_, _>>()?,
+        prefix: nic.prefix as u8,
+        network: nic.network_id,
+        mac: nic.mac,
+    })
+}
+
+fn nic_spec(nic: &Nic) -> pb::Nic {
+    pb::Nic {
+        network_id: nic.network.clone(),
+        mac: nic.mac.clone(),
+        ip: nic.ip.to_string(),
+        prefix: u32::from(nic.prefix),
+        gateway: nic.gateway.to_string(),
+        dns: nic.dns.iter().map(|d| d.to_string()).collect(),
     }
 }
 
@@ -130,6 +161,7 @@ pub(crate) fn vm(view: VmView) -> pb::Vm {
                     read_only: d.read_only,
                 })
                 .collect(),
+            nic: view.config.nic.as_ref().map(nic_spec),
             image: view.config.image,
         }),
         state: vm_state(view.status.state) as i32,

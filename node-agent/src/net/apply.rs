@@ -64,6 +64,8 @@ impl Applier {
     /// Makes bridges, addresses, forwarding and the ruleset match `state`.
     pub async fn apply(&self, state: &NetState) -> Result<(), ApplyError> {
         state.validate()?;
+        // Without nft nothing may be touched: a bridge made before the table fails would stay.
+        self.run(&["nft", "--version"], &[]).await?;
         if !state.networks.is_empty() {
             self.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], &[]).await?;
         }
@@ -116,6 +118,11 @@ impl Applier {
         self.run(&["bridge", "link", "set", "dev", &tap, "isolated", "on"], &[]).await?;
         self.run(&["ip", "link", "set", &tap, "up"], &[]).await?;
         Ok(())
+    }
+
+    /// `nft list table inet moat`, or "" when there is no such table.
+    pub async fn list_table(&self) -> Result<String, ApplyError> {
+        self.run(&["nft", "list", "table", "inet", "moat"], &["No such file or directory"]).await
     }
 
     /// The `mb*` bridges present (moat's own: other bridges are never touched).

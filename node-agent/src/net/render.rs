@@ -28,6 +28,8 @@ use super::names;
 pub enum Match {
     Iif(String),
     Oif(String),
+    /// Leaving by any interface but this one.
+    OifNot(String),
     Saddr(Ipv4Addr),
     Daddr(Ipv4Addr),
     SaddrCidr(Cidr),
@@ -151,7 +153,10 @@ pub fn table(state: &NetState) -> Table {
             ],
         });
         if let Mode::Nat { uplink } = &net.mode {
-            postrouting.push(rule(vec![Match::SaddrCidr(net.cidr), Match::Oif(uplink.clone())], Verdict::Masquerade));
+            // No uplink named: masquerade whatever leaves by another interface than the bridge
+            // (the host's routes pick the way out).
+            let out = if uplink.is_empty() { Match::OifNot(b.clone()) } else { Match::Oif(uplink.clone()) };
+            postrouting.push(rule(vec![Match::SaddrCidr(net.cidr), out], Verdict::Masquerade));
         }
         let ports: Vec<_> = state.ports.iter().filter(|p| p.network == net.id).collect();
         let mut from = vec![rule(vec![Match::Established], Verdict::Accept)];
@@ -278,6 +283,7 @@ fn print_match(m: &Match) -> String {
     match m {
         Match::Iif(i) => format!("iifname \"{}\"", escape(i)),
         Match::Oif(i) => format!("oifname \"{}\"", escape(i)),
+        Match::OifNot(i) => format!("oifname != \"{}\"", escape(i)),
         Match::Saddr(a) => format!("ip saddr {a}"),
         Match::Daddr(a) => format!("ip daddr {a}"),
         Match::SaddrCidr(c) => format!("ip saddr {c}"),
@@ -369,6 +375,7 @@ mod tests {
         match m {
             Match::Iif(i) => &p.iif == i,
             Match::Oif(i) => &p.oif == i,
+            Match::OifNot(i) => &p.oif != i,
             Match::Saddr(a) => p.src == *a,
             Match::Daddr(a) => p.dst == *a,
             Match::SaddrCidr(c) => c.contains(p.src),

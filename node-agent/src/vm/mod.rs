@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use crate::dir::{Disk, VmConfig, VmDir, VmState, VmStatus};
+pub use crate::dir::{Disk, Nic, VmConfig, VmDir, VmState, VmStatus};
+use crate::net::host::Networks;
 use crate::storage::{Storage, StorageError};
 pub use crate::vmm::{Accel, Runtime, Vmm, VmmError, VsockMode};
 use crate::vsock;
@@ -104,6 +105,8 @@ pub struct NewVm {
     /// Boot from this workspace (its id) instead of from a copy of the image.
     pub root_workspace: Option<String>,
     pub disks: Vec<Attach>,
+    /// A network card on one of the node's networks.
+    pub nic: Option<Nic>,
 }
 
 /// A workspace mounted in the guest at /workspaces/<name>.
@@ -129,6 +132,7 @@ pub struct VmManager {
 #[derive(Debug)]
 struct Inner {
     settings: VmSettings,
+    networks: Option<Networks>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
 }
 
@@ -211,7 +215,8 @@ impl VmManager {
     /// Loads every VM under `vms_root`, re-adopting those whose VMM still runs.
     pub fn open(settings: VmSettings) -> std::io::Result<VmManager> {
         private_dir(&settings.vms_root)?;
-        let manager = VmManager { inner: Arc::new(Inner { settings, vms: Mutex::new(HashMap::new()) }) };
+        let manager =
+            VmManager { inner: Arc::new(Inner { settings, networks: None, vms: Mutex::new(HashMap::new()) }) };
         for entry in std::fs::read_dir(&manager.inner.settings.vms_root)? {
             let path = entry?.path();
             let Some(id) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
@@ -356,6 +361,17 @@ impl VmManager {
         self
     }
 
+    /// VMs get network cards on these networks.
+    pub fn with_networks(mut self, networks: Networks) -> VmManager {
+        Arc::get_mut(&mut self.inner).expect("with_networks is called before the manager is shared").networks =
+            Some(networks);
+        self
+    }
+
+    pub fn networks(&self) -> Option<&Networks> {
+        self.inner.networks.as_ref()
+    }
+
     pub fn storage(&self) -> Option<&Storage> {
         self.inner.settings.storage.as_ref()
     }
@@ -487,6 +503,14 @@ impl VmManager {
         if vcpus == 0 || memory_mib < 64 {
             return Err(VmError::Invalid("a vm needs at least 1 vCPU and 64 MiB of memory".into()));
         }
+        if let Some(nic) = &new.nic {
+            if !Nic::valid_mac(&nic.mac) {
+                return Err(VmError::Invalid(format!("mac `{}` is not a locally administered unicast MAC", nic.mac)));
+            }
+            if self.networks().is_none() {
+                return Err(VmError::Invalid(format!("node {} has no networks", self.inner.settings.node)));
+            }
+        }
         self.vmm()?;
         // A disk image or a workspace boots with the base image's kernel and initramfs, whose
         // init switches to the disk.
@@ -557,9 +581,10 @@ impl VmManager {
             image: image.into(),
             kernel,
             initrd,
-            cmdline: cmdline(&disks),
+            cmdline: cmdline(&disks, new.nic.as_ref()),
             created_at: moat_proto::time::now(),
             disks,
+            nic: new.nic.clone(),
         };
         let written = dir
             .mark_creating()
@@ -626,7 +651,21 @@ impl VmManager {
             started_at: String::new(),
             console_start,
         })?;
-        let child = match vmm.launch(&vm.dir, &vm.config).await {
+        let tap = match (&vm.config.nic, self.networks()) {
+            (None, _) => None,
+            (Some(_), Some(net)) => match net.tap(id).await {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    let _ = vm.set_state(before.state, format!("start failed: {e}"));
+                    return Err(VmError::Invalid(format!("vm {id} cannot start: its network card: {e}")));
+                }
+            },
+            (Some(_), None) => {
+                let _ = vm.set_state(before.state, "start failed: this node has no networks");
+                return Err(VmError::Invalid(format!("vm {id} has a network card but this node has no networks")));
+            }
+        };
+        let child = match vmm.launch(&vm.dir, &vm.config, tap).await {
             Ok(child) => child,
             Err(source) => {
                 let log = vmm_log_tail(&vm.dir);
@@ -808,7 +847,7 @@ impl VmManager {
 
 /// The kernel command line: the console, and which disk (by serial) is the root and which are
 /// mounted where (read by the base image's init).
-fn cmdline(disks: &[Disk]) -> String {
+fn cmdline(disks: &[Disk], nic: Option<&Nic>) -> String {
     let mut line = String::from("console=ttyS0 panic=-1");
     let serial = |i: usize| format!("moat{i}");
     let mounts: Vec<String> = disks
@@ -825,6 +864,10 @@ fn cmdline(disks: &[Disk]) -> String {
         .collect();
     if !mounts.is_empty() {
         line.push_str(&format!(" moat.mounts={}", mounts.join(",")));
+    }
+    if let Some(nic) = nic {
+        line.push(' ');
+        line.push_str(&nic.cmdline());
     }
     line
 }

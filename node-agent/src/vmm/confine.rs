@@ -474,6 +474,7 @@ mod tests {
             cmdline: String::new(),
             created_at: String::new(),
             disks: Vec::new(),
+            nic: None,
         }
     }
 

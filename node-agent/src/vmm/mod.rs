@@ -50,11 +50,13 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> &'static str;
     fn accel(&self) -> Accel;
     /// Starts the VMM process for `config` (and any helper it needs first, e.g. a vsock device
-    /// daemon); the process must outlive moat-node.
+    /// daemon); the process must outlive moat-node. `tap` is the VM's network card's tap (when
+    /// `config.nic` is set), which the VMM inherits.
     fn launch<'a>(
         &'a self,
         dir: &'a VmDir,
         config: &'a VmConfig,
+        tap: Option<std::os::fd::OwnedFd>,
     ) -> BoxFuture<'a, Result<tokio::process::Child, VmmError>>;
     /// Resolves once the VMM's control socket answers and the guest is executing.
     fn wait_running<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>>;

@@ -175,7 +175,14 @@ impl Qemu {
 
     /// QEMU's command line. It runs in the VM's jail: sockets and console are relative paths,
     /// kernel and initramfs the descriptors `fds` names (kernel, initrd, then the vhost device).
-    fn argv(&self, config: &VmConfig, fds: &[RawFd], cid: Option<u32>, disk_fds: &[Vec<RawFd>]) -> Vec<String> {
+    fn argv(
+        &self,
+        config: &VmConfig,
+        fds: &[RawFd],
+        cid: Option<u32>,
+        disk_fds: &[Vec<RawFd>],
+        tap: Option<RawFd>,
+    ) -> Vec<String> {
         let mut argv = vec![self.binary.display().to_string()];
         let mut push = |args: &[&str]| argv.extend(args.iter().map(|s| s.to_string()));
         push(&["-name", &format!("moat-{},process=moat-{}", config.name, config.id)]);
@@ -217,6 +224,11 @@ impl Qemu {
             let drive = format!("file=/dev/fdset/{set},if=none,id=disk{i},format=raw,readonly={readonly}");
             push(&["-drive", &drive, "-device", &format!("virtio-blk-pci,drive=disk{i},serial=moat{i}")]);
         }
+        // The network card: virtio-net on the tap moat-node opened on the network's bridge.
+        if let (Some(nic), Some(fd)) = (&config.nic, tap) {
+            push(&["-netdev", &format!("tap,id=net0,fd={fd}")]);
+            push(&["-device", &format!("virtio-net-pci,netdev=net0,mac={}", nic.mac)]);
+        }
         let console = format!("file,id=console,path={CONSOLE_LOG},append=on");
         push(&["-chardev", &console, "-serial", "chardev:console"]);
         push(&["-qmp", &format!("unix:{QMP_SOCKET},server=on,wait=off")]);
@@ -235,7 +247,12 @@ impl Qemu {
         }
     }
 
-    async fn launch_confined(&self, dir: &VmDir, config: &VmConfig) -> Result<tokio::process::Child, VmmError> {
+    async fn launch_confined(
+        &self,
+        dir: &VmDir,
+        config: &VmConfig,
+        tap: Option<OwnedFd>,
+    ) -> Result<tokio::process::Child, VmmError> {
         let launch_err = |detail: String| VmmError::Launch { vmm: "qemu", detail };
         let mut confine = self.confinement.enter(dir, config, self.groups()).map_err(launch_err)?;
         let _ = std::fs::remove_file(dir.qmp_socket());
@@ -250,14 +267,18 @@ impl Qemu {
         }
         confine.inherit = inherited.fds();
         let disk_fds = inherited.disk_fds();
-        let mut argv = self.argv(config, &confine.inherit, cid, &disk_fds);
+        let tap_fd = tap.as_ref().map(|t| t.as_raw_fd());
+        let mut argv = self.argv(config, &confine.inherit, cid, &disk_fds, tap_fd);
         confine.inherit.extend(disk_fds.iter().flatten());
+        confine.inherit.extend(tap_fd);
         argv[0] = format!("/proc/self/fd/{}", inherited.binary.as_raw_fd());
         confine.inherit.push(inherited.binary.as_raw_fd());
         let child = cmd::spawn_detached(&argv, &dir.vmm_log(), Some(&confine))
             .map_err(|e| launch_err(crate::errors::chain(&e)))?;
-        // QEMU holds its own copies now (the CID stays reserved while it runs).
+        // QEMU holds its own copies now (the CID stays reserved while it runs, the tap exists
+        // while it has it open).
         drop(inherited);
+        drop(tap);
         Ok(child)
     }
 }
@@ -299,9 +320,10 @@ impl Vmm for Qemu {
         &'a self,
         dir: &'a VmDir,
         config: &'a VmConfig,
+        tap: Option<OwnedFd>,
     ) -> BoxFuture<'a, Result<tokio::process::Child, VmmError>> {
         Box::pin(async move {
-            let launched = self.launch_confined(dir, config).await;
+            let launched = self.launch_confined(dir, config, tap).await;
             if launched.is_err() {
                 self.cleanup(dir);
             }
@@ -405,8 +427,10 @@ mod tests {
                     workspace: "ws-1".into(),
                 },
             ],
+            nic: None,
         };
-        let argv = qemu(Accel::Tcg, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None, &[]).join(" ");
+        let argv =
+            qemu(Accel::Tcg, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None, &[], None).join(" ");
         for want in [
             "-accel tcg,tb-size=128",
             "-smp 2 -m 512M",
@@ -419,7 +443,7 @@ mod tests {
         }
         assert!(!argv.contains("-cpu host"), "TCG cannot use -cpu host");
         let disks = qemu(Accel::Tcg, VsockMode::Unavailable(String::new()))
-            .argv(&config, &[7, 8], None, &[vec![11, 13], vec![12]])
+            .argv(&config, &[7, 8], None, &[vec![11, 13], vec![12]], None)
             .join(" ");
         for want in [
             "-add-fd fd=11,set=1 -add-fd fd=13,set=1 -drive file=/dev/fdset/1,if=none,id=disk0,format=raw,readonly=off",
@@ -428,19 +452,38 @@ mod tests {
         ] {
             assert!(disks.contains(want), "{want} missing from {disks}");
         }
+        let nic = crate::dir::Nic {
+            network: "net-1".into(),
+            mac: "02:6d:00:00:00:01".into(),
+            ip: "10.1.0.2".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.1.0.1".parse().unwrap(),
+            dns: Vec::new(),
+        };
+        let networked = VmConfig { nic: Some(nic), ..config.clone() };
+        let net = qemu(Accel::Tcg, VsockMode::Unavailable(String::new()))
+            .argv(&networked, &[7, 8], None, &[], Some(14))
+            .join(" ");
+        assert!(
+            net.contains("-netdev tap,id=net0,fd=14 -device virtio-net-pci,netdev=net0,mac=02:6d:00:00:00:01"),
+            "{net}"
+        );
+        assert!(!argv.contains("-netdev"), "no network card unless the VM has one: {argv}");
         assert!(!argv.contains("-sandbox"), "no sandbox where it is not supported");
         let sandboxed = Qemu::new("/q".into(), Accel::Tcg, VsockMode::Unavailable(String::new()), {
             Confinement::detect(DEFAULT_UID_BASE, Ok(()))
         })
-        .argv(&config, &[7, 8], None, &[])
+        .argv(&config, &[7, 8], None, &[], None)
         .join(" ");
         assert!(sandboxed.ends_with(&format!("-sandbox {SANDBOX}")), "{sandboxed}");
-        let kvm = qemu(Accel::Kvm, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None, &[]).join(" ");
+        let kvm =
+            qemu(Accel::Kvm, VsockMode::Unavailable(String::new())).argv(&config, &[7, 8], None, &[], None).join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"), "{kvm}");
-        let kernel = qemu(Accel::Tcg, VsockMode::Kernel).argv(&config, &[7, 8, 9], Some(4), &[]).join(" ");
+        let kernel = qemu(Accel::Tcg, VsockMode::Kernel).argv(&config, &[7, 8, 9], Some(4), &[], None).join(" ");
         assert!(kernel.contains("-device vhost-vsock-pci,guest-cid=4,vhostfd=9"), "{kernel}");
-        let hybrid =
-            qemu(Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() }).argv(&config, &[7, 8], None, &[]).join(" ");
+        let hybrid = qemu(Accel::Tcg, VsockMode::Hybrid { daemon: "/d".into() })
+            .argv(&config, &[7, 8], None, &[], None)
+            .join(" ");
         for want in [
             "-object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem",
             "-chardev socket,id=vsock0,path=vhost.sock -device vhost-user-vsock-pci,chardev=vsock0",
