@@ -186,6 +186,12 @@ async fn guests_on_networks_follow_the_policy() {
     assert_eq!(code, -32602, "an unknown mode is a schema violation");
     let listed = call_ok(&alice, "network_list", json!({})).await;
     assert_eq!(listed["networks"].as_array().unwrap().len(), 1, "only dev exists: {listed}");
+    // Any name fits: interface names are derived from ids (15 bytes at most).
+    let long = "n".repeat(63);
+    let made =
+        call_ok(&admin, "network_create", json!({"name": long, "cidr": "10.82.0.0/24", "mode": "isolated", "node": "n1"})).await;
+    assert_eq!(made["network"]["bridge"].as_str().unwrap().len(), 10, "{made}");
+    call_ok(&admin, "network_delete", json!({"network": long})).await;
 
     // An exhausted pool: a /29 has five VM addresses.
     call_ok(
@@ -269,8 +275,17 @@ async fn guests_on_networks_follow_the_policy() {
     let link = call_ok(&alice, "vm_exec", json!({"vm": "a1", "command": "cat /sys/class/net/eth0/address"})).await;
     assert_eq!(link["stdout"].as_str().unwrap().trim(), mac, "the guest has the MAC moat chose");
 
-    // NAT out.
+    // NAT out, also after a stop and start (a new tap, the same address).
     assert_eq!(vm_reads(&alice, "a1", "192.0.2.2", 8000).await, "hello 8000", "nat reaches the outside");
+    call_ok(&alice, "vm_stop", json!({"vm": "a1", "force": true})).await;
+    assert_eq!(taps(&host).len(), 1, "a stopped VM's tap is gone");
+    call_ok(&alice, "vm_start", json!({"vm": "a1"})).await;
+    until("a1's agent after its restart", Duration::from_secs(60), async || {
+        call_ok(&alice, "vm_inspect", json!({"vm": "a1"})).await["vm"]["agent"]["ready"] == true
+    })
+    .await;
+    assert_eq!(call_ok(&alice, "vm_inspect", json!({"vm": "a1"})).await["vm"]["nic"]["ip"], ip1);
+    assert_eq!(vm_reads(&alice, "a1", "192.0.2.2", 8000).await, "hello 8000", "and again after a restart");
     // VM to VM: only what a2's group lets in.
     call_ok(
         &alice,
