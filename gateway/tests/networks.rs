@@ -174,6 +174,14 @@ async fn guests_on_networks_follow_the_policy() {
         (json!({"name": "o", "cidr": "10.80.1.1/24", "mode": "nat", "node": "n1"}), "is not an IPv4 CIDR"),
         (json!({"name": "o", "cidr": "10.80.1.0/30", "mode": "isolated", "node": "n1"}), "/29 or larger"),
         (json!({"name": "o", "cidr": "10.80.1.0/24", "mode": "bridged", "node": "n1"}), "needs bridge"),
+        (
+            json!({"name": "o", "cidr": "10.80.1.0/24", "mode": "bridged", "bridge": "nosuchbr", "node": "n1"}),
+            "does not exist",
+        ),
+        (
+            json!({"name": "o", "cidr": "10.80.1.0/24", "mode": "nat", "uplink": "nosuch0", "node": "n1"}),
+            "does not exist",
+        ),
         (json!({"name": "dev", "cidr": "10.80.1.0/24", "mode": "nat", "node": "n1"}), "already exists"),
         (json!({"name": "o", "cidr": "10.90.0.0/24", "mode": "nat", "node": "bare"}), "install nftables"),
     ] {
@@ -188,8 +196,12 @@ async fn guests_on_networks_follow_the_policy() {
     assert_eq!(listed["networks"].as_array().unwrap().len(), 1, "only dev exists: {listed}");
     // Any name fits: interface names are derived from ids (15 bytes at most).
     let long = "n".repeat(63);
-    let made =
-        call_ok(&admin, "network_create", json!({"name": long, "cidr": "10.82.0.0/24", "mode": "isolated", "node": "n1"})).await;
+    let made = call_ok(
+        &admin,
+        "network_create",
+        json!({"name": long, "cidr": "10.82.0.0/24", "mode": "isolated", "node": "n1"}),
+    )
+    .await;
     assert_eq!(made["network"]["bridge"].as_str().unwrap().len(), 10, "{made}");
     call_ok(&admin, "network_delete", json!({"network": long})).await;
 
@@ -305,6 +317,15 @@ async fn guests_on_networks_follow_the_policy() {
     assert_eq!(vm_reads(&alice, "a1", ip2, 8080).await, "hi-8080", "web lets tcp/8080 in from the network");
     assert_eq!(vm_reads(&alice, "a1", ip2, 8081).await, "", "only the allowed port");
     assert_eq!(vm_reads(&alice, "a2", ip1, 8080).await, "", "a1's groups let nothing in");
+    // A guest cannot pose as another address on its network (frames from its tap must carry its
+    // own address and MAC), though the group's rule admits the whole range.
+    let spoof = format!(
+        "ip addr flush dev eth0 && ip addr add 10.80.0.77/24 dev eth0 && nc -w 3 {ip2} 8080 </dev/null; \
+         ip addr flush dev eth0; ip addr add {ip1}/24 dev eth0; ip route add default via 10.80.0.1"
+    );
+    let spoofed = call_ok(&alice, "vm_exec", json!({"vm": "a1", "command": spoof, "timeout_s": 20})).await;
+    assert!(!spoofed["stdout"].as_str().unwrap().contains("hi-8080"), "a spoofed address got through: {spoofed}");
+    assert_eq!(vm_reads(&alice, "a1", ip2, 8080).await, "hi-8080", "its own address works again");
 
     // An egress allow-list: only 192.0.2.2:8001 beyond the network.
     let update = json!({"group": "out", "egress": [{"cidr": "192.0.2.2/32", "protocol": "tcp", "ports": "8001"}]});

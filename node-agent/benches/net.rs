@@ -50,6 +50,7 @@ fn state(n: usize) -> NetState {
             vm: format!("vm-{i}"),
             network: "net-1".into(),
             ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 2)) + i as u32),
+            mac: format!("02:6d:00:00:{:02x}:{:02x}", i / 256, i % 256),
             groups: vec![if i % 2 == 0 { "sg-a" } else { "sg-b" }.into()],
         })
         .collect();
@@ -117,9 +118,11 @@ async fn main() {
     // Two VM stand-ins on one network, through the table, then with no table on the same path.
     let host = Netns::new(format!("moat-bh{tag}"));
     let (a, b) = (Netns::new(format!("moat-ba{tag}")), Netns::new(format!("moat-bb{tag}")));
-    for (ns, vm, ip) in [(&a, "vm-a", "10.7.0.2/24"), (&b, "vm-b", "10.7.0.3/24")] {
+    for (i, (ns, vm, ip)) in [(&a, "vm-a", "10.7.0.2/24"), (&b, "vm-b", "10.7.0.3/24")].into_iter().enumerate() {
         let tap = names::tap(vm);
-        sh(&["ip", "-n", &host.0, "link", "add", &tap, "type", "veth", "peer", "name", "eth0", "netns", &ns.0]);
+        let mac = format!("02:6d:00:00:07:{:02x}", i + 2);
+        let peer = ["peer", "name", "eth0", "address", &mac, "netns", &ns.0];
+        sh(&[&["ip", "-n", &host.0, "link", "add", &tap, "type", "veth"][..], &peer[..]].concat());
         sh(&["ip", "-n", &ns.0, "addr", "add", ip, "dev", "eth0"]);
         sh(&["ip", "-n", &ns.0, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &ns.0, "route", "add", "default", "via", "10.7.0.1"]);
@@ -138,6 +141,7 @@ async fn main() {
                 vm: vm.to_string(),
                 network: "net-p".into(),
                 ip: Ipv4Addr::new(10, 7, 0, 2 + i as u8),
+                mac: format!("02:6d:00:00:07:{:02x}", i + 2),
                 groups: vec!["sg".into()],
             })
             .collect(),

@@ -91,10 +91,7 @@ impl Nic {
 
     /// A MAC address is six hex octets, locally administered and unicast (what moat hands out).
     pub fn valid_mac(mac: &str) -> bool {
-        let octets: Vec<&str> = mac.split(':').collect();
-        octets.len() == 6
-            && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
-            && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 0b11 == 0b10)
+        crate::net::model::valid_mac(mac)
     }
 }
 

@@ -53,6 +53,22 @@ impl Drop for Servers {
     }
 }
 
+/// The MAC a VM stand-in's NIC has (and its port says).
+fn mac_of(vm: &str) -> String {
+    format!("02:6d:00:00:00:{:02x}", vm.bytes().last().unwrap())
+}
+
+/// Whether a TCP connection from namespace `ns`, from source address `from`, to `ip:port` is
+/// accepted within 2 s.
+fn connects_from(ns: &Ns, from: &str, ip: &str, port: u16) -> bool {
+    let code = "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2, source_address=(sys.argv[3], 0)).close()\nexcept Exception:\n sys.exit(1)";
+    Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", code, ip, &port.to_string(), from])
+        .status()
+        .unwrap()
+        .success()
+}
+
 fn root_and_tools() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -86,7 +102,8 @@ async fn packets_follow_the_policy_inside_namespaces() {
     // Two VM stand-ins: the host end is named as the VM's tap.
     for (ns, vm, ip) in [(&v1, "vm-1", "10.1.0.2/24"), (&v2, "vm-2", "10.1.0.3/24")] {
         let tap = names::tap(vm);
-        sh(&["ip", "-n", &host.0, "link", "add", &tap, "type", "veth", "peer", "name", "eth0", "netns", &ns.0]);
+        let peer = ["peer", "name", "eth0", "address", &mac_of(vm), "netns", &ns.0];
+        sh(&[&["ip", "-n", &host.0, "link", "add", &tap, "type", "veth"][..], &peer[..]].concat());
         sh(&["ip", "-n", &ns.0, "addr", "add", ip, "dev", "eth0"]);
         sh(&["ip", "-n", &ns.0, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &ns.0, "route", "add", "default", "via", "10.1.0.1"]);
@@ -106,6 +123,7 @@ async fn packets_follow_the_policy_inside_namespaces() {
         vm: vm.into(),
         network: "net-1".into(),
         ip: ip.parse().unwrap(),
+        mac: mac_of(vm),
         groups: groups.iter().map(|g| g.to_string()).collect(),
     };
     let web = Group {
@@ -138,6 +156,14 @@ async fn packets_follow_the_policy_inside_namespaces() {
     applier.apply(&state).await.unwrap();
     assert!(connects(&v1, "10.1.0.3", 80), "the group allows tcp/80 from the network");
     assert!(!connects(&v1, "10.1.0.3", 81), "only the allowed port");
+    // A VM cannot pose as another address, nor with another MAC, though the rule allows the range.
+    sh(&["ip", "-n", &v1.0, "addr", "add", "10.1.0.50/24", "dev", "eth0"]);
+    assert!(!connects_from(&v1, "10.1.0.50", "10.1.0.3", 80), "a spoofed source address got through");
+    assert!(connects_from(&v1, "10.1.0.2", "10.1.0.3", 80), "its own address still works");
+    sh(&["ip", "-n", &v1.0, "link", "set", "eth0", "address", "02:6d:00:00:00:99"]);
+    assert!(!connects(&v1, "10.1.0.3", 80), "a spoofed MAC got through");
+    sh(&["ip", "-n", &v1.0, "link", "set", "eth0", "address", &mac_of("vm-1")]);
+    assert!(connects(&v1, "10.1.0.3", 80), "its own MAC again");
     // A port forward: the host's 8080 to vm-2's 80, from outside.
     state.forwards =
         vec![moat_node::net::model::Forward { proto: Proto::Tcp, host_port: 8080, vm: "vm-2".into(), vm_port: 81 }];
@@ -206,7 +232,13 @@ async fn bad_states_change_nothing() {
     assert!(err.contains("overlap"), "{err}");
     let outside = NetState {
         networks: vec![net("a", "10.1.0.0/24")],
-        ports: vec![Port { vm: "vm-1".into(), network: "a".into(), ip: "10.9.0.2".parse().unwrap(), groups: vec![] }],
+        ports: vec![Port {
+            vm: "vm-1".into(),
+            network: "a".into(),
+            ip: "10.9.0.2".parse().unwrap(),
+            mac: mac_of("vm-1"),
+            groups: vec![],
+        }],
         ..NetState::default()
     };
     let err = applier.apply(&outside).await.unwrap_err().to_string();

@@ -191,6 +191,7 @@ async fn node_state(shared: &Shared, node: &str) -> Result<NetState, ToolError> 
                 vm: nic.vm_id.clone(),
                 network: n.id.clone(),
                 ip: nic.ip.parse().map_err(|_| ToolError::Invalid(format!("stored address {} is bad", nic.ip)))?,
+                mac: nic.mac.clone(),
                 groups: nic.groups(),
             });
         }

@@ -48,7 +48,7 @@ pub(super) fn storage_status(err: StorageError) -> Status {
 pub(super) fn net_status(err: ApplyError) -> Status {
     let message = crate::errors::chain(&err);
     match err {
-        ApplyError::Invalid(_) => Status::invalid_argument(message),
+        ApplyError::Invalid(_) | ApplyError::Missing { .. } => Status::invalid_argument(message),
         ApplyError::NoNft => Status::failed_precondition(message),
         ApplyError::Command { .. } => Status::aborted(message),
     }

@@ -20,6 +20,8 @@ pub enum ApplyError {
     Invalid(#[from] super::model::Invalid),
     #[error("{argv} failed: {detail}")]
     Command { argv: String, detail: String },
+    #[error("network {network}: its {what} `{dev}` does not exist on this node; create it first or name another")]
+    Missing { network: String, what: &'static str, dev: String },
 }
 
 /// Applies states to the host (or to the namespace its prefix enters).
@@ -66,6 +68,20 @@ impl Applier {
         state.validate()?;
         // Without nft nothing may be touched: a bridge made before the table fails would stay.
         self.run(&["nft", "--version"], &[]).await?;
+        // Interfaces the operator names must exist (a rule naming a missing one never matches).
+        for net in &state.networks {
+            let (dev, what, kind) = match &net.mode {
+                Mode::Nat { uplink } if !uplink.is_empty() => (uplink, "uplink", None),
+                Mode::Bridged { bridge } => (bridge, "bridge", Some("bridge")),
+                _ => continue,
+            };
+            let mut args = vec!["ip", "-j", "link", "show", "dev", dev.as_str()];
+            args.extend(kind.iter().flat_map(|k| ["type", *k]));
+            let found = self.run(&args, &["does not exist"]).await?;
+            if !found.contains(&format!("\"ifname\":\"{dev}\"")) {
+                return Err(ApplyError::Missing { network: net.name.clone(), what, dev: dev.clone() });
+            }
+        }
         if !state.networks.is_empty() {
             self.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], &[]).await?;
         }

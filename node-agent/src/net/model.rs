@@ -113,6 +113,8 @@ pub struct Port {
     pub vm: String,
     pub network: String,
     pub ip: Ipv4Addr,
+    /// The VM's MAC: frames from its tap must carry it, and its address (anti-spoofing).
+    pub mac: String,
     /// Security groups (ids) whose rules apply to this VM.
     pub groups: Vec<String>,
 }
@@ -193,6 +195,8 @@ pub enum Invalid {
     TooSmall(String, Cidr),
     #[error("vm {vm}: address {ip} is not a host address of network {network} ({cidr}) or is its gateway")]
     Address { vm: String, ip: Ipv4Addr, network: String, cidr: Cidr },
+    #[error("vm {0}: `{1}` is not a locally administered unicast MAC such as 02:6d:00:00:00:01")]
+    Mac(String, String),
     #[error("vm {0}: address {1} is used twice")]
     Duplicate(String, Ipv4Addr),
     #[error("{0} names `{1}`, which does not exist")]
@@ -201,6 +205,14 @@ pub enum Invalid {
     Ports(String, u16, u16),
     #[error("host port {0}/{1:?} is forwarded twice")]
     Forwarded(u16, Proto),
+}
+
+/// Six lowercase or uppercase hex octets, locally administered and unicast (what moat hands out).
+pub fn valid_mac(mac: &str) -> bool {
+    let octets: Vec<&str> = mac.split(':').collect();
+    octets.len() == 6
+        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 0b11 == 0b10)
 }
 
 fn check_ports(what: &str, proto: Proto, ports: Option<Ports>) -> Result<(), Invalid> {
@@ -244,6 +256,9 @@ impl NetState {
                     network: net.name.clone(),
                     cidr: net.cidr,
                 });
+            }
+            if !valid_mac(&port.mac) {
+                return Err(Invalid::Mac(port.vm.clone(), port.mac.clone()));
             }
             if !seen.insert(port.ip) {
                 return Err(Invalid::Duplicate(port.vm.clone(), port.ip));

@@ -1,4 +1,4 @@
-//! The nftables ruleset, as a pure function of [`NetState`]: one table, `inet moat`, built as a
+//! The nftables ruleset, as a pure function of [`NetState`]: the table `inet moat`, built as a
 //! small syntax tree ([`Table`]) and printed as `nft -f` input that replaces the table whole
 //! in one transaction. The tree is also what the property tests evaluate packets against.
 //!
@@ -15,8 +15,13 @@
 //!   needs a rule. VMs with the same groups on the same network share one `in_` and one `out_`
 //!   chain (a profile), so the ruleset grows with the kinds of VMs, not their number.
 //! * `input`: from a VM to the host itself, only replies and ICMP.
-//! * NAT: `postrouting` masquerades nat networks out of their uplink; `prerouting` DNATs forwarded
-//!   host ports (to local addresses only) to their VM.
+//! * NAT: `postrouting` masquerades nat networks out of their uplink (no uplink named: out of any
+//!   interface but the bridge); `prerouting` DNATs forwarded host ports (to local addresses only)
+//!   to their VM.
+//!
+//! Beside it, in the same transaction, `bridge moat` binds each tap to its VM: a frame from a tap
+//! must carry the VM's MAC and IPv4 address (IP and ARP), and anything else than IPv4 and ARP is
+//! dropped. `inet moat` judges VMs by source address; this is what makes that address true.
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
@@ -93,6 +98,10 @@ pub struct Set {
 pub struct Table {
     pub sets: Vec<Set>,
     pub chains: Vec<Chain>,
+    /// Each VM's tap, MAC and address: the bridge table `bridge moat` drops frames from a tap
+    /// with another source MAC or IPv4 address (in IP and ARP), and anything but IPv4 and ARP,
+    /// so a guest cannot pose as another VM.
+    pub taps: Vec<(String, String, Ipv4Addr)>,
 }
 
 impl Table {
@@ -121,6 +130,7 @@ pub fn group_set(group: &str) -> String {
 /// The table for `state` (which [`NetState::validate`] accepted).
 pub fn table(state: &NetState) -> Table {
     let mut t = Table::default();
+    t.taps = state.ports.iter().map(|p| (names::tap(&p.vm), p.mac.to_ascii_lowercase(), p.ip)).collect();
     for g in &state.groups {
         let elements = state.ports.iter().filter(|p| p.groups.contains(&g.id)).map(|p| p.ip).collect();
         t.sets.push(Set { name: group_set(&g.id), elements });
@@ -339,11 +349,37 @@ pub fn print(table: &Table) -> String {
         out.push_str("\t}\n");
     }
     out.push_str("}\n");
+    print_bridge(&mut out, &table.taps);
     out
 }
 
 /// `nft -f` input removing the table (when no network is left).
-pub const REMOVE: &str = "table inet moat\ndelete table inet moat\n";
+pub const REMOVE: &str = "table inet moat\ndelete table inet moat\ntable bridge moat\ndelete table bridge moat\n";
+
+/// The `bridge moat` table: frames from moat's taps must carry their VM's MAC and IPv4 address.
+fn print_bridge(out: &mut String, taps: &[(String, String, Ipv4Addr)]) {
+    out.push_str("table bridge moat\ndelete table bridge moat\ntable bridge moat {\n");
+    out.push_str("\tset taps {\n\t\ttype ifname\n");
+    if !taps.is_empty() {
+        let names: Vec<String> = taps.iter().map(|(tap, ..)| format!("\"{}\"", escape(tap))).collect();
+        let _ = writeln!(out, "\t\telements = {{ {} }}", names.join(", "));
+    }
+    out.push_str("\t}\n\tset ports {\n\t\ttype ifname . ether_addr . ipv4_addr\n");
+    if !taps.is_empty() {
+        let elements: Vec<String> =
+            taps.iter().map(|(tap, mac, ip)| format!("\"{}\" . {mac} . {ip}", escape(tap))).collect();
+        let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
+    }
+    out.push_str("\t}\n\tchain prerouting {\n\t\ttype filter hook prerouting priority -200; policy accept;\n");
+    out.push_str(
+        "\t\tiifname @taps ether type ip iifname . ether saddr . ip saddr != @ports drop comment \"spoofed\"\n",
+    );
+    out.push_str(
+        "\t\tiifname @taps ether type arp iifname . ether saddr . arp saddr ip != @ports drop comment \"spoofed\"\n",
+    );
+    out.push_str("\t\tiifname @taps ether type != { ip, arp } drop comment \"not IPv4\"\n");
+    out.push_str("\t}\n}\n");
+}
 
 #[cfg(test)]
 mod tests {
@@ -480,6 +516,7 @@ mod tests {
                         vm: format!("vm-{i}"),
                         network: networks[*net].id.clone(),
                         ip: Ipv4Addr::new(10, (*net + 1) as u8, 0, (i + 2) as u8),
+                        mac: format!("02:6d:00:00:00:{:02x}", i + 2),
                         groups: [g1, g2]
                             .iter()
                             .filter_map(|g| group_ids.get(**g).cloned())
@@ -598,6 +635,7 @@ mod tests {
                 vm: "vm-1".into(),
                 network: "net-1".into(),
                 ip: "10.5.0.2".parse().unwrap(),
+                mac: "02:6d:00:00:00:02".into(),
                 groups: vec!["sg-1".into()],
             }],
             groups: vec![Group {
