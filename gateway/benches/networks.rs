@@ -92,10 +92,10 @@ async fn main() {
     for n in [10usize, 100, 1000] {
         while have < n {
             let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 2)) + have as u32);
-            let groups = [if have % 2 == 0 { a_id.clone() } else { b_id.clone() }];
+            let groups = [if have.is_multiple_of(2) { a_id.clone() } else { b_id.clone() }];
             let vm = format!("vm-bench{have:04}");
             db.allocate_nic(&vm, &row, std::iter::once(ip), "02:6d:00:00:00:00", &groups).await.unwrap();
-            if have % 10 == 0 {
+            if have.is_multiple_of(10) {
                 let forward = ForwardRow {
                     id: format!("pf-bench{have:04}"),
                     owner: "operator".into(),

@@ -129,8 +129,10 @@ pub fn group_set(group: &str) -> String {
 
 /// The table for `state` (which [`NetState::validate`] accepted).
 pub fn table(state: &NetState) -> Table {
-    let mut t = Table::default();
-    t.taps = state.ports.iter().map(|p| (names::tap(&p.vm), p.mac.to_ascii_lowercase(), p.ip)).collect();
+    let mut t = Table {
+        taps: state.ports.iter().map(|p| (names::tap(&p.vm), p.mac.to_ascii_lowercase(), p.ip)).collect(),
+        ..Table::default()
+    };
     for g in &state.groups {
         let elements = state.ports.iter().filter(|p| p.groups.contains(&g.id)).map(|p| p.ip).collect();
         t.sets.push(Set { name: group_set(&g.id), elements });
