@@ -160,7 +160,7 @@ impl NodeClient {
                     read_only: *read_only,
                 })
                 .collect(),
-            nic: vm.nic.as_ref().map(trans::nic),
+            nic: vm.nic.as_ref().map(moat_node::api::nic_spec),
         };
         let answer =
             self.inner.clone().create_vm(request(pb::CreateVmRequest { spec: Some(spec), start }, deadline)).await;

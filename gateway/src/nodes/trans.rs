@@ -112,18 +112,6 @@ pub fn workspace(ws: pb::Workspace) -> NodeWorkspace {
     NodeWorkspace { id: ws.id, size_bytes: ws.size_bytes, method: ws.method, exclusive_bytes: ws.exclusive_bytes }
 }
 
-/// A VM's network card as the node's spec carries it.
-pub(super) fn nic(nic: &moat_node::vm::Nic) -> pb::Nic {
-    pb::Nic {
-        network_id: nic.network.clone(),
-        mac: nic.mac.clone(),
-        ip: nic.ip.to_string(),
-        prefix: u32::from(nic.prefix),
-        gateway: nic.gateway.to_string(),
-        dns: nic.dns.iter().map(|d| d.to_string()).collect(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

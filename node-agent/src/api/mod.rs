@@ -10,6 +10,8 @@ use tonic::{Request, Response, Status};
 
 mod status;
 mod trans;
+
+pub use trans::nic_spec;
 pub mod tunnel;
 
 use status::{net_status, probe_status, storage_status, vm_status};

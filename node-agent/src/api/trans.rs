@@ -89,7 +89,8 @@ fn nic(nic: pb::Nic) -> Result<Nic, tonic::Status> {
     })
 }
 
-fn nic_spec(nic: &Nic) -> pb::Nic {
+/// A VM's network card as `VmSpec` carries it (the gateway sends it the same way).
+pub fn nic_spec(nic: &Nic) -> pb::Nic {
     pb::Nic {
         network_id: nic.network.clone(),
         mac: nic.mac.clone(),
