@@ -63,63 +63,96 @@ impl Applier {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Makes bridges, addresses, forwarding and the ruleset match `state`.
+    /// Makes bridges, addresses, forwarding and the ruleset match `state`, in four programs at
+    /// most (a link listing, `nft -f`, one `ip -batch`, one `sysctl`): each start of a program
+    /// costs milliseconds, and every change of a network, group or forward comes through here.
     pub async fn apply(&self, state: &NetState) -> Result<(), ApplyError> {
         state.validate()?;
-        // Without nft nothing may be touched: a bridge made before the table fails would stay.
-        self.run(&["nft", "--version"], &[]).await?;
+        let links = self.links().await?;
         // Interfaces the operator names must exist (a rule naming a missing one never matches).
         for net in &state.networks {
-            let (dev, what, kind) = match &net.mode {
-                Mode::Nat { uplink } if !uplink.is_empty() => (uplink, "uplink", None),
-                Mode::Bridged { bridge } => (bridge, "bridge", Some("bridge")),
+            let (dev, what, bridge) = match &net.mode {
+                Mode::Nat { uplink } if !uplink.is_empty() => (uplink, "uplink", false),
+                Mode::Bridged { bridge } => (bridge, "bridge", true),
                 _ => continue,
             };
-            let mut args = vec!["ip", "-j", "link", "show", "dev", dev.as_str()];
-            args.extend(kind.iter().flat_map(|k| ["type", *k]));
-            let found = self.run(&args, &["does not exist"]).await?;
-            if !found.contains(&format!("\"ifname\":\"{dev}\"")) {
+            if !links.iter().any(|(name, kind)| name == dev && (!bridge || kind == "bridge")) {
                 return Err(ApplyError::Missing { network: net.name.clone(), what, dev: dev.clone() });
             }
         }
+        // The ruleset first: without nft nothing else is touched (interface names in it are only
+        // strings, so bridges made below are matched from the moment they exist).
+        self.ruleset(state).await?;
+        let mut batch = String::new();
+        let mut sysctls = Vec::new();
         if !state.networks.is_empty() {
-            self.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], &[]).await?;
+            sysctls.push("net.ipv4.ip_forward=1".to_string());
         }
         for net in &state.networks {
             let bridge = render::bridge_of(net);
             if !matches!(net.mode, Mode::Bridged { .. }) {
-                self.run(&["ip", "link", "add", "name", &bridge, "type", "bridge"], &["File exists"]).await?;
-                let gateway =
-                    format!("{}/{}", net.cidr.gateway().expect("validated: /29 or larger"), net.cidr.prefix());
-                self.run(&["ip", "addr", "replace", &gateway, "dev", &bridge], &[]).await?;
-                self.run(&["ip", "link", "set", &bridge, "up"], &[]).await?;
+                if !links.iter().any(|(name, _)| *name == bridge) {
+                    batch.push_str(&format!("link add name {bridge} type bridge\n"));
+                }
+                let gateway = net.cidr.gateway().expect("validated: /29 or larger");
+                batch.push_str(&format!("addr replace {gateway}/{} dev {bridge}\n", net.cidr.prefix()));
+                batch.push_str(&format!("link set {bridge} up\n"));
             }
             // VMs' ports are isolated from each other: their traffic goes through the host (and
             // the ruleset), which answers ARP for the other VMs.
-            let pvlan = format!("net.ipv4.conf.{bridge}.proxy_arp_pvlan=1");
-            self.run(&["sysctl", "-qw", &pvlan], &[]).await?;
-            let arp = format!("net.ipv4.conf.{bridge}.proxy_arp=1");
-            self.run(&["sysctl", "-qw", &arp], &[]).await?;
+            sysctls.push(format!("net.ipv4.conf.{bridge}.proxy_arp_pvlan=1"));
+            sysctls.push(format!("net.ipv4.conf.{bridge}.proxy_arp=1"));
         }
-        self.ruleset(state).await?;
         // Bridges moat made that the state no longer has.
         let wanted: Vec<String> = state.networks.iter().map(render::bridge_of).collect();
-        for bridge in self.moat_bridges().await? {
-            if !wanted.contains(&bridge) {
-                self.run(&["ip", "link", "del", &bridge], &["Cannot find device"]).await?;
+        for (name, kind) in &links {
+            if kind == "bridge" && names::is_bridge(name) && !wanted.contains(name) {
+                batch.push_str(&format!("link del {name}\n"));
             }
         }
+        if !batch.is_empty() {
+            let file = self.scratch_file("ip", &batch)?;
+            let done = self.run(&["ip", "-batch", &file.display().to_string()], &[]).await;
+            let _ = std::fs::remove_file(&file);
+            done?;
+        }
+        if !sysctls.is_empty() {
+            let mut argv = vec!["sysctl", "-qw"];
+            argv.extend(sysctls.iter().map(String::as_str));
+            self.run(&argv, &[]).await?;
+        }
         Ok(())
+    }
+
+    /// Writes `text` to a file of this process in the scratch directory.
+    fn scratch_file(&self, what: &str, text: &str) -> Result<PathBuf, ApplyError> {
+        std::fs::create_dir_all(&self.scratch)
+            .map_err(|e| ApplyError::Command { argv: "mkdir".into(), detail: e.to_string() })?;
+        let file = self.scratch.join(format!("moat-{}.{what}", std::process::id()));
+        std::fs::write(&file, text).map_err(|e| ApplyError::Command { argv: "write".into(), detail: e.to_string() })?;
+        Ok(file)
+    }
+
+    /// Every link (name and kind, "" for a plain device), in one listing.
+    async fn links(&self) -> Result<Vec<(String, String)>, ApplyError> {
+        let out = self.run(&["ip", "-j", "-d", "link", "show"], &[]).await?;
+        let links: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        Ok(links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| {
+                let kind = l["linkinfo"]["info_kind"].as_str().unwrap_or_default().to_string();
+                Some((l["ifname"].as_str()?.to_string(), kind))
+            })
+            .collect())
     }
 
     /// Replaces the `inet moat` table whole (or removes it when there are no networks).
     pub async fn ruleset(&self, state: &NetState) -> Result<(), ApplyError> {
         let text =
             if state.networks.is_empty() { render::REMOVE.to_string() } else { render::print(&render::table(state)) };
-        std::fs::create_dir_all(&self.scratch)
-            .map_err(|e| ApplyError::Command { argv: "mkdir".into(), detail: e.to_string() })?;
-        let file = self.scratch.join(format!("moat-{}.nft", std::process::id()));
-        std::fs::write(&file, text).map_err(|e| ApplyError::Command { argv: "write".into(), detail: e.to_string() })?;
+        let file = self.scratch_file("nft", &text)?;
         let applied = self.run(&["nft", "-f", &file.display().to_string()], &[]).await;
         let _ = std::fs::remove_file(&file);
         applied.map(drop)
@@ -139,19 +172,5 @@ impl Applier {
     /// `nft list table inet moat`, or "" when there is no such table.
     pub async fn list_table(&self) -> Result<String, ApplyError> {
         self.run(&["nft", "list", "table", "inet", "moat"], &["No such file or directory"]).await
-    }
-
-    /// The `mb*` bridges present (moat's own: other bridges are never touched).
-    async fn moat_bridges(&self) -> Result<Vec<String>, ApplyError> {
-        let out = self.run(&["ip", "-j", "link", "show", "type", "bridge"], &[]).await?;
-        let links: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        Ok(links
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l["ifname"].as_str())
-            .filter(|n| n.len() == 10 && n.starts_with("mb") && n[2..].bytes().all(|b| b.is_ascii_hexdigit()))
-            .map(str::to_string)
-            .collect())
     }
 }

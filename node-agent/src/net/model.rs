@@ -44,6 +44,13 @@ impl Cidr {
         let count = size.saturating_sub(2) as u32;
         (1..=count).map(move |i| Ipv4Addr::from(base + i))
     }
+    /// Whether `ip` is one of its host addresses (not the network or broadcast address).
+    pub fn is_host(self, ip: Ipv4Addr) -> bool {
+        let size = 1u64 << (32 - u32::from(self.prefix));
+        let offset = u64::from(u32::from(ip).wrapping_sub(u32::from(self.addr)));
+        self.contains(ip) && offset >= 1 && offset + 1 < size
+    }
+
     /// The network's gateway: its first host address, held by the bridge.
     pub fn gateway(self) -> Option<Ipv4Addr> {
         self.hosts().next()
@@ -246,10 +253,7 @@ impl NetState {
                 .iter()
                 .find(|n| n.id == port.network)
                 .ok_or_else(|| Invalid::Unknown(format!("vm {}", port.vm), port.network.clone()))?;
-            if !net.cidr.contains(port.ip)
-                || Some(port.ip) == net.cidr.gateway()
-                || !net.cidr.hosts().any(|h| h == port.ip)
-            {
+            if !net.cidr.is_host(port.ip) || Some(port.ip) == net.cidr.gateway() {
                 return Err(Invalid::Address {
                     vm: port.vm.clone(),
                     ip: port.ip,
@@ -307,6 +311,10 @@ mod tests {
         let c: Cidr = "10.80.0.0/24".parse().unwrap();
         assert_eq!(c.gateway(), Some(Ipv4Addr::new(10, 80, 0, 1)));
         assert_eq!(c.hosts().count(), 254);
+        let all: Vec<Ipv4Addr> = (0..=255).map(|i| Ipv4Addr::new(10, 80, 0, i)).collect();
+        assert_eq!(all.iter().filter(|ip| c.is_host(**ip)).count(), 254);
+        assert!(!c.is_host(Ipv4Addr::new(10, 80, 0, 0)) && !c.is_host(Ipv4Addr::new(10, 80, 0, 255)));
+        assert!(!c.is_host(Ipv4Addr::new(10, 80, 1, 1)) && c.is_host(Ipv4Addr::new(10, 80, 0, 1)));
         assert!(c.contains(Ipv4Addr::new(10, 80, 0, 255)) && !c.contains(Ipv4Addr::new(10, 80, 1, 0)));
         assert!(c.overlaps("10.80.0.128/25".parse().unwrap()) && !c.overlaps("10.81.0.0/16".parse().unwrap()));
         for bad in ["10.80.0.1/24", "10.80.0.0", "10.80.0.0/33", "x/8", "10.80.0.0/-1", "300.0.0.0/8"] {

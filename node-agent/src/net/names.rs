@@ -18,3 +18,8 @@ pub fn bridge(id: &str) -> String {
 pub fn tap(id: &str) -> String {
     format!("mt{}", short(id))
 }
+
+/// Whether `name` is one of moat's bridges (`mb` and 8 hex digits): only those are ever removed.
+pub fn is_bridge(name: &str) -> bool {
+    name.len() == 10 && name.starts_with("mb") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
