@@ -88,6 +88,39 @@ async fn vm_reads<H: rmcp::ClientHandler>(
     out["stdout"].as_str().unwrap_or_default().trim().to_string()
 }
 
+/// [`vm_reads`], asked again (up to three times) while the answer is not `want`: the guests'
+/// `nc -l` loops are briefly not listening between two connections.
+async fn vm_reads_until<H: rmcp::ClientHandler>(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, H>,
+    vm: &str,
+    ip: &str,
+    port: u16,
+    want: &str,
+) -> String {
+    let mut got = String::new();
+    for _ in 0..3 {
+        got = vm_reads(client, vm, ip, port).await;
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    got
+}
+
+/// [`read_from`], likewise asked again while the answer is not `want`.
+fn read_from_until(ns: &Netns, ip: &str, port: u16, want: &str) -> String {
+    let mut got = String::new();
+    for _ in 0..3 {
+        got = read_from(ns, ip, port);
+        if got == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    got
+}
+
 /// The host namespace's links named like moat's taps (`mt` and 8 hex digits).
 fn taps(ns: &Netns) -> Vec<String> {
     let links: Value = serde_json::from_str(&sh(&["ip", "-n", &ns.0, "-j", "link"])).unwrap();
@@ -288,7 +321,11 @@ async fn guests_on_networks_follow_the_policy() {
     assert_eq!(link["stdout"].as_str().unwrap().trim(), mac, "the guest has the MAC moat chose");
 
     // NAT out, also after a stop and start (a new tap, the same address).
-    assert_eq!(vm_reads(&alice, "a1", "192.0.2.2", 8000).await, "hello 8000", "nat reaches the outside");
+    assert_eq!(
+        vm_reads_until(&alice, "a1", "192.0.2.2", 8000, "hello 8000").await,
+        "hello 8000",
+        "nat reaches the outside"
+    );
     call_ok(&alice, "vm_stop", json!({"vm": "a1", "force": true})).await;
     assert_eq!(taps(&host).len(), 1, "a stopped VM's tap is gone");
     call_ok(&alice, "vm_start", json!({"vm": "a1"})).await;
@@ -297,7 +334,11 @@ async fn guests_on_networks_follow_the_policy() {
     })
     .await;
     assert_eq!(call_ok(&alice, "vm_inspect", json!({"vm": "a1"})).await["vm"]["nic"]["ip"], ip1);
-    assert_eq!(vm_reads(&alice, "a1", "192.0.2.2", 8000).await, "hello 8000", "and again after a restart");
+    assert_eq!(
+        vm_reads_until(&alice, "a1", "192.0.2.2", 8000, "hello 8000").await,
+        "hello 8000",
+        "and again after a restart"
+    );
     // VM to VM: only what a2's group lets in.
     call_ok(
         &alice,
@@ -314,7 +355,11 @@ async fn guests_on_networks_follow_the_policy() {
     call_ok(&alice, "vm_exec_start", json!({"vm": "a1", "command": "while true; do echo hi-a1 | nc -l -p 8080; done"}))
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(vm_reads(&alice, "a1", ip2, 8080).await, "hi-8080", "web lets tcp/8080 in from the network");
+    assert_eq!(
+        vm_reads_until(&alice, "a1", ip2, 8080, "hi-8080").await,
+        "hi-8080",
+        "web lets tcp/8080 in from the network"
+    );
     assert_eq!(vm_reads(&alice, "a1", ip2, 8081).await, "", "only the allowed port");
     assert_eq!(vm_reads(&alice, "a2", ip1, 8080).await, "", "a1's groups let nothing in");
     // A guest cannot pose as another address on its network (frames from its tap must carry its
@@ -325,21 +370,25 @@ async fn guests_on_networks_follow_the_policy() {
     );
     let spoofed = call_ok(&alice, "vm_exec", json!({"vm": "a1", "command": spoof, "timeout_s": 20})).await;
     assert!(!spoofed["stdout"].as_str().unwrap().contains("hi-8080"), "a spoofed address got through: {spoofed}");
-    assert_eq!(vm_reads(&alice, "a1", ip2, 8080).await, "hi-8080", "its own address works again");
+    assert_eq!(vm_reads_until(&alice, "a1", ip2, 8080, "hi-8080").await, "hi-8080", "its own address works again");
 
     // An egress allow-list: only 192.0.2.2:8001 beyond the network.
     let update = json!({"group": "out", "egress": [{"cidr": "192.0.2.2/32", "protocol": "tcp", "ports": "8001"}]});
     call_ok(&alice, "security_group_update", update).await;
     assert_eq!(vm_reads(&alice, "a1", "192.0.2.2", 8000).await, "", "refused by the allow-list");
-    assert_eq!(vm_reads(&alice, "a1", "192.0.2.2", 8001).await, "hello 8001", "allowed by the allow-list");
-    assert_eq!(vm_reads(&alice, "a1", ip2, 8080).await, "hi-8080", "its own network is not egress");
+    assert_eq!(
+        vm_reads_until(&alice, "a1", "192.0.2.2", 8001, "hello 8001").await,
+        "hello 8001",
+        "allowed by the allow-list"
+    );
+    assert_eq!(vm_reads_until(&alice, "a1", ip2, 8080, "hi-8080").await, "hi-8080", "its own network is not egress");
 
     // A port forward from the node's address to a2:8080, reached from outside.
     let err = tool_error(&bob, "port_forward_create", json!({"vm": "a2", "host_port": 9090, "vm_port": 8080})).await;
     assert!(err.contains("no vm named `a2`"), "{err}");
     let forward = call_ok(&alice, "port_forward_create", json!({"vm": "a2", "host_port": 9090, "vm_port": 8080})).await;
     assert_eq!(forward["forward"]["vm_ip"], ip2, "{forward}");
-    assert_eq!(read_from(&out, "192.0.2.1", 9090), "hi-8080", "the forward reaches the guest");
+    assert_eq!(read_from_until(&out, "192.0.2.1", 9090, "hi-8080"), "hi-8080", "the forward reaches the guest");
     assert_eq!(read_from(&out, "192.0.2.1", 9091), "", "nothing else is forwarded");
     let err = tool_error(&alice, "port_forward_create", json!({"vm": "a1", "host_port": 9090, "vm_port": 8080})).await;
     assert!(err.contains("already forwarded"), "{err}");
@@ -357,7 +406,11 @@ async fn guests_on_networks_follow_the_policy() {
 
     // A flushed table is repaired when the node starts again.
     sh(&["ip", "netns", "exec", &host.0, "nft", "flush", "ruleset"]);
-    assert_eq!(vm_reads(&alice, "a1", ip2, 8081).await, "hi-8081", "without the table nothing is filtered");
+    assert_eq!(
+        vm_reads_until(&alice, "a1", ip2, 8081, "hi-8081").await,
+        "hi-8081",
+        "without the table nothing is filtered"
+    );
     node.stop().await;
     node.start().await;
     until("the node to answer again", Duration::from_secs(30), async || {
@@ -366,7 +419,7 @@ async fn guests_on_networks_follow_the_policy() {
     .await;
     assert!(ruleset(&host).contains("table inet moat"), "the table is back after the restart");
     assert_eq!(vm_reads(&alice, "a1", ip2, 8081).await, "", "the policy is back");
-    assert_eq!(vm_reads(&alice, "a1", ip2, 8080).await, "hi-8080", "and the allowed port with it");
+    assert_eq!(vm_reads_until(&alice, "a1", ip2, 8080, "hi-8080").await, "hi-8080", "and the allowed port with it");
 
     // Removal leaves nothing: no tap, no forward, no bridge, no table.
     let err = tool_error(&admin, "network_delete", json!({"network": "dev"})).await;

@@ -345,6 +345,11 @@ pub async fn network_list(shared: &Shared, input: NetworkListInput) -> Result<Va
     Ok(to_value(NetworkListOutput { networks }))
 }
 
+/// Every VM by id, in one query (a listing must not ask once per VM).
+async fn vms_by_id(shared: &Shared) -> Result<HashMap<String, VmRow>, ToolError> {
+    Ok(shared.state.vms().await?.into_iter().map(|vm| (vm.id.clone(), vm)).collect())
+}
+
 /// Group names by id, for showing a VM's groups.
 fn group_names(groups: &[GroupRow]) -> HashMap<String, String> {
     groups.iter().map(|g| (g.id.clone(), g.name.clone())).collect()
@@ -356,8 +361,9 @@ pub async fn network_inspect(shared: &Shared, ctx: &CallContext, arg: &str) -> R
     let mut info = network_info(&row, nics.len());
     let names = group_names(&shared.state.groups(Some(&row.id)).await?);
     let bundle = shared.authz.bundle();
+    let vms = vms_by_id(shared).await?;
     for nic in &nics {
-        let Some(vm) = shared.state.vm_by_id(&nic.vm_id).await? else { continue };
+        let Some(vm) = vms.get(&nic.vm_id) else { continue };
         if !bundle.is_allowed(&ctx.principal, ToolName::VmInspect, &vm_resource(&vm)) {
             continue;
         }
@@ -428,14 +434,15 @@ async fn group_for(shared: &Shared, ctx: &CallContext, tool: ToolName, arg: &str
 async fn group_info(shared: &Shared, row: &GroupRow) -> Result<SecurityGroupInfo, ToolError> {
     let network = shared.state.network(&row.network_id).await?.map(|n| n.name).unwrap_or_default();
     let all_groups = group_names(&shared.state.groups(Some(&row.network_id)).await?);
-    let mut vms = Vec::new();
-    for nic in shared.state.nics(Some(&row.network_id)).await? {
-        if nic.groups().contains(&row.id)
-            && let Some(vm) = shared.state.vm_by_id(&nic.vm_id).await?
-        {
-            vms.push(vm.name);
-        }
-    }
+    let all_vms = vms_by_id(shared).await?;
+    let vms: Vec<String> = shared
+        .state
+        .nics(Some(&row.network_id))
+        .await?
+        .iter()
+        .filter(|nic| nic.groups().contains(&row.id))
+        .filter_map(|nic| all_vms.get(&nic.vm_id).map(|vm| vm.name.clone()))
+        .collect();
     let mut ingress: Vec<IngressRule> = serde_json::from_str(&row.ingress).unwrap_or_default();
     for rule in &mut ingress {
         if let Some(g) = &rule.source_group {

@@ -88,6 +88,7 @@ impl Networks {
     pub async fn set(&self, new: NetState) -> Result<(), ApplyError> {
         new.validate()?;
         let mut state = self.inner.state.lock().await;
+        let started = std::time::Instant::now();
         if let Err(e) = self.inner.applier.apply(&new).await {
             if let Err(again) = self.inner.applier.apply(&state).await {
                 tracing::error!(error = %again, "re-applying the previous network state failed too");
@@ -104,6 +105,7 @@ impl Networks {
             })
             .and_then(|()| std::fs::rename(&tmp, &self.inner.file));
         kept.map_err(|e| ApplyError::Command { argv: "keep the network state".into(), detail: e.to_string() })?;
+        tracing::debug!(ports = new.ports.len(), took = ?started.elapsed(), "networks applied and kept");
         *state = new;
         *self.inner.detail.lock().expect("never poisoned") = String::new();
         Ok(())

@@ -351,7 +351,7 @@ pub fn print(table: &Table) -> String {
         out.push_str("\t}\n");
     }
     out.push_str("}\n");
-    print_bridge(&mut out, &table.taps);
+    print_bridge(&mut out, table);
     out
 }
 
@@ -359,27 +359,25 @@ pub fn print(table: &Table) -> String {
 pub const REMOVE: &str = "table inet moat\ndelete table inet moat\ntable bridge moat\ndelete table bridge moat\n";
 
 /// The `bridge moat` table: frames from moat's taps must carry their VM's MAC and IPv4 address.
-fn print_bridge(out: &mut String, taps: &[(String, String, Ipv4Addr)]) {
+/// (Frames are picked by tap: other ports of an operator's bridge are not moat's to judge.)
+fn print_bridge(out: &mut String, table: &Table) {
     out.push_str("table bridge moat\ndelete table bridge moat\ntable bridge moat {\n");
     out.push_str("\tset taps {\n\t\ttype ifname\n");
-    if !taps.is_empty() {
-        let names: Vec<String> = taps.iter().map(|(tap, ..)| format!("\"{}\"", escape(tap))).collect();
+    if !table.taps.is_empty() {
+        let names: Vec<String> = table.taps.iter().map(|(tap, ..)| format!("\"{}\"", escape(tap))).collect();
         let _ = writeln!(out, "\t\telements = {{ {} }}", names.join(", "));
     }
     out.push_str("\t}\n\tset ports {\n\t\ttype ifname . ether_addr . ipv4_addr\n");
-    if !taps.is_empty() {
+    if !table.taps.is_empty() {
         let elements: Vec<String> =
-            taps.iter().map(|(tap, mac, ip)| format!("\"{}\" . {mac} . {ip}", escape(tap))).collect();
+            table.taps.iter().map(|(tap, mac, ip)| format!("\"{}\" . {mac} . {ip}", escape(tap))).collect();
         let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(", "));
     }
     out.push_str("\t}\n\tchain prerouting {\n\t\ttype filter hook prerouting priority -200; policy accept;\n");
-    out.push_str(
-        "\t\tiifname @taps ether type ip iifname . ether saddr . ip saddr != @ports drop comment \"spoofed\"\n",
-    );
-    out.push_str(
-        "\t\tiifname @taps ether type arp iifname . ether saddr . arp saddr ip != @ports drop comment \"spoofed\"\n",
-    );
-    out.push_str("\t\tiifname @taps ether type != { ip, arp } drop comment \"not IPv4\"\n");
+    out.push_str("\t\tiifname @taps jump port\n\t}\n\tchain port {\n");
+    out.push_str("\t\tether type ip iifname . ether saddr . ip saddr != @ports drop comment \"spoofed\"\n");
+    out.push_str("\t\tether type arp iifname . ether saddr . arp saddr ip != @ports drop comment \"spoofed\"\n");
+    out.push_str("\t\tether type != { ip, arp } drop comment \"not IPv4\"\n");
     out.push_str("\t}\n}\n");
 }
 
