@@ -364,7 +364,7 @@ pub async fn network_inspect(shared: &Shared, ctx: &CallContext, arg: &str) -> R
     let vms = vms_by_id(shared).await?;
     for nic in &nics {
         let Some(vm) = vms.get(&nic.vm_id) else { continue };
-        if !bundle.is_allowed(&ctx.principal, ToolName::VmInspect, &vm_resource(&vm)) {
+        if !bundle.is_allowed(&ctx.principal, ToolName::VmInspect, &vm_resource(vm)) {
             continue;
         }
         info.vms.push(NetworkVm {
