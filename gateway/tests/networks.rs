@@ -15,55 +15,16 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::node::Node;
 use common::{Home, call_err, call_ok, tool_error};
-use moat_node::testing::{Netns, images_with_base, until};
+use moat_node::testing::{Netns, TcpServers, images_with_base, root_and, sh, until};
 use serde_json::{Value, json};
 
-fn sh(argv: &[&str]) -> String {
-    let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
-    assert!(out.status.success(), "{}: {}", argv.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn root_and_tools() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["ip", "nft", "python3", "bridge", "qemu-system-x86_64"].iter().all(|t| {
-        Command::new("sh").args(["-c", &format!("command -v {t}")]).stdout(Stdio::null()).status().unwrap().success()
-    });
-    if root && tools {
-        return true;
-    }
-    let why = "needs root, ip, bridge, nft (nftables), python3 and qemu-system-x86_64";
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-    eprintln!("SKIP: {why}");
-    false
-}
-
-/// TCP servers in namespace `ns`: each port answers "hello <port>" and closes. Killed on drop.
-struct Servers(std::process::Child);
-
-impl Servers {
-    fn start(ns: &Netns, ports: &[u16]) -> Servers {
-        let code = "import socket,sys,threading,time\ndef serve(p):\n s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n while True:\n  c,_=s.accept(); c.sendall(b'hello %d\\n' % p); c.close()\nfor p in sys.argv[1:]:\n threading.Thread(target=serve, args=(int(p),), daemon=True).start()\ntime.sleep(3600)";
-        let mut args =
-            vec!["netns".to_string(), "exec".into(), ns.0.clone(), "python3".into(), "-c".into(), code.into()];
-        args.extend(ports.iter().map(u16::to_string));
-        let child = Command::new("ip").args(args).stdout(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        Servers(child)
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    root_and(&["ip", "nft", "python3", "bridge", "qemu-system-x86_64"])
 }
 
 /// What a TCP client in namespace `ns` reads from `ip:port` within 3 s ("" when nothing answers).
@@ -153,7 +114,7 @@ async fn guests_on_networks_follow_the_policy() {
     sh(&["ip", "-n", &host.0, "link", "set", "up0", "up"]);
     sh(&["ip", "-n", &out.0, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
     sh(&["ip", "-n", &out.0, "link", "set", "eth0", "up"]);
-    let _servers = Servers::start(&out, &[8000, 8001]);
+    let _servers = TcpServers::start(&out, &[8000, 8001]);
 
     let home = Home::new();
     let tmp = tempfile::tempdir().unwrap();

@@ -104,3 +104,62 @@ impl Drop for Netns {
         let _ = crate::cmd::probe_blocking(&["ip", "netns", "del", &self.0], Duration::from_secs(10));
     }
 }
+
+/// Runs `argv` (test set-up: `ip`, `nft`) and returns its stdout; panics with its stderr when it
+/// fails.
+pub fn sh(argv: &[&str]) -> String {
+    let out = crate::cmd::probe_blocking(argv, Duration::from_secs(30));
+    let out = out.unwrap_or_else(|| panic!("{} did not run", argv.join(" ")));
+    assert!(out.status.success(), "{}: {}", argv.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether this test can run here: as root, with `tools` in PATH. Under `CI=true` a missing one
+/// fails the test; elsewhere it is skipped with the reason printed.
+pub fn root_and(tools: &[&str]) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !crate::cmd::probe_blocking(&["sh", "-c", &format!("command -v {t}")], Duration::from_secs(5))
+                .is_some_and(|o| o.status.success())
+        })
+        .collect();
+    if root && missing.is_empty() {
+        return true;
+    }
+    let why = format!("needs root and {} (missing: {missing:?}, root: {root})", tools.join(", "));
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+    eprintln!("SKIP: {why}");
+    false
+}
+
+/// TCP servers on `ports` inside namespace `ns` (python3): each connection is answered with
+/// "hello <port>" and closed. Killed when dropped.
+pub struct TcpServers(std::process::Child);
+
+impl TcpServers {
+    pub fn start(ns: &Netns, ports: &[u16]) -> TcpServers {
+        let code = "import socket,sys,threading,time\ndef serve(p):\n s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n while True:\n  c,_=s.accept(); c.sendall(b'hello %d\\n' % p); c.close()\nfor p in sys.argv[1:]:\n threading.Thread(target=serve, args=(int(p),), daemon=True).start()\ntime.sleep(3600)";
+        let mut args =
+            vec!["netns".to_string(), "exec".into(), ns.0.clone(), "python3".into(), "-c".into(), code.into()];
+        args.extend(ports.iter().map(u16::to_string));
+        #[allow(clippy::disallowed_methods)] // a test's server, killed when dropped
+        let child = std::process::Command::new("ip")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("ip netns exec runs");
+        std::thread::sleep(Duration::from_millis(500));
+        TcpServers(child)
+    }
+}
+
+impl Drop for TcpServers {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

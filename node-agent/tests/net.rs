@@ -6,20 +6,14 @@
 //! forward, an egress allow-list, an isolated network, removal, and repair after a flush.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code runs ip and python3
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use moat_node::net::apply::Applier;
 use moat_node::net::model::{Egress, Group, Ingress, Mode, NetState, Network, Port, Ports, Proto, Source};
 use moat_node::net::{names, render};
-use moat_node::testing::Netns;
+use moat_node::testing::{Netns, TcpServers, root_and, sh};
 
 type Ns = Netns;
-
-fn sh(argv: &[&str]) -> String {
-    let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
-    assert!(out.status.success(), "{}: {}", argv.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Whether a TCP connection from namespace `ns` to `ip:port` is accepted within 2 s.
 fn connects(ns: &Ns, ip: &str, port: u16) -> bool {
@@ -29,28 +23,6 @@ fn connects(ns: &Ns, ip: &str, port: u16) -> bool {
         .status()
         .unwrap()
         .success()
-}
-
-/// TCP servers on `ports` in namespace `ns`, accepting and closing; killed when dropped.
-struct Servers(std::process::Child);
-
-impl Servers {
-    fn start(ns: &Ns, ports: &[u16]) -> Servers {
-        let code = "import socket,sys,threading\nready=[]\ndef serve(p):\n s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n while True:\n  c,_=s.accept(); c.close()\nfor p in sys.argv[1:]:\n threading.Thread(target=serve, args=(int(p),), daemon=True).start()\nimport time\ntime.sleep(3600)";
-        let mut args =
-            vec!["netns".to_string(), "exec".into(), ns.0.clone(), "python3".into(), "-c".into(), code.into()];
-        args.extend(ports.iter().map(u16::to_string));
-        let child = Command::new("ip").args(args).stdout(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        Servers(child)
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The MAC a VM stand-in's NIC has (and its port says).
@@ -70,18 +42,7 @@ fn connects_from(ns: &Ns, from: &str, ip: &str, port: u16) -> bool {
 }
 
 fn root_and_tools() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["ip", "nft", "python3", "bridge"].iter().all(|t| {
-        Command::new("sh").args(["-c", &format!("command -v {t}")]).stdout(Stdio::null()).status().unwrap().success()
-    });
-    if root && tools {
-        return true;
-    }
-    let why = "needs root, ip, bridge, nft (nftables) and python3";
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-    eprintln!("SKIP: {why}");
-    false
+    root_and(&["ip", "nft", "python3", "bridge"])
 }
 
 #[tokio::test]
@@ -108,8 +69,8 @@ async fn packets_follow_the_policy_inside_namespaces() {
         sh(&["ip", "-n", &ns.0, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &ns.0, "route", "add", "default", "via", "10.1.0.1"]);
     }
-    let _outside = Servers::start(&out, &[8000, 8001]);
-    let _web = Servers::start(&v2, &[80, 81]);
+    let _outside = TcpServers::start(&out, &[8000, 8001]);
+    let _web = TcpServers::start(&v2, &[80, 81]);
 
     let scratch = tempfile::tempdir().unwrap();
     let applier = Applier::in_namespace(&host.0, scratch.path().to_path_buf());
