@@ -86,6 +86,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         guest: crate::guest::Sessions::default(),
     });
     crate::tools::workspaces::clear_unfinished(&shared).await.context("cannot clear unfinished workspace creates")?;
+    tokio::spawn({
+        let shared = shared.clone();
+        async move { crate::tools::networks::sync_all(&shared).await }
+    });
     let mcp = Arc::new(Server {
         shared: shared.clone(),
         catalog: Catalog::build(),

@@ -142,9 +142,10 @@ async fn guests_on_networks_follow_the_policy() {
         &[("PATH", bare_path.to_str().unwrap())],
     )
     .await;
-    let moat = home.http_server(&[]).await;
+    let mut moat = home.http_server(&[]).await;
     let admin = moat.client(&moat.key).await;
-    let alice = moat.client(&home.key("alice", "agent").await).await;
+    let alice_key = home.key("alice", "agent").await;
+    let alice = moat.client(&alice_key).await;
     let bob = moat.client(&home.key("bob", "agent").await).await;
 
     // Networks are made by admins; agents do not even see the tool.
@@ -381,6 +382,22 @@ async fn guests_on_networks_follow_the_policy() {
     assert!(ruleset(&host).contains("table inet moat"), "the table is back after the restart");
     assert_eq!(vm_reads(&alice, "a1", ip2, 8081).await, "", "the policy is back");
     assert_eq!(vm_reads_until(&alice, "a1", ip2, 8080, "hi-8080").await, "hi-8080", "and the allowed port with it");
+
+    // A gateway that starts again sends each node its networks as the database has them (a change
+    // stored just before a crash is not left half-made): here, it repairs a flushed table.
+    sh(&["ip", "netns", "exec", &host.0, "nft", "flush", "ruleset"]);
+    for client in [admin, alice, bob] {
+        client.cancel().await.unwrap();
+    }
+    assert!(moat.terminate().await.success());
+    let moat = home.http_server(&[]).await;
+    until("the restarted gateway to send n1 its networks", Duration::from_secs(30), async || {
+        ruleset(&host).contains("table inet moat")
+    })
+    .await;
+    let admin = moat.client(&moat.key).await;
+    let alice = moat.client(&alice_key).await;
+    assert_eq!(vm_reads(&alice, "a1", ip2, 8081).await, "", "the policy is back");
 
     // Removal leaves nothing: no tap, no forward, no bridge, no table.
     let err = tool_error(&admin, "network_delete", json!({"network": "dev"})).await;

@@ -699,6 +699,26 @@ pub(super) async fn attach(
     })
 }
 
+/// At start: sends every node that has networks its state as the database has it, so a change
+/// stored just before the gateway died (and never sent) is not left half-made. A node that does
+/// not answer keeps what it has until the next change.
+pub async fn sync_all(shared: &Shared) {
+    let nodes: std::collections::BTreeSet<String> = match shared.state.networks().await {
+        Ok(networks) => networks.into_iter().map(|n| n.node).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read networks to send them to their nodes");
+            return;
+        }
+    };
+    for node in nodes {
+        let _change = CHANGES.lock().await;
+        match sync(shared, &node).await {
+            Ok(_) => tracing::info!(node, "sent the node its networks"),
+            Err(e) => tracing::warn!(node, error = %e, "the node keeps its networks until the next change"),
+        }
+    }
+}
+
 /// After a VM with a network card is gone (deleted, or its create rolled back): its node's
 /// state without it. A node that does not take it now gets it with the next change.
 pub(super) async fn detached(shared: &Shared, node: &str) {

@@ -83,9 +83,16 @@ async def exercise(client, mode, transport):
     admin_only = transport == "stdio"
     image_tools = ["image_list", "image_inspect"] + (["image_import", "image_delete"] if admin_only else [])
     workspace_tools = ["workspace_create", "workspace_fork", "workspace_list", "workspace_inspect", "workspace_delete"]
-    # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log, no image import).
+    # Agents use networks but do not make or remove them; groups and forwards are their own.
+    network_tools = ((["network_create"] if admin_only else []) + ["network_list", "network_inspect"]
+                     + (["network_delete"] if admin_only else [])
+                     + ["security_group_create", "security_group_update", "security_group_delete",
+                        "security_group_list", "security_group_inspect",
+                        "port_forward_create", "port_forward_delete", "port_forward_list"])
+    # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log, no image
+    # import, no network create or delete).
     expected = (["whoami", "node_list", "node_inspect"] + (["audit_query"] if admin_only else []) + vm_tools
-                + image_tools + workspace_tools)
+                + image_tools + workspace_tools + network_tools)
     assert names == expected, names
     assert all(t.output_schema for t in tools.tools)
 
