@@ -251,7 +251,8 @@ fn mode_of(row: &NetworkRow) -> NetworkMode {
 
 fn network_info(row: &NetworkRow, used: usize) -> NetworkInfo {
     let cidr = cidr_of(row);
-    let hosts = cidr.hosts().count().saturating_sub(1);
+    // Host addresses but the gateway.
+    let hosts = cidr.host_count().saturating_sub(1) as usize;
     NetworkInfo {
         id: row.id.clone(),
         name: row.name.clone(),

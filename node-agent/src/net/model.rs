@@ -44,6 +44,11 @@ impl Cidr {
         let count = size.saturating_sub(2) as u32;
         (1..=count).map(move |i| Ipv4Addr::from(base + i))
     }
+    /// How many host addresses it has (all but the network and broadcast addresses).
+    pub fn host_count(self) -> u64 {
+        (1u64 << (32 - u32::from(self.prefix))).saturating_sub(2)
+    }
+
     /// Whether `ip` is one of its host addresses (not the network or broadcast address).
     pub fn is_host(self, ip: Ipv4Addr) -> bool {
         let size = 1u64 << (32 - u32::from(self.prefix));
@@ -311,6 +316,8 @@ mod tests {
         let c: Cidr = "10.80.0.0/24".parse().unwrap();
         assert_eq!(c.gateway(), Some(Ipv4Addr::new(10, 80, 0, 1)));
         assert_eq!(c.hosts().count(), 254);
+        assert_eq!(c.host_count(), 254);
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().host_count(), (1 << 24) - 2);
         let all: Vec<Ipv4Addr> = (0..=255).map(|i| Ipv4Addr::new(10, 80, 0, i)).collect();
         assert_eq!(all.iter().filter(|ip| c.is_host(**ip)).count(), 254);
         assert!(!c.is_host(Ipv4Addr::new(10, 80, 0, 0)) && !c.is_host(Ipv4Addr::new(10, 80, 0, 255)));
