@@ -64,6 +64,14 @@ pub struct VmConfig {
     pub nic: Option<Nic>,
 }
 
+/// Six hex octets, locally administered and unicast: what moat hands out as a VM's MAC.
+pub fn valid_mac(mac: &str) -> bool {
+    let octets: Vec<&str> = mac.split(':').collect();
+    octets.len() == 6
+        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 0b11 == 0b10)
+}
+
 /// A VM's network card, as the gateway assigned it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nic {
@@ -87,11 +95,6 @@ impl Nic {
             arg.push_str(&dns.join("+"));
         }
         arg
-    }
-
-    /// A MAC address is six hex octets, locally administered and unicast (what moat hands out).
-    pub fn valid_mac(mac: &str) -> bool {
-        crate::net::model::valid_mac(mac)
     }
 }
 

@@ -49,7 +49,8 @@ pub struct NetworkCreateInput {
     #[schemars(length(min = 9, max = 18), regex(pattern = CIDR))]
     pub cidr: String,
     pub mode: NetworkMode,
-    /// nat: the host interface traffic leaves by [default: the one the host's default route uses].
+    /// nat: the host interface traffic leaves by [default: any but the network's bridge, as the
+    /// host's routes choose].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = IFNAME))]
     pub uplink: Option<String>,

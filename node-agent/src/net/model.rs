@@ -6,6 +6,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::dir::valid_mac;
+
 /// An IPv4 prefix, e.g. `10.80.0.0/24`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -217,14 +219,6 @@ pub enum Invalid {
     Ports(String, u16, u16),
     #[error("host port {0}/{1:?} is forwarded twice")]
     Forwarded(u16, Proto),
-}
-
-/// Six lowercase or uppercase hex octets, locally administered and unicast (what moat hands out).
-pub fn valid_mac(mac: &str) -> bool {
-    let octets: Vec<&str> = mac.split(':').collect();
-    octets.len() == 6
-        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
-        && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 0b11 == 0b10)
 }
 
 fn check_ports(what: &str, proto: Proto, ports: Option<Ports>) -> Result<(), Invalid> {

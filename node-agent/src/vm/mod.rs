@@ -504,7 +504,7 @@ impl VmManager {
             return Err(VmError::Invalid("a vm needs at least 1 vCPU and 64 MiB of memory".into()));
         }
         if let Some(nic) = &new.nic {
-            if !Nic::valid_mac(&nic.mac) {
+            if !crate::dir::valid_mac(&nic.mac) {
                 return Err(VmError::Invalid(format!("mac `{}` is not a locally administered unicast MAC", nic.mac)));
             }
             if self.networks().is_none() {
