@@ -1,7 +1,7 @@
 //! What each tool does, as one exhaustive `match` over [`ToolCall`]: adding a
 //! tool to `moat-tools` fails to compile here until it is handled. Each
 //! domain's handlers live in their own file; [`ToolError`] is how any of them
-//! fails, with one `From` per lower boundary (store, node, guest).
+//! fails, with one `From` per lower boundary (store and its refusals, node, guest).
 
 pub mod cluster;
 pub mod guest;
@@ -20,6 +20,7 @@ use crate::guest::GuestError;
 use crate::nodes::client::NodeError;
 use crate::security::resource::LookupError;
 use crate::store::StateError;
+use crate::store::vms::ReserveError;
 use guest::{GUEST_CALL, in_guest};
 
 /// How a tool call can fail once it has been decoded and allowed.
@@ -45,6 +46,16 @@ impl From<StateError> for ToolError {
         match e {
             StateError::UnknownNode(_) => ToolError::NotFound(e.to_string()),
             other => ToolError::Internal(other),
+        }
+    }
+}
+
+impl From<ReserveError> for ToolError {
+    /// A refusal (quota, name taken, no room, no address, port taken) is the caller's to fix.
+    fn from(e: ReserveError) -> Self {
+        match e {
+            ReserveError::Refused(refusal) => ToolError::Invalid(refusal.to_string()),
+            ReserveError::State(e) => e.into(),
         }
     }
 }

@@ -22,18 +22,11 @@ use crate::nodes::client::{NodeClient, NodeNetworks};
 use crate::security::resource::{forward_resource, group_not_found, group_resource, group_row, vm_resource};
 use crate::store::networks::{ForwardRow, GroupRow, NetworkRow, NicRow};
 use crate::store::now;
-use crate::store::vms::{ReserveError, VmRow};
+use crate::store::vms::VmRow;
 
 /// One network change at a time, gateway-wide: each is checked against, and sends, the whole
 /// state of its node.
 static CHANGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-pub(super) fn refused(e: ReserveError) -> ToolError {
-    match e {
-        ReserveError::Refused(refusal) => ToolError::Invalid(refusal.to_string()),
-        ReserveError::State(e) => e.into(),
-    }
-}
 
 async fn client(shared: &Shared, node: &str) -> Result<NodeClient, ToolError> {
     let row = shared.state.node(node).await?;
@@ -324,7 +317,7 @@ pub async fn network_create(shared: &Shared, ctx: &CallContext, input: NetworkCr
         created_at: now(),
     };
     let _change = CHANGES.lock().await;
-    shared.state.insert_network(&row).await.map_err(refused)?;
+    shared.state.insert_network(&row).await?;
     let id = row.id.clone();
     apply_or_undo(shared, &node, || async { shared.state.delete_network(&id).await.map(drop) }).await?;
     Ok(to_value(NetworkOutput { network: network_info(&row, 0) }))
@@ -480,7 +473,7 @@ pub async fn group_create(
         egress: egress.map(|e| serde_json::to_string(&e).expect("rules serialize")),
         created_at: now(),
     };
-    shared.state.insert_group(&row).await.map_err(refused)?;
+    shared.state.insert_group(&row).await?;
     let id = row.id.clone();
     apply_or_undo(shared, &network.node, || shared.state.delete_group(&id)).await?;
     Ok(to_value(SecurityGroupOutput { group: group_info(shared, &row).await? }))
@@ -603,7 +596,7 @@ pub async fn forward_create(
         created_at: now(),
     };
     let _change = CHANGES.lock().await;
-    shared.state.insert_forward(&row).await.map_err(refused)?;
+    shared.state.insert_forward(&row).await?;
     apply_or_undo(shared, &vm.node, || shared.state.delete_forward(&row.id)).await?;
     Ok(to_value(PortForwardOutput { forward: forward_info(shared, &row).await? }))
 }
@@ -684,11 +677,7 @@ pub(super) async fn attach(
     let gateway = range.gateway().expect("networks are /29 or larger");
     let mac = mac_for(&vm.id);
     let _change = CHANGES.lock().await;
-    let ip = shared
-        .state
-        .allocate_nic(&vm.id, network, range.hosts().filter(|h| *h != gateway), &mac, groups)
-        .await
-        .map_err(refused)?;
+    let ip = shared.state.allocate_nic(&vm.id, network, range.hosts().filter(|h| *h != gateway), &mac, groups).await?;
     sync(shared, &network.node).await?;
     Ok(moat_node::vm::Nic {
         network: network.id.clone(),

@@ -20,7 +20,7 @@ use crate::nodes::client::{NewVm, NodeClient, NodeError};
 use crate::nodes::{refresh, refresh_all};
 use crate::security::resource::{vm_resource, vm_row};
 use crate::store::now;
-use crate::store::vms::{NodeCapacity, ReserveError, VmReport, VmRow};
+use crate::store::vms::{NodeCapacity, VmReport, VmRow};
 use crate::store::workspaces::{DiskRow, How, WorkspaceRow};
 
 /// How long a node may take to create and boot a VM (TCG boots are slow under load).
@@ -263,11 +263,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
     };
     let quotas = shared.authz.bundle().limiter.config().quotas(ctx.principal.role).clone();
     let capacity = NodeCapacity { cpus: chosen.cpus, memory_mib: chosen.memory_mib };
-    match shared.state.reserve_vm(&row, &quotas, ctx.principal.role.as_str(), capacity, start, &disks).await {
-        Ok(()) => {}
-        Err(ReserveError::Refused(refusal)) => return Err(ToolError::Invalid(refusal.to_string())),
-        Err(ReserveError::State(e)) => return Err(e.into()),
-    }
+    shared.state.reserve_vm(&row, &quotas, ctx.principal.role.as_str(), capacity, start, &disks).await?;
     let nic = match &nic {
         Some((network, groups)) => match networks::attach(shared, &row, network, groups).await {
             Ok(nic) => Some(nic),
@@ -322,11 +318,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
 pub async fn start(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<Value, ToolError> {
     let row = row_for(shared, ctx, arg).await?;
     let quotas = shared.authz.bundle().limiter.config().quotas(ctx.principal.role).clone();
-    match shared.state.may_start_vm(&row, &quotas, ctx.principal.role.as_str()).await {
-        Ok(()) => {}
-        Err(ReserveError::Refused(refusal)) => return Err(ToolError::Invalid(refusal.to_string())),
-        Err(ReserveError::State(e)) => return Err(e.into()),
-    }
+    shared.state.may_start_vm(&row, &quotas, ctx.principal.role.as_str()).await?;
     let answer = node_of(shared, &row.node).await?.start_vm(&row.id, START_TIMEOUT).await;
     reported(shared, &row, answer.map_err(|e| node_failed(e, Effect::Unknown))).await
 }

@@ -17,7 +17,6 @@ use crate::app::{CallContext, Shared};
 use crate::nodes::client::{NodeClient, NodeError, NodeImage};
 use crate::security::resource::{workspace_not_found, workspace_resource, workspace_row};
 use crate::store::now;
-use crate::store::vms::ReserveError;
 use crate::store::workspaces::{AttachedRow, WorkspaceRow};
 
 /// How long a node may take to make a workspace (a copy on a filesystem without snapshots, or
@@ -189,11 +188,7 @@ where
     F: AsyncFnOnce(&NodeClient) -> Result<crate::nodes::client::NodeWorkspace, NodeError>,
 {
     let quotas = shared.authz.bundle().limiter.config().quotas(ctx.principal.role).clone();
-    match shared.state.reserve_workspace(&row, &quotas, ctx.principal.role.as_str()).await {
-        Ok(()) => {}
-        Err(ReserveError::Refused(refusal)) => return Err(ToolError::Invalid(refusal.to_string())),
-        Err(ReserveError::State(e)) => return Err(e.into()),
-    }
+    shared.state.reserve_workspace(&row, &quotas, ctx.principal.role.as_str()).await?;
     let node = match client(shared, &row.node).await {
         Ok(node) => node,
         Err(e) => {

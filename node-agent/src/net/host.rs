@@ -86,7 +86,6 @@ impl Networks {
     /// Makes `new` the node's networks: validated, applied, then kept. When applying fails the
     /// previous state is applied again and kept; the error says what failed.
     pub async fn set(&self, new: NetState) -> Result<(), ApplyError> {
-        new.validate()?;
         let mut state = self.inner.state.lock().await;
         let started = std::time::Instant::now();
         if let Err(e) = self.inner.applier.apply(&new).await {
