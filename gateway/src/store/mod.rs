@@ -103,16 +103,10 @@ impl State {
             .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
-        // No ping before each acquire: it doubles every query's round trips to SQLite's worker
-        // thread, and a local file connection has nothing to go stale.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await
-            .map_err(open_err)?;
         // Two moat processes starting at once on a new database would both migrate it and one
-        // would fail: the first to take this lock migrates, the other then finds nothing to do.
+        // would fail: the first to take this lock connects and migrates, the other then finds
+        // nothing to do. (Connecting is inside the lock too: it switches the file to WAL, which
+        // SQLite refuses, busy, while the other's migration writes.)
         // (A lock file of its own: closing another descriptor of the database would drop
         // SQLite's own locks on it.)
         let lock_path = wal_file(path, "-lock");
@@ -129,6 +123,14 @@ impl State {
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         .map_err(|source| StateError::StateDir { path: lock_path.clone(), source })?;
+        // No ping before each acquire: it doubles every query's round trips to SQLite's worker
+        // thread, and a local file connection has nothing to go stale.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
         MIGRATOR.run(&pool).await.map_err(StateError::Migrate)?;
         drop(lock);
         Ok(State { pool, path: path.into() })
