@@ -15,26 +15,15 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::node::Node;
 use common::{Home, call_err, call_ok, tool_error};
-use moat_node::testing::{Netns, TcpServers, images_with_base, root_and, sh, until};
+use moat_node::testing::{Netns, TcpServers, images_with_base, root_and, sh, tcp_read, until};
 use serde_json::{Value, json};
 
 fn root_and_tools() -> bool {
     root_and(&["ip", "nft", "python3", "bridge", "qemu-system-x86_64"])
-}
-
-/// What a TCP client in namespace `ns` reads from `ip:port` within 3 s ("" when nothing answers).
-fn read_from(ns: &Netns, ip: &str, port: u16) -> String {
-    let code = "import socket,sys\ntry:\n s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3); print(s.recv(100).decode().strip())\nexcept Exception:\n pass";
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "python3", "-c", code, ip, &port.to_string()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// What `nc` in VM `vm` reads from `ip:port` within 3 s ("" when nothing answers).
@@ -69,11 +58,11 @@ async fn vm_reads_until<H: rmcp::ClientHandler>(
     got
 }
 
-/// [`read_from`], likewise asked again while the answer is not `want`.
+/// [`tcp_read`], likewise asked again while the answer is not `want`.
 fn read_from_until(ns: &Netns, ip: &str, port: u16, want: &str) -> String {
     let mut got = String::new();
     for _ in 0..3 {
-        got = read_from(ns, ip, port);
+        got = tcp_read(ns, None, ip, port);
         if got == want {
             break;
         }
@@ -351,7 +340,7 @@ async fn guests_on_networks_follow_the_policy() {
     let forward = call_ok(&alice, "port_forward_create", json!({"vm": "a2", "host_port": 9090, "vm_port": 8080})).await;
     assert_eq!(forward["forward"]["vm_ip"], ip2, "{forward}");
     assert_eq!(read_from_until(&out, "192.0.2.1", 9090, "hi-8080"), "hi-8080", "the forward reaches the guest");
-    assert_eq!(read_from(&out, "192.0.2.1", 9091), "", "nothing else is forwarded");
+    assert_eq!(tcp_read(&out, None, "192.0.2.1", 9091), "", "nothing else is forwarded");
     let err = tool_error(&alice, "port_forward_create", json!({"vm": "a1", "host_port": 9090, "vm_port": 8080})).await;
     assert!(err.contains("already forwarded"), "{err}");
     let (code, _, _) =

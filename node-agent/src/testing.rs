@@ -163,3 +163,14 @@ impl Drop for TcpServers {
         let _ = self.0.wait();
     }
 }
+
+/// What a TCP client in namespace `ns` (from source address `from`, when given) reads from
+/// `ip:port` within 3 s: "" when nothing answers. [`TcpServers`] answer "hello <port>".
+pub fn tcp_read(ns: &Netns, from: Option<&str>, ip: &str, port: u16) -> String {
+    let code = "import socket,sys\ntry:\n src=(sys.argv[3], 0) if len(sys.argv) > 3 else None\n s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3, source_address=src); print(s.recv(100).decode().strip())\nexcept Exception:\n pass";
+    let port = port.to_string();
+    let mut argv = vec!["ip", "netns", "exec", &ns.0, "python3", "-c", code, ip, &port];
+    argv.extend(from);
+    let out = crate::cmd::probe_blocking(&argv, Duration::from_secs(15));
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
