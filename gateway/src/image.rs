@@ -12,26 +12,54 @@ const BUILD_SH: &str = include_str!("../../service-vms/base/build.sh");
 const INIT: &str = include_str!("../../service-vms/base/init");
 const MODULES: &str = include_str!("../../service-vms/base/modules");
 const DEBIAN_SH: &str = include_str!("../../service-vms/debian/build.sh");
+const GIT_SH: &str = include_str!("../../service-vms/git/build.sh");
+const GIT_HTTP: &str = include_str!("../../service-vms/git/git-http.py");
+const GIT_SERVICE: &str = include_str!("../../service-vms/git/service");
+
+/// Writes `files` (name, text, mode) into a fresh directory, for running an embedded recipe.
+fn stage(files: &[(&str, &str, u32)]) -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let staged = tempfile::tempdir().context("cannot stage the image recipe")?;
+    for (name, text, mode) in files {
+        let path = staged.path().join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))?;
+    }
+    Ok(staged)
+}
+
+/// Runs `script` with `args` in the foreground (its output is the operator's progress report).
+fn run_recipe(script: &Path, args: &[&std::ffi::OsStr], what: &str, out: &Path) -> anyhow::Result<()> {
+    #[allow(clippy::disallowed_methods)]
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        anyhow::bail!("building the {what} into {} failed ({status}); the output above says why", out.display());
+    }
+    Ok(())
+}
 
 /// Runs the Debian recipe (`service-vms/debian/build.sh`, embedded) into `out`: debootstrap of
 /// Debian stable (minbase) with python3, git, ca-certificates, iproute2 and `packages`, made
 /// into `out/rootfs.ext4` with `mke2fs -d`. Idempotent: a stamp of the inputs skips the work.
 pub fn build_debian(out: &Path, packages: &[String]) -> anyhow::Result<std::path::PathBuf> {
-    let staged = tempfile::tempdir().context("cannot stage the image recipe")?;
-    let script = staged.path().join("build.sh");
-    std::fs::write(&script, DEBIAN_SH).with_context(|| format!("cannot write {}", script.display()))?;
-    // The operator runs this in the foreground; its output is the progress report.
-    #[allow(clippy::disallowed_methods)]
-    let status = std::process::Command::new("bash")
-        .arg(&script)
-        .arg(out)
-        .arg(packages.join(","))
-        .status()
-        .with_context(|| format!("cannot run {}", script.display()))?;
-    if !status.success() {
-        anyhow::bail!("building the Debian image into {} failed ({status}); the output above says why", out.display());
-    }
+    let staged = stage(&[("build.sh", DEBIAN_SH, 0o755)])?;
+    let packages = packages.join(",");
+    run_recipe(&staged.path().join("build.sh"), &[out.as_os_str(), packages.as_ref()], "Debian image", out)?;
     Ok(out.join("rootfs.ext4"))
+}
+
+/// Runs the git service VM recipe (`service-vms/git/build.sh`, embedded) into `out` from the
+/// Debian image `debian`: `out/rootfs.ext4` (Debian plus moat's git front, started by the init)
+/// and `out/data.ext4` (empty: the repositories' workspace is made from it). Idempotent.
+pub fn build_git(out: &Path, debian: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let staged =
+        stage(&[("build.sh", GIT_SH, 0o755), ("git-http.py", GIT_HTTP, 0o755), ("service", GIT_SERVICE, 0o755)])?;
+    run_recipe(&staged.path().join("build.sh"), &[out.as_os_str(), debian.as_os_str()], "git image", out)?;
+    Ok((out.join("rootfs.ext4"), out.join("data.ext4")))
 }
 
 /// Runs the recipe (`recipe/build.sh`, or the embedded copy) to build the image into `out`.
@@ -40,31 +68,15 @@ pub fn build(recipe: Option<&Path>, out: &Path, guest: Option<&Path>) -> anyhow:
     let dir = match recipe {
         Some(dir) => dir,
         None => {
-            staged = tempfile::tempdir().context("cannot stage the image recipe")?;
-            for (name, text, mode) in
-                [("build.sh", BUILD_SH, 0o755), ("init", INIT, 0o755), ("modules", MODULES, 0o644)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let path = staged.path().join(name);
-                std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
-            }
+            staged = stage(&[("build.sh", BUILD_SH, 0o755), ("init", INIT, 0o755), ("modules", MODULES, 0o644)])?;
             staged.path()
         }
     };
-    let script = dir.join("build.sh");
-    // The operator runs this in the foreground; its output is the progress report.
-    #[allow(clippy::disallowed_methods)]
-    let mut command = std::process::Command::new("bash");
-    command.arg(&script).arg(out);
+    let mut args = vec![out.as_os_str()];
     if let Some(guest) = guest {
-        command.arg(guest);
+        args.push(guest.as_os_str());
     }
-    let status = command.status().with_context(|| format!("cannot run {}", script.display()))?;
-    if !status.success() {
-        anyhow::bail!("building the image into {} failed ({status}); the output above says why", out.display());
-    }
-    Ok(())
+    run_recipe(&dir.join("build.sh"), &args, "image", out)
 }
 
 /// Whether `dir` holds a bootable image; if not, what to run.

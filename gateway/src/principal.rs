@@ -37,6 +37,8 @@ impl FromStr for Role {
 pub enum Transport {
     Stdio,
     Http,
+    /// moat acting on its own behalf (the git service's VMs), never a client.
+    Internal,
 }
 
 impl Transport {
@@ -44,6 +46,7 @@ impl Transport {
         match self {
             Transport::Stdio => "stdio",
             Transport::Http => "http",
+            Transport::Internal => "internal",
         }
     }
 }

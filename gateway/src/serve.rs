@@ -102,6 +102,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("bench comparison server: NO authentication, authorization, rate limits or audit");
     }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
+    tokio::spawn(crate::tools::git::reconcile(shared.clone(), shutdown.clone()));
     tokio::spawn(checkpoints(anchor.clone(), state.clone(), config.audit_checkpoint, shutdown.clone()));
     tokio::spawn(crate::nodes::heartbeat(state.clone(), shared.nodes.clone(), config.heartbeat, shutdown.clone()));
     if let Err(missing) = crate::image::check(&config.images_dir().join("base")) {

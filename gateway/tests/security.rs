@@ -23,8 +23,9 @@ fn granted(role: &str, spec: &moat_tools::ToolSpec) -> bool {
     match role {
         "reader" => group == Read,
         // Networks have no owner: agents manage only their own security groups and forwards.
-        "agent" => matches!(group, Read | Vm | Workspace) || (group == Network && !spec.resource.is_shared()),
-        "vm-admin" => matches!(group, Read | Vm | Workspace | Network),
+        // Git service VMs are shared (group:network on a network); repositories are owned.
+        "agent" => matches!(group, Read | Vm | Workspace | Git) || (group == Network && !spec.resource.is_shared()),
+        "vm-admin" => matches!(group, Read | Vm | Workspace | Network | Git),
         "cluster-admin" => true,
         other => panic!("unknown role {other}"),
     }
@@ -96,6 +97,10 @@ async fn role_by_tool_matrix_from_the_catalog() {
                             || (s.group == moat_tools::ActionGroup::Network
                                 && !s.resource.is_shared()
                                 && s.name != moat_tools::ToolName::SecurityGroupCreate)
+                            // Likewise repository `app` (credentials are always the caller's own).
+                            || (s.group == moat_tools::ActionGroup::Git
+                                && s.name != moat_tools::ToolName::GitRepoCreate
+                                && s.name != moat_tools::ToolName::GitCredentialSet)
                     })
                     .map(|s| s.name.to_string()),
             );

@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod git;
 pub mod guest;
 pub mod names;
 pub mod network;
@@ -23,6 +24,13 @@ pub use audit::{AuditQueryInput, AuditQueryOutput, AuditRecord};
 pub use cluster::{
     KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary, Protection,
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
+};
+pub use git::{
+    GitBranch, GitCommit, GitCredentialInfo, GitCredentialListInput, GitCredentialListOutput, GitCredentialOutput,
+    GitCredentialSetInput, GitRepoBranchesOutput, GitRepoCreateInput, GitRepoDeleteOutput, GitRepoInfo,
+    GitRepoListInput, GitRepoListOutput, GitRepoLogInput, GitRepoLogOutput, GitRepoOutput, GitRepoPushInput,
+    GitRepoPushOutput, GitRepoRefInput, GitServiceDeleteInput, GitServiceDeleteOutput, GitServiceInfo,
+    GitServiceListInput, GitServiceListOutput, GitServiceOutput, GitServiceRefInput,
 };
 pub use guest::{GuestTool, InVm};
 pub use network::{
@@ -144,6 +152,18 @@ tool_table! {
     PortForwardCreate => "port_forward_create", PortForwardCreateInput, network::port_forward_create_spec();
     PortForwardDelete => "port_forward_delete", PortForwardRefInput, network::port_forward_delete_spec();
     PortForwardList => "port_forward_list", PortForwardListInput, network::port_forward_list_spec();
+    GitServiceEnsure => "git_service_ensure", GitServiceRefInput, git::git_service_ensure_spec();
+    GitServiceList => "git_service_list", GitServiceListInput, git::git_service_list_spec();
+    GitServiceInspect => "git_service_inspect", GitServiceRefInput, git::git_service_inspect_spec();
+    GitServiceDelete => "git_service_delete", GitServiceDeleteInput, git::git_service_delete_spec();
+    GitRepoCreate => "git_repo_create", GitRepoCreateInput, git::git_repo_create_spec();
+    GitRepoList => "git_repo_list", GitRepoListInput, git::git_repo_list_spec();
+    GitRepoDelete => "git_repo_delete", GitRepoRefInput, git::git_repo_delete_spec();
+    GitRepoLog => "git_repo_log", GitRepoLogInput, git::git_repo_log_spec();
+    GitRepoBranches => "git_repo_branches", GitRepoRefInput, git::git_repo_branches_spec();
+    GitRepoPush => "git_repo_push", GitRepoPushInput, git::git_repo_push_spec();
+    GitCredentialSet => "git_credential_set", GitCredentialSetInput, git::git_credential_set_spec();
+    GitCredentialList => "git_credential_list", GitCredentialListInput, git::git_credential_list_spec();
 }
 
 impl ToolName {
@@ -185,6 +205,8 @@ pub enum ActionGroup {
     Workspace,
     /// Networks and security groups.
     Network,
+    /// Git repositories and remote credentials.
+    Git,
     /// Disk layouts.
     Disk,
     /// Node management and the audit log.
@@ -197,6 +219,7 @@ impl ActionGroup {
         ActionGroup::Vm,
         ActionGroup::Workspace,
         ActionGroup::Network,
+        ActionGroup::Git,
         ActionGroup::Disk,
         ActionGroup::Cluster,
     ];
@@ -208,6 +231,7 @@ impl ActionGroup {
             ActionGroup::Vm => "group:vm",
             ActionGroup::Workspace => "group:workspace",
             ActionGroup::Network => "group:network",
+            ActionGroup::Git => "group:git",
             ActionGroup::Disk => "group:disk",
             ActionGroup::Cluster => "group:cluster",
         }
@@ -233,6 +257,10 @@ pub enum ResourceKind {
     SecurityGroup,
     /// One port forward, named by `forward`; owned.
     PortForward,
+    /// One git repository, named by `repo` (or `name`, when creating it); owned.
+    GitRepo,
+    /// The caller's own remote git credential for a host; owned.
+    GitCredential,
 }
 
 impl ResourceKind {
@@ -251,6 +279,8 @@ impl ResourceKind {
             ResourceKind::Network => "network",
             ResourceKind::SecurityGroup => "security_group",
             ResourceKind::PortForward => "port_forward",
+            ResourceKind::GitRepo => "git_repo",
+            ResourceKind::GitCredential => "git_credential",
         }
     }
 }
@@ -320,6 +350,14 @@ impl ToolCall {
             ToolCall::SecurityGroupDelete(input) | ToolCall::SecurityGroupInspect(input) => Some(&input.group),
             ToolCall::PortForwardCreate(input) => Some(&input.vm),
             ToolCall::PortForwardDelete(input) => Some(&input.forward),
+            ToolCall::GitServiceList(_) | ToolCall::GitRepoList(_) | ToolCall::GitCredentialList(_) => None,
+            ToolCall::GitServiceEnsure(input) | ToolCall::GitServiceInspect(input) => Some(&input.network),
+            ToolCall::GitServiceDelete(input) => Some(&input.network),
+            ToolCall::GitRepoCreate(input) => Some(&input.name),
+            ToolCall::GitRepoDelete(input) | ToolCall::GitRepoBranches(input) => Some(&input.repo),
+            ToolCall::GitRepoLog(input) => Some(&input.repo),
+            ToolCall::GitRepoPush(input) => Some(&input.repo),
+            ToolCall::GitCredentialSet(input) => Some(&input.remote_host),
         }
     }
 }

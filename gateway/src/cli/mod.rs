@@ -74,10 +74,14 @@ enum ImageCommand {
     /// `debian`: a Debian stable root filesystem (debootstrap minbase with python3, git,
     /// ca-certificates, iproute2 and --packages) as ext4, built into --out (default
     /// <state-dir>/images/debian-build) and registered as image --name (default debian) in the
-    /// embedded node's storage; needs debootstrap. Both are idempotent and need root.
+    /// embedded node's storage; needs debootstrap. `git`: the git service VM's images from the
+    /// Debian image (--debian, default <state-dir>/images/debian-build/rootfs.ext4) into --out
+    /// (default <state-dir>/images/git-build), registered as images `git` (the service VM's root)
+    /// and `git-data` (empty: its repositories' workspace); needs e2fsprogs. All are idempotent;
+    /// base and debian need root.
     Build {
-        /// base or debian
-        #[arg(default_value = "base", value_parser = ["base", "debian"])]
+        /// base, debian or git
+        #[arg(default_value = "base", value_parser = ["base", "debian", "git"])]
         kind: String,
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -87,6 +91,9 @@ enum ImageCommand {
         /// debian: the name to register the image under
         #[arg(long, default_value = "debian")]
         name: String,
+        /// git: the Debian root filesystem to start from
+        #[arg(long)]
+        debian: Option<std::path::PathBuf>,
         /// A static moat-guest binary to include in the image.
         #[arg(long)]
         guest: Option<std::path::PathBuf>,
@@ -208,6 +215,14 @@ pub async fn run() -> anyhow::Result<()> {
             let out = out.unwrap_or_else(|| config.images_dir().join("debian-build"));
             let file = crate::image::build_debian(&out, &packages)?;
             register(&config, &name, &file).await
+        }
+        Command::Image(ImageCommand::Build { kind, out, debian, .. }) if kind == "git" => {
+            let config = config(&ServeOverrides::default())?;
+            let out = out.unwrap_or_else(|| config.images_dir().join("git-build"));
+            let debian = debian.unwrap_or_else(|| config.images_dir().join("debian-build").join("rootfs.ext4"));
+            let (root, data) = crate::image::build_git(&out, &debian)?;
+            register(&config, "git", &root).await?;
+            register(&config, "git-data", &data).await
         }
         Command::Image(ImageCommand::Build { out, guest, recipe, .. }) => {
             let out = match out {

@@ -64,13 +64,20 @@ impl Gateway {
                     ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
                 })
             }
+            // A new repository, and remote credentials (only ever the caller's own), are the caller's.
+            (ResourceKind::GitRepo, ToolCall::GitRepoCreate(_)) | (ResourceKind::GitCredential, _) => Ok(ResourceRef {
+                kind,
+                id: id.to_string(),
+                owner: Some(ctx.principal.name.clone()),
+                labels: Vec::new(),
+            }),
             (ResourceKind::SecurityGroup, ToolCall::SecurityGroupCreate(_)) => Ok(ResourceRef {
                 kind,
                 id: id.to_string(),
                 owner: Some(ctx.principal.name.clone()),
                 labels: Vec::new(),
             }),
-            (ResourceKind::SecurityGroup | ResourceKind::PortForward, _) => {
+            (ResourceKind::SecurityGroup | ResourceKind::PortForward | ResourceKind::GitRepo, _) => {
                 resource::owned_resource_of(&self.server.shared.state, &ctx.principal.name, kind, id).await.map_err(
                     |e| {
                         tracing::error!(error = %e, "resolving a resource for authorization failed");
@@ -140,6 +147,7 @@ impl Gateway {
                 ResourceKind::Vm => resource::not_found(named),
                 ResourceKind::Workspace => resource::workspace_not_found(named),
                 ResourceKind::SecurityGroup => resource::group_not_found(named),
+                ResourceKind::GitRepo => resource::repo_not_found(named),
                 kind => format!("no {} named `{named}`", kind.as_str()),
             };
             return Ok(Checked::Answered(Ok(CallToolResult::error(vec![ContentBlock::text(message)]))));

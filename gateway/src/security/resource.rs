@@ -5,6 +5,7 @@
 
 use moat_tools::{ResourceKind, ToolCall};
 
+use crate::store::git::RepoRow;
 use crate::store::networks::{ForwardRow, GroupRow};
 use crate::store::vms::VmRow;
 use crate::store::workspaces::WorkspaceRow;
@@ -173,6 +174,45 @@ pub async fn group_row(state: &State, caller: &str, arg: &str) -> Result<GroupRo
     }
 }
 
+pub fn repo_resource(row: &RepoRow) -> ResourceRef {
+    ResourceRef { kind: ResourceKind::GitRepo, id: row.id.clone(), owner: Some(row.owner.clone()), labels: Vec::new() }
+}
+
+/// `owner`'s remote git credentials.
+pub fn credential_resource(owner: &str) -> ResourceRef {
+    ResourceRef {
+        kind: ResourceKind::GitCredential,
+        id: owner.to_string(),
+        owner: Some(owner.to_string()),
+        labels: Vec::new(),
+    }
+}
+
+/// The answer for a repository that does not exist, and for one the caller may not see.
+pub fn repo_not_found(arg: &str) -> String {
+    format!("no git repository named `{arg}`; git_repo_list shows yours")
+}
+
+/// Resolves a `repo` argument (on `network`, when given) as a `group` one resolves: an id, else
+/// a name among the caller's own repositories, else a name held by exactly one.
+pub async fn repo_row(state: &State, caller: &str, arg: &str, network: Option<&str>) -> Result<RepoRow, LookupError> {
+    let mut rows = state.repos_by_id_or_name(arg, caller).await?;
+    rows.retain(|r| network.is_none_or(|n| r.network_id == n));
+    if let Some(row) = rows.iter().find(|r| r.id == arg) {
+        return Ok(row.clone());
+    }
+    let mine: Vec<&RepoRow> = rows.iter().filter(|r| r.owner == caller).collect();
+    match (mine.as_slice(), rows.as_slice()) {
+        ([one], _) => Ok((*one).clone()),
+        ([], []) => Err(LookupError::Missing(repo_not_found(arg))),
+        ([], [one]) => Ok(one.clone()),
+        _ => Err(LookupError::Ambiguous(format!(
+            "several repositories are named `{arg}` (ids {}); pass the id or the network",
+            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
 /// The authorizer's view of the security group or port forward a call names (unknown: no owner).
 pub async fn owned_resource_of(
     state: &State,
@@ -188,6 +228,11 @@ pub async fn owned_resource_of(
             Err(_) => Ok(unknown),
         },
         ResourceKind::PortForward => Ok(state.forward(arg).await?.map(|r| forward_resource(&r)).unwrap_or(unknown)),
+        ResourceKind::GitRepo => match repo_row(state, caller, arg, None).await {
+            Ok(row) => Ok(repo_resource(&row)),
+            Err(LookupError::Store(e)) => Err(e),
+            Err(_) => Ok(unknown),
+        },
         _ => Ok(unknown),
     }
 }

@@ -71,7 +71,7 @@ pub struct ForwardRow {
 }
 
 /// Whether `e` is a UNIQUE constraint failing.
-fn unique_violation(e: &sqlx::Error) -> bool {
+pub(super) fn unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 

@@ -103,6 +103,8 @@ pub enum Refusal {
     NoAddress { network: String, cidr: String, used: usize },
     #[error("host port {port}/{protocol} on node {node} is already forwarded ({id}); pick another host port")]
     PortTaken { node: String, protocol: String, port: u16, id: String },
+    #[error("a repository named `{0}` already exists on this network; pick another name")]
+    RepoNameTaken(String),
 }
 
 #[derive(Debug, thiserror::Error)]

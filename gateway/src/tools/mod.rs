@@ -4,6 +4,7 @@
 //! fails, with one `From` per lower boundary (store and its refusals, node, guest).
 
 pub mod cluster;
+pub mod git;
 pub mod guest;
 pub mod networks;
 pub mod placement;
@@ -136,6 +137,22 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::PortForwardCreate(input) => networks::forward_create(shared, ctx, input).await,
         ToolCall::PortForwardDelete(input) => networks::forward_delete(shared, ctx, &input.forward).await,
         ToolCall::PortForwardList(input) => networks::forward_list(shared, ctx, input).await,
+        ToolCall::GitServiceEnsure(input) => git::service_ensure(shared, &input.network).await,
+        ToolCall::GitServiceList(_) => git::service_list(shared).await,
+        ToolCall::GitServiceInspect(input) => git::service_inspect(shared, &input.network).await,
+        ToolCall::GitServiceDelete(input) => {
+            git::service_delete(shared, &input.network, input.delete_repositories.unwrap_or(false)).await
+        }
+        ToolCall::GitRepoCreate(input) => git::repo_create(shared, ctx, input).await,
+        ToolCall::GitRepoList(input) => git::repo_list(shared, ctx, input).await,
+        ToolCall::GitRepoDelete(input) => git::repo_delete(shared, ctx, &input.repo, input.network.as_deref()).await,
+        ToolCall::GitRepoLog(input) => git::repo_log(shared, ctx, input).await,
+        ToolCall::GitRepoBranches(input) => {
+            git::repo_branches(shared, ctx, &input.repo, input.network.as_deref()).await
+        }
+        ToolCall::GitRepoPush(input) => git::repo_push(shared, ctx, input).await,
+        ToolCall::GitCredentialSet(input) => git::credential_set(shared, ctx, input).await,
+        ToolCall::GitCredentialList(input) => git::credential_list(shared, ctx, input).await,
     }
 }
 

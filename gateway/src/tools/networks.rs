@@ -392,6 +392,21 @@ pub async fn network_inspect(shared: &Shared, ctx: &CallContext, arg: &str) -> R
 pub async fn network_delete(shared: &Shared, arg: &str) -> Result<Value, ToolError> {
     let _change = CHANGES.lock().await;
     let row = network_row(shared, arg).await?;
+    if shared.state.git_service(&row.id).await?.is_some() {
+        return Err(ToolError::Invalid(format!(
+            "network {} has a git service; git_service_delete it first (with delete_repositories: true to drop its \
+             repositories too)",
+            row.name
+        )));
+    }
+    let repos = shared.state.repos(Some(&row.id)).await?.len();
+    if repos > 0 {
+        return Err(ToolError::Invalid(format!(
+            "network {} still holds {repos} git repositories of a deleted git service; git_service_ensure serves \
+             them again, git_service_delete {{delete_repositories: true}} removes them",
+            row.name
+        )));
+    }
     let nics = shared.state.nics(Some(&row.id)).await?;
     if !nics.is_empty() {
         let vms: Vec<&str> = nics.iter().map(|n| n.vm_id.as_str()).collect();

@@ -298,6 +298,9 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
             let stored = shared.state.vm_reported(&vm).await?.unwrap_or(row);
             if start && input.wait_ready.unwrap_or(false) {
                 vm = wait_ready(shared, &stored).await?;
+                if nic.is_some() {
+                    super::git::vm_ready(shared, &stored).await;
+                }
             }
             Ok(to_value(VmOutput { vm: with_disks(shared, vm_info_live(&stored, &vm)).await? }))
         }
@@ -346,6 +349,7 @@ pub async fn delete(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<Val
     shared.state.delete_vm_row(&row.id).await?;
     if had_nic {
         networks::detached(shared, &row.node).await;
+        super::git::vm_deleted(shared, &row.id).await;
     }
     Ok(to_value(VmDeleteOutput { deleted: row.id, name: row.name }))
 }
@@ -429,7 +433,7 @@ async fn reported(shared: &Shared, row: &VmRow, answer: Result<VmReport, ToolErr
 
 /// Polls the node until the VM's agent answers; says why not (with the console's last
 /// lines) when it does not in time. The VM stays created either way.
-async fn wait_ready(shared: &Shared, row: &VmRow) -> Result<VmReport, ToolError> {
+pub(super) async fn wait_ready(shared: &Shared, row: &VmRow) -> Result<VmReport, ToolError> {
     let started = std::time::Instant::now();
     let node = node_of(shared, &row.node).await?;
     loop {

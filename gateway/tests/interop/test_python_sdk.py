@@ -89,10 +89,15 @@ async def exercise(client, mode, transport):
                      + ["security_group_create", "security_group_update", "security_group_delete",
                         "security_group_list", "security_group_inspect",
                         "port_forward_create", "port_forward_delete", "port_forward_list"])
+    # Git service VMs are admins'; repositories and credentials are everyone's own.
+    git_tools = ((["git_service_ensure", "git_service_list", "git_service_inspect", "git_service_delete"]
+                  if admin_only else [])
+                 + ["git_repo_create", "git_repo_list", "git_repo_delete", "git_repo_log", "git_repo_branches",
+                    "git_repo_push", "git_credential_set", "git_credential_list"])
     # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log, no image
-    # import, no network create or delete).
+    # import, no network create or delete, no git services).
     expected = (["whoami", "node_list", "node_inspect"] + (["audit_query"] if admin_only else []) + vm_tools
-                + image_tools + workspace_tools + network_tools)
+                + image_tools + workspace_tools + network_tools + git_tools)
     assert names == expected, names
     assert all(t.output_schema for t in tools.tools)
 

@@ -76,11 +76,27 @@ pub struct CallRecord {
     pub args_shape: String,
 }
 
+/// Top-level arguments whose values reach the audit log in no form, not even hashed or measured
+/// (a digest of a short password can be guessed offline): `git_credential_set`'s secret.
+const SECRET_ARGS: &[&str] = &["secret"];
+
+/// `map` with each [`SECRET_ARGS`] value replaced by a marker.
+fn redact(map: &Map<String, Value>) -> Map<String, Value> {
+    let mut copy = map.clone();
+    for key in SECRET_ARGS {
+        if let Some(v) = copy.get_mut(*key) {
+            *v = json!("<redacted>");
+        }
+    }
+    copy
+}
+
 /// SHA-256 of the arguments as canonical JSON (object keys sorted at every level). Written
 /// straight into the hash: a 32 MiB file write is hashed, never copied.
 pub fn args_digest(args: Option<&Map<String, Value>>) -> String {
     let mut hash = HashWriter(Sha256::new());
-    let written = match args {
+    let redacted = args.filter(|map| SECRET_ARGS.iter().any(|k| map.contains_key(*k))).map(redact);
+    let written = match redacted.as_ref().or(args) {
         Some(map) => write_canonical_object(&mut hash, map),
         None => hash.write_all(b"{}"),
     };
@@ -148,7 +164,13 @@ pub fn args_shape(args: Option<&Map<String, Value>>) -> String {
             Value::Object(map) => json!(format!("object({} keys)", map.len())),
         }
     }
-    let top: Option<Value> = args.map(|map| Value::Object(map.iter().map(|(k, v)| (k.clone(), shape(v))).collect()));
+    let top: Option<Value> = args.map(|map| {
+        Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), if SECRET_ARGS.contains(&k.as_str()) { json!("redacted") } else { shape(v) }))
+                .collect(),
+        )
+    });
     let mut out = Vec::new();
     let written = match &top {
         Some(top) => write_canonical(&mut out, top),
@@ -161,6 +183,21 @@ pub fn args_shape(args: Option<&Map<String, Value>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret argument leaves no trace: the digest is the same whatever it was, and the shape
+    /// does not even give its length.
+    #[test]
+    fn secrets_are_neither_hashed_nor_measured() {
+        let with = |secret: &str| json!({"remote_host": "h", "username": "u", "secret": secret});
+        let (a, b) = (with("hunter2"), with("correct horse battery staple"));
+        assert_eq!(args_digest(a.as_object()), args_digest(b.as_object()));
+        assert_ne!(
+            args_digest(a.as_object()),
+            args_digest(json!({"remote_host": "h2", "username": "u", "secret": "x"}).as_object())
+        );
+        let shape = args_shape(a.as_object());
+        assert!(!shape.contains("string(7)") && shape.contains("redacted"), "{shape}");
+    }
 
     /// The digest and shape are what sorting a copy and printing it gave before they were
     /// streamed: records written before and after hash their arguments alike.
