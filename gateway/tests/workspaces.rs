@@ -11,24 +11,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::node::Node;
-use common::{Home, call_err, call_ok, tool_error};
+use common::{Home, call_err, call_ok, debian_image, tool_error};
 use moat_node::testing::{LoopFs, images_with_base, until};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
-
-/// The Debian image the tests import: `$MOAT_DEBIAN_IMAGE`, else what `.ci/test` builds.
-fn debian_image() -> PathBuf {
-    let image = std::env::var_os("MOAT_DEBIAN_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ci/debian-image/rootfs.ext4"));
-    assert!(
-        image.is_file(),
-        "no Debian image at {}: build it with `moat image build debian --out target/ci/debian-image` (as root), or \
-         set MOAT_DEBIAN_IMAGE",
-        image.display()
-    );
-    image
-}
 
 /// Whether `path` exists in the ext4 filesystem in `disk`, asked of e2fsprogs' debugfs (the
 /// host reads the workspace's bytes; no VM needed).

@@ -58,6 +58,9 @@ const SERVICE_GIB: u64 = 4;
 const VM_CREDENTIALS: &str = "/etc/moat/git-credentials";
 /// How long a git command in the service VM may take, beyond a push's own timeout.
 const GIT_TIMEOUT_S: u32 = 60;
+/// Exits 0 once something listens on TCP port 80 (0x0050) in the VM, 1 after 20 s.
+const LISTENING: &str = "for i in $(seq 100); do grep -q ':0050 00000000:0000 0A' /proc/net/tcp && exit 0; \
+                         sleep 0.2; done; exit 1";
 /// How often the reconciler looks at the services and the VMs on their networks.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
@@ -215,9 +218,11 @@ async fn ensure_locked(shared: &Shared, network: &NetworkRow) -> Result<Running,
             (service, vm, true)
         }
     };
+    let mut booted = made;
     let vm = match vm.state {
         VmState::Running => vm,
         VmState::Stopped | VmState::Crashed => {
+            booted = true;
             tracing::info!(network = %network.name, vm = %vm.id, state = %vm.state, "starting the git service VM");
             super::vms::start(shared, &sys, &vm.id).await?;
             shared.state.vm_by_id(&vm.id).await?.ok_or_else(|| gone(network))?
@@ -236,6 +241,17 @@ async fn ensure_locked(shared: &Shared, network: &NetworkRow) -> Result<Running,
     let running = Running { service, vm, ip: nic.ip };
     if made {
         write_access(shared, &network.id, &running.vm).await?;
+    }
+    if booted {
+        // The init starts the git front after the guest agent: wait until it listens.
+        let out = exec(shared, &running.vm, &["sh", "-c", LISTENING], None, 30).await?;
+        if out.exit_code != Some(0) {
+            return Err(ToolError::Node(format!(
+                "the git service VM of network {} booted but its git server does not listen on port 80; vm_logs \
+                 on {} shows its console",
+                network.name, running.vm.id
+            )));
+        }
     }
     Ok(running)
 }

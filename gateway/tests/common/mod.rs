@@ -22,6 +22,40 @@ use tokio::process::{Child, Command};
 
 pub const MOAT: &str = env!("CARGO_BIN_EXE_moat");
 
+/// An image file CI builds under target/ci (`rel`), or where `$var` says; panics with how to
+/// build it when it is missing.
+fn ci_image(var: &str, rel: &str, build: &str) -> PathBuf {
+    let image = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel));
+    assert!(image.is_file(), "no image at {}: build it with `{build}` (as root), or set {var}", image.display());
+    image
+}
+
+/// The Debian image the tests import: `$MOAT_DEBIAN_IMAGE`, else what `.ci/test` builds.
+pub fn debian_image() -> PathBuf {
+    ci_image(
+        "MOAT_DEBIAN_IMAGE",
+        "target/ci/debian-image/rootfs.ext4",
+        "moat image build debian --out target/ci/debian-image",
+    )
+}
+
+/// The git service images (root, data) in `$MOAT_GIT_IMAGE`, else where `.ci/test` builds them.
+pub fn git_images() -> (PathBuf, PathBuf) {
+    let dir = std::env::var_os("MOAT_GIT_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ci/git-image"));
+    let (root, data) = (dir.join("rootfs.ext4"), dir.join("data.ext4"));
+    assert!(
+        root.is_file() && data.is_file(),
+        "no git images in {}: build them with `moat image build git --debian target/ci/debian-image/rootfs.ext4 \
+         --out target/ci/git-image`, or set MOAT_GIT_IMAGE",
+        dir.display()
+    );
+    (root, data)
+}
+
 /// A private HOME so XDG defaults point into a temp dir.
 pub struct Home {
     pub dir: TempDir,
