@@ -23,6 +23,9 @@ struct Cli {
     /// The Debian image (rootfs.ext4) for scenarios that boot VMs
     #[arg(long, env = "MOAT_DEBIAN_IMAGE")]
     debian_image: Option<PathBuf>,
+    /// The git service images' directory (rootfs.ext4, data.ext4: `moat image build git`)
+    #[arg(long, env = "MOAT_GIT_IMAGE")]
+    git_image: Option<PathBuf>,
     /// Scenario files (TOML)
     #[arg(required = true)]
     scenarios: Vec<PathBuf>,
@@ -37,7 +40,11 @@ async fn main() -> anyhow::Result<()> {
         let scenario: scenario::Scenario =
             toml::from_str(&text).with_context(|| format!("{} is not a valid scenario", path.display()))?;
         println!("scenario {}: {}", scenario.name, scenario.description);
-        let images = scenario::Images { guest: cli.guest_image.clone(), debian: cli.debian_image.clone() };
+        let images = scenario::Images {
+            guest: cli.guest_image.clone(),
+            debian: cli.debian_image.clone(),
+            git: cli.git_image.clone(),
+        };
         let outcomes = scenario::run(&cli.moat, &scenario, &images).await?;
         for (i, outcome) in outcomes.iter().enumerate() {
             match outcome {

@@ -15,7 +15,8 @@ pub struct Scenario {
     pub name: String,
     pub description: String,
     /// Boots VMs: the runner gives the gateway the guest image as `base`, and string arguments
-    /// equal to `$DEBIAN_IMAGE` become the Debian image's path (`--guest-image`, `--debian-image`).
+    /// equal to `$DEBIAN_IMAGE`, `$GIT_IMAGE` or `$GIT_DATA_IMAGE` become those images' paths
+    /// (`--guest-image`, `--debian-image`, `--git-image`).
     #[serde(default)]
     pub images: bool,
     /// Makes networks: the runner gives the gateway's embedded node a network namespace of its
@@ -61,12 +62,15 @@ pub enum Answer {
 pub struct Images {
     pub guest: Option<std::path::PathBuf>,
     pub debian: Option<std::path::PathBuf>,
+    /// The git service images' directory (rootfs.ext4 and data.ext4).
+    pub git: Option<std::path::PathBuf>,
 }
 
 /// Runs every step against a fresh `moat serve` in a private HOME.
 pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::Result<Vec<Result<(), String>>> {
     let home = tempfile::tempdir()?;
-    let mut debian = None;
+    // Placeholder → image path, for `image_import {source}`.
+    let mut paths: Vec<(&str, String)> = Vec::new();
     if scenario.images {
         let (Some(guest), Some(image)) = (&images.guest, &images.debian) else {
             anyhow::bail!("scenario {} boots VMs: pass --guest-image and --debian-image", scenario.name);
@@ -74,7 +78,12 @@ pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::R
         let dir = home.path().join(".local/state/moat/images");
         std::fs::create_dir_all(&dir)?;
         std::os::unix::fs::symlink(std::fs::canonicalize(guest)?, dir.join("base"))?;
-        debian = Some(std::fs::canonicalize(image)?.display().to_string());
+        paths.push(("$DEBIAN_IMAGE", std::fs::canonicalize(image)?.display().to_string()));
+        if let Some(git) = &images.git {
+            let git = std::fs::canonicalize(git)?;
+            paths.push(("$GIT_IMAGE", git.join("rootfs.ext4").display().to_string()));
+            paths.push(("$GIT_DATA_IMAGE", git.join("data.ext4").display().to_string()));
+        }
     }
     let netns = if scenario.netns { Some(Netns::new(&scenario.name)?) } else { None };
     #[allow(clippy::disallowed_methods)] // starts the gateway under evaluation
@@ -92,10 +101,15 @@ pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::R
     for step in &scenario.steps {
         let mut params = CallToolRequestParams::new(step.tool.clone());
         let mut args = serde_json::to_value(&step.args)?;
-        if let (Some(path), Value::Object(map)) = (&debian, &mut args) {
+        if let Value::Object(map) = &mut args {
             for value in map.values_mut() {
-                if value == "$DEBIAN_IMAGE" {
-                    *value = Value::String(path.clone());
+                let Some(name) = value.as_str().filter(|v| v.starts_with('$')) else { continue };
+                match paths.iter().find(|(p, _)| *p == name) {
+                    Some((_, path)) => *value = Value::String(path.clone()),
+                    None => anyhow::bail!(
+                        "scenario {} uses {name}: pass the image it names (--debian-image, --git-image)",
+                        scenario.name
+                    ),
                 }
             }
         }

@@ -20,7 +20,8 @@ for tool in debugfs mke2fs; do
   command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing: apt-get install e2fsprogs" >&2; exit 1; }
 done
 
-stamp="$(sha256sum "$debian" "$here/build.sh" "$here/git-http.py" "$here/service" | sha256sum | cut -d' ' -f1)"
+# Contents only (the recipe may be staged in a different directory each run).
+stamp="$(cat "$debian" "$here/build.sh" "$here/git-http.py" "$here/service" | sha256sum | cut -d' ' -f1)"
 if [ -f "$out/stamp" ] && [ -f "$out/rootfs.ext4" ] && [ -f "$out/data.ext4" ] && [ "$(cat "$out/stamp")" = "$stamp" ]; then
   echo "git image in $out is up to date"
   exit 0
@@ -46,13 +47,14 @@ for f in /etc/moat /etc/moat/services /usr/local/lib/moat /usr/local/lib/moat/gi
          /etc/moat/services/git-http /etc/moat-image.json; do
   printf 'set_inode_field %s uid 0\nset_inode_field %s gid 0\n' "$f" "$f" >> "$work/commands"
 done
-debugfs -w -f "$work/commands" "$work/rootfs.ext4" >/dev/null
+debugfs -w -f "$work/commands" "$work/rootfs.ext4" >/dev/null 2>&1
 # debugfs reports failures on stdout and exits 0: check that what matters is there.
 for f in /usr/local/lib/moat/git-http.py /etc/moat/services/git-http; do
   debugfs -R "stat $f" "$work/rootfs.ext4" 2>/dev/null | grep -q "Mode:  0755" \
     || { echo "build.sh: $f did not make it into the image" >&2; exit 1; }
 done
-mke2fs -q -t ext4 -L moat-git-data "$work/data.ext4" 64M
+truncate -s 64M "$work/data.ext4"
+mke2fs -q -t ext4 -L moat-git-data "$work/data.ext4"
 mkdir -p "$out"
 mv "$work/rootfs.ext4" "$out/rootfs.ext4"
 mv "$work/data.ext4" "$out/data.ext4"
