@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::node::Node;
-use common::{Home, call_err, call_ok, debian_image, git_images, tool_error};
+use common::{Home, call, call_err, call_ok, debian_image, git_images, tool_error};
 use moat_node::testing::{LoopFs, Netns, images_with_base, root_and, sh, until};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -161,6 +161,16 @@ async fn agents_clone_and_push_in_their_own_repositories_and_remotes_get_the_sec
                     "wait_ready": true});
     call_ok(&bob, "vm_create", b1).await;
     call_ok(&bob, "git_repo_create", json!({"name": "bobs", "network": "dev"})).await;
+    // A VM created without waiting gets its credentials from the reconciler once its agent answers.
+    let a2 = json!({"name": "a2", "vcpus": 1, "memory_mib": 256, "image": "debian", "network": "dev"});
+    call_ok(&alice, "vm_create", a2).await;
+    until("a2 has git credentials", Duration::from_secs(120), async || {
+        let read = call(&alice, "vm_file_read", json!({"vm": "a2", "path": "/etc/moat/git-credentials"})).await;
+        read.is_ok_and(|r| r.is_error != Some(true))
+    })
+    .await;
+    let (code, said) = run(&alice, "a2", &format!("git ls-remote {url}")).await;
+    assert_eq!(code, 0, "{said}");
 
     // Alice's VM clones, commits and pushes; git_repo_log shows the commit.
     let work = format!(
@@ -301,6 +311,7 @@ async fn agents_clone_and_push_in_their_own_repositories_and_remotes_get_the_sec
     // Everything goes: repositories with their service, then the network.
     call_ok(&alice, "git_repo_delete", json!({"repo": "app"})).await;
     call_ok(&bob, "vm_delete", json!({"vm": "b1"})).await;
+    call_ok(&alice, "vm_delete", json!({"vm": "a2"})).await;
     call_ok(&admin, "git_service_delete", json!({"network": "dev", "delete_repositories": true})).await;
     assert_eq!(call_ok(&admin, "git_repo_list", json!({})).await["repos"], json!([]));
     assert_eq!(call_ok(&admin, "workspace_list", json!({})).await["workspaces"], json!([]));

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::node::Node;
 use common::{Home, call_err, call_ok, debian_image, tool_error};
