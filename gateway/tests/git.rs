@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::node::Node;
 use common::{Home, call, call_err, call_ok, debian_image, git_images, tool_error};
-use moat_node::testing::{LoopFs, Netns, images_with_base, root_and, sh, until};
+use moat_node::testing::{LoopFs, Netns, images_with_base, root_and, sh, until, uplink};
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -84,11 +84,8 @@ async fn agents_clone_and_push_in_their_own_repositories_and_remotes_get_the_sec
     let tag = std::process::id() % 100_000;
     let host = Netns::new(format!("moat-th{tag}"));
     let out = Netns::new(format!("moat-to{tag}"));
-    sh(&["ip", "-n", &host.0, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &out.0]);
-    sh(&["ip", "-n", &host.0, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    sh(&["ip", "-n", &host.0, "link", "set", "up0", "up"]);
-    sh(&["ip", "-n", &out.0, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
-    sh(&["ip", "-n", &out.0, "link", "set", "eth0", "up"]);
+    // The uplink: host's up0 (192.0.2.1) to outside's eth0 (192.0.2.2).
+    uplink(&host, &out);
     let tmp = tempfile::tempdir().unwrap();
     let remote_root = tmp.path().join("remote");
     // NAT makes the service VM's pushes come from the host namespace's uplink address.
@@ -276,6 +273,15 @@ async fn agents_clone_and_push_in_their_own_repositories_and_remotes_get_the_sec
     assert_eq!(again["service"]["repos"], 2, "{again}");
     let (code, said) = run(&alice, "a1", "cd /root/app && git pull -q && git log --format=%s").await;
     assert_eq!((code, said.trim()), (0, "first commit"));
+    // The remote credential lives with the repositories: it outlived the VM, until deleted.
+    let again_push = json!({"repo": "app", "remote_url": remote_url, "ref": "main", "timeout_s": 30});
+    results.push(call_ok(&alice, "git_repo_push", again_push.clone()).await);
+    let err = tool_error(&alice, "git_credential_delete", json!({"remote_host": "nosuch.example"})).await;
+    assert!(err.contains("no credential for nosuch.example"), "{err}");
+    results.push(call_ok(&alice, "git_credential_delete", json!({"remote_host": "192.0.2.2:8080"})).await);
+    assert_eq!(call_ok(&alice, "git_credential_list", json!({})).await["credentials"], json!([]));
+    let err = tool_error(&alice, "git_repo_push", again_push).await;
+    assert!(err.contains("failed"), "{err}");
 
     // A deleted VM's token is revoked in the service.
     call_ok(&alice, "vm_delete", json!({"vm": "a1"})).await;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::node::Node;
 use common::{Home, call_err, call_ok, tool_error};
-use moat_node::testing::{Netns, TcpServers, images_with_base, root_and, sh, tcp_read, until};
+use moat_node::testing::{Netns, TcpServers, images_with_base, root_and, sh, tcp_read, until, uplink};
 use serde_json::{Value, json};
 
 fn root_and_tools() -> bool {
@@ -98,11 +98,7 @@ async fn guests_on_networks_follow_the_policy() {
     let out = Netns::new(format!("moat-go{tag}"));
     let bare_ns = Netns::new(format!("moat-gb{tag}"));
     // The uplink: host's up0 (192.0.2.1) to outside's eth0 (192.0.2.2).
-    sh(&["ip", "-n", &host.0, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &out.0]);
-    sh(&["ip", "-n", &host.0, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    sh(&["ip", "-n", &host.0, "link", "set", "up0", "up"]);
-    sh(&["ip", "-n", &out.0, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
-    sh(&["ip", "-n", &out.0, "link", "set", "eth0", "up"]);
+    uplink(&host, &out);
     let _servers = TcpServers::start(&out, &[8000, 8001]);
 
     let home = Home::new();

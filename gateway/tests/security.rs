@@ -100,7 +100,8 @@ async fn role_by_tool_matrix_from_the_catalog() {
                             // Likewise repository `app` (credentials are always the caller's own).
                             || (s.group == moat_tools::ActionGroup::Git
                                 && s.name != moat_tools::ToolName::GitRepoCreate
-                                && s.name != moat_tools::ToolName::GitCredentialSet)
+                                && s.name != moat_tools::ToolName::GitCredentialSet
+                                && s.name != moat_tools::ToolName::GitCredentialDelete)
                     })
                     .map(|s| s.name.to_string()),
             );

@@ -174,3 +174,14 @@ pub fn tcp_read(ns: &Netns, from: Option<&str>, ip: &str, port: u16) -> String {
     let out = crate::cmd::probe_blocking(&argv, Duration::from_secs(15));
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
+
+/// Links namespace `host` to namespace `out` as a host's uplink to the world outside: `up0`
+/// (192.0.2.1/24) in `host`, `eth0` (192.0.2.2/24) in `out`, both up. The addresses are from
+/// TEST-NET-1 and exist only in these two namespaces.
+pub fn uplink(host: &Netns, out: &Netns) {
+    sh(&["ip", "-n", &host.0, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &out.0]);
+    sh(&["ip", "-n", &host.0, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
+    sh(&["ip", "-n", &host.0, "link", "set", "up0", "up"]);
+    sh(&["ip", "-n", &out.0, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
+    sh(&["ip", "-n", &out.0, "link", "set", "eth0", "up"]);
+}

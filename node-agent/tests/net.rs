@@ -9,7 +9,7 @@
 use moat_node::net::apply::Applier;
 use moat_node::net::model::{Egress, Group, Ingress, Mode, NetState, Network, Port, Ports, Proto, Source};
 use moat_node::net::{names, render};
-use moat_node::testing::{Netns, TcpServers, root_and, sh, tcp_read};
+use moat_node::testing::{Netns, TcpServers, root_and, sh, tcp_read, uplink};
 
 type Ns = Netns;
 
@@ -43,11 +43,7 @@ async fn packets_follow_the_policy_inside_namespaces() {
     let out = Ns::new(format!("moat-o{tag}"));
     let (v1, v2) = (Ns::new(format!("moat-a{tag}")), Ns::new(format!("moat-b{tag}")));
     // The uplink: host's up0 (192.0.2.1) to outside's eth0 (192.0.2.2).
-    sh(&["ip", "-n", &host.0, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &out.0]);
-    sh(&["ip", "-n", &host.0, "addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    sh(&["ip", "-n", &host.0, "link", "set", "up0", "up"]);
-    sh(&["ip", "-n", &out.0, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
-    sh(&["ip", "-n", &out.0, "link", "set", "eth0", "up"]);
+    uplink(&host, &out);
     // Two VM stand-ins: the host end is named as the VM's tap.
     for (ns, vm, ip) in [(&v1, "vm-1", "10.1.0.2/24"), (&v2, "vm-2", "10.1.0.3/24")] {
         let tap = names::tap(vm);

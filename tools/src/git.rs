@@ -218,6 +218,25 @@ pub struct GitCredentialSetInput {
     pub network: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GitCredentialDeleteInput {
+    /// The remote's host (and port), as it was set.
+    #[schemars(length(min = 1, max = 259), regex(pattern = HOST))]
+    pub remote_host: String,
+    /// The network whose git service keeps it [default: the only git service].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
+    pub network: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GitCredentialDeleteOutput {
+    pub network: String,
+    /// The host whose credential is gone from the service VM.
+    pub deleted: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitCredentialListInput {
@@ -424,6 +443,18 @@ pub(crate) fn git_credential_set_spec() -> ToolSpec {
         ENSURE,
         (ToolClass::Write, ActionGroup::Git, ResourceKind::GitCredential),
         json!({"remote_host": "git.example.com", "username": "ci", "secret": "…"}),
+    )
+}
+
+pub(crate) fn git_credential_delete_spec() -> ToolSpec {
+    spec::<GitCredentialDeleteInput, GitCredentialDeleteOutput>(
+        ToolName::GitCredentialDelete,
+        "Delete a remote git credential",
+        "Removes your stored credential for a remote host from the git service VM; pushes to that \
+         host then go without one.",
+        DELETE,
+        (ToolClass::Write, ActionGroup::Git, ResourceKind::GitCredential),
+        json!({"remote_host": "git.example.com"}),
     )
 }
 

@@ -26,11 +26,12 @@ pub use cluster::{
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
 };
 pub use git::{
-    GitBranch, GitCommit, GitCredentialInfo, GitCredentialListInput, GitCredentialListOutput, GitCredentialOutput,
-    GitCredentialSetInput, GitRepoBranchesOutput, GitRepoCreateInput, GitRepoDeleteOutput, GitRepoInfo,
-    GitRepoListInput, GitRepoListOutput, GitRepoLogInput, GitRepoLogOutput, GitRepoOutput, GitRepoPushInput,
-    GitRepoPushOutput, GitRepoRefInput, GitServiceDeleteInput, GitServiceDeleteOutput, GitServiceInfo,
-    GitServiceListInput, GitServiceListOutput, GitServiceOutput, GitServiceRefInput,
+    GitBranch, GitCommit, GitCredentialDeleteInput, GitCredentialDeleteOutput, GitCredentialInfo,
+    GitCredentialListInput, GitCredentialListOutput, GitCredentialOutput, GitCredentialSetInput, GitRepoBranchesOutput,
+    GitRepoCreateInput, GitRepoDeleteOutput, GitRepoInfo, GitRepoListInput, GitRepoListOutput, GitRepoLogInput,
+    GitRepoLogOutput, GitRepoOutput, GitRepoPushInput, GitRepoPushOutput, GitRepoRefInput, GitServiceDeleteInput,
+    GitServiceDeleteOutput, GitServiceInfo, GitServiceListInput, GitServiceListOutput, GitServiceOutput,
+    GitServiceRefInput,
 };
 pub use guest::{GuestTool, InVm};
 pub use network::{
@@ -163,6 +164,7 @@ tool_table! {
     GitRepoBranches => "git_repo_branches", GitRepoRefInput, git::git_repo_branches_spec();
     GitRepoPush => "git_repo_push", GitRepoPushInput, git::git_repo_push_spec();
     GitCredentialSet => "git_credential_set", GitCredentialSetInput, git::git_credential_set_spec();
+    GitCredentialDelete => "git_credential_delete", GitCredentialDeleteInput, git::git_credential_delete_spec();
     GitCredentialList => "git_credential_list", GitCredentialListInput, git::git_credential_list_spec();
 }
 
@@ -358,6 +360,7 @@ impl ToolCall {
             ToolCall::GitRepoLog(input) => Some(&input.repo),
             ToolCall::GitRepoPush(input) => Some(&input.repo),
             ToolCall::GitCredentialSet(input) => Some(&input.remote_host),
+            ToolCall::GitCredentialDelete(input) => Some(&input.remote_host),
         }
     }
 }

@@ -155,23 +155,54 @@ pub fn group_not_found(arg: &str) -> String {
     format!("no security group named `{arg}`; security_group_list shows yours")
 }
 
+/// An owned row a name or id argument can name.
+trait Named: Clone {
+    fn id(&self) -> &str;
+    fn owner(&self) -> &str;
+}
+
+impl Named for GroupRow {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+impl Named for RepoRow {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+/// The one of `rows` (those whose id or name is `arg`) that `arg` names for `caller`: the one
+/// with that id, else the caller's own, else the only one. `missing` says none is; `several`
+/// names what several share (e.g. "security groups").
+fn one_named<T: Named>(rows: &[T], caller: &str, arg: &str, missing: String, several: &str) -> Result<T, LookupError> {
+    if let Some(row) = rows.iter().find(|r| r.id() == arg) {
+        return Ok(row.clone());
+    }
+    let mine: Vec<&T> = rows.iter().filter(|r| r.owner() == caller).collect();
+    match (mine.as_slice(), rows) {
+        ([one], _) => Ok((*one).clone()),
+        ([], []) => Err(LookupError::Missing(missing)),
+        ([], [one]) => Ok(one.clone()),
+        _ => Err(LookupError::Ambiguous(format!(
+            "several {several} are named `{arg}` (ids {}); pass the id",
+            rows.iter().map(|r| r.id()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
 /// Resolves a `group` argument: an id, else a name among the caller's own groups, else a name
 /// held by exactly one group.
 pub async fn group_row(state: &State, caller: &str, arg: &str) -> Result<GroupRow, LookupError> {
     let rows = state.groups_by_id_or_name(arg, caller).await?;
-    if let Some(row) = rows.iter().find(|r| r.id == arg) {
-        return Ok(row.clone());
-    }
-    let mine: Vec<&GroupRow> = rows.iter().filter(|r| r.owner == caller).collect();
-    match (mine.as_slice(), rows.as_slice()) {
-        ([one], _) => Ok((*one).clone()),
-        ([], []) => Err(LookupError::Missing(group_not_found(arg))),
-        ([], [one]) => Ok(one.clone()),
-        _ => Err(LookupError::Ambiguous(format!(
-            "several security groups are named `{arg}` (ids {}); pass the id",
-            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
-        ))),
-    }
+    one_named(&rows, caller, arg, group_not_found(arg), "security groups")
 }
 
 pub fn repo_resource(row: &RepoRow) -> ResourceRef {
@@ -193,24 +224,11 @@ pub fn repo_not_found(arg: &str) -> String {
     format!("no git repository named `{arg}`; git_repo_list shows yours")
 }
 
-/// Resolves a `repo` argument (on `network`, when given) as a `group` one resolves: an id, else
-/// a name among the caller's own repositories, else a name held by exactly one.
+/// Resolves a `repo` argument (on `network`, when given) as a `group` one resolves.
 pub async fn repo_row(state: &State, caller: &str, arg: &str, network: Option<&str>) -> Result<RepoRow, LookupError> {
     let mut rows = state.repos_by_id_or_name(arg, caller).await?;
     rows.retain(|r| network.is_none_or(|n| r.network_id == n));
-    if let Some(row) = rows.iter().find(|r| r.id == arg) {
-        return Ok(row.clone());
-    }
-    let mine: Vec<&RepoRow> = rows.iter().filter(|r| r.owner == caller).collect();
-    match (mine.as_slice(), rows.as_slice()) {
-        ([one], _) => Ok((*one).clone()),
-        ([], []) => Err(LookupError::Missing(repo_not_found(arg))),
-        ([], [one]) => Ok(one.clone()),
-        _ => Err(LookupError::Ambiguous(format!(
-            "several repositories are named `{arg}` (ids {}); pass the id or the network",
-            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
-        ))),
-    }
+    one_named(&rows, caller, arg, repo_not_found(arg), "repositories")
 }
 
 /// The authorizer's view of the security group or port forward a call names (unknown: no owner).

@@ -177,6 +177,23 @@ impl State {
         Ok(())
     }
 
+    /// Forgets that `owner` has a credential for `remote_host` on network `network_id`; whether
+    /// there was one.
+    pub async fn delete_git_credential(
+        &self,
+        network_id: &str,
+        owner: &str,
+        remote_host: &str,
+    ) -> Result<bool, StateError> {
+        let done = sqlx::query("DELETE FROM git_credentials WHERE network_id = ? AND owner = ? AND remote_host = ?")
+            .bind(network_id)
+            .bind(owner)
+            .bind(remote_host)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     pub async fn git_credentials(&self) -> Result<Vec<CredentialRow>, StateError> {
         Ok(sqlx::query_as("SELECT * FROM git_credentials ORDER BY network_id, owner, remote_host")
             .fetch_all(self.pool())

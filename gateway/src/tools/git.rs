@@ -19,12 +19,12 @@ use std::time::Duration;
 use moat_tools::guest::{ExecInput, ExecOutput, FileWriteInput};
 use moat_tools::names::Label;
 use moat_tools::{
-    AgentInfo, DataWorkspace, GitBranch, GitCommit, GitCredentialInfo, GitCredentialListInput, GitCredentialListOutput,
-    GitCredentialOutput, GitCredentialSetInput, GitRepoBranchesOutput, GitRepoCreateInput, GitRepoDeleteOutput,
-    GitRepoInfo, GitRepoListInput, GitRepoListOutput, GitRepoLogInput, GitRepoLogOutput, GitRepoOutput,
-    GitRepoPushInput, GitRepoPushOutput, GitServiceDeleteOutput, GitServiceInfo, GitServiceListOutput,
-    GitServiceOutput, GuestTool, IngressRule, LabelValue, Protocol, SecurityGroupCreateInput, ToolName, VmCreateInput,
-    VmState, WorkspaceCreateInput,
+    AgentInfo, DataWorkspace, GitBranch, GitCommit, GitCredentialDeleteInput, GitCredentialDeleteOutput,
+    GitCredentialInfo, GitCredentialListInput, GitCredentialListOutput, GitCredentialOutput, GitCredentialSetInput,
+    GitRepoBranchesOutput, GitRepoCreateInput, GitRepoDeleteOutput, GitRepoInfo, GitRepoListInput, GitRepoListOutput,
+    GitRepoLogInput, GitRepoLogOutput, GitRepoOutput, GitRepoPushInput, GitRepoPushOutput, GitServiceDeleteOutput,
+    GitServiceInfo, GitServiceListOutput, GitServiceOutput, GuestTool, IngressRule, LabelValue, Protocol,
+    SecurityGroupCreateInput, ToolName, VmCreateInput, VmState, WorkspaceCreateInput,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -338,6 +338,14 @@ fn missing_image(e: ToolError, image: &str) -> ToolError {
     }
 }
 
+/// The network a call names, when it names one.
+async fn network_opt(shared: &Shared, arg: Option<&str>) -> Result<Option<NetworkRow>, ToolError> {
+    match arg {
+        Some(arg) => Ok(Some(network_row(shared, arg).await?)),
+        None => Ok(None),
+    }
+}
+
 /// The network a call names, or the only one with a git service when it names none.
 async fn network_or_only(shared: &Shared, arg: Option<&str>) -> Result<NetworkRow, ToolError> {
     if let Some(arg) = arg {
@@ -550,6 +558,7 @@ pub(super) async fn vm_ready(shared: &Shared, vm: &VmRow) {
 /// After a VM is deleted: its token is forgotten and its service's access file rewritten, so
 /// a copy of the token is worthless (a VM made later at the same address gets its own).
 pub(super) async fn vm_deleted(shared: &Shared, vm_id: &str) {
+    NO_GIT.lock().expect("never poisoned").retain(|id| id != vm_id);
     let revoked = async {
         let Some(network_id) = shared.state.delete_git_token(vm_id).await? else { return Ok(()) };
         let Some(service) = shared.state.git_service(&network_id).await? else { return Ok(()) };
@@ -606,10 +615,7 @@ async fn repo_for(
     arg: &str,
     network: Option<&str>,
 ) -> Result<(RepoRow, NetworkRow), ToolError> {
-    let network = match network {
-        Some(n) => Some(network_row(shared, n).await?),
-        None => None,
-    };
+    let network = network_opt(shared, network).await?;
     let row = crate::security::resource::repo_row(
         &shared.state,
         &ctx.principal.name,
@@ -666,10 +672,7 @@ pub async fn repo_create(shared: &Shared, ctx: &CallContext, input: GitRepoCreat
 }
 
 pub async fn repo_list(shared: &Shared, ctx: &CallContext, input: GitRepoListInput) -> Result<Value, ToolError> {
-    let network = match &input.network {
-        Some(n) => Some(network_row(shared, n).await?),
-        None => None,
-    };
+    let network = network_opt(shared, input.network.as_deref()).await?;
     let bundle = shared.authz.bundle();
     let networks: BTreeMap<String, String> =
         shared.state.networks().await?.into_iter().map(|n| (n.id, n.name)).collect();
@@ -882,6 +885,35 @@ pub async fn credential_set(
     Ok(to_value(GitCredentialOutput { credential: credential_info(&row, &network.name) }))
 }
 
+pub async fn credential_delete(
+    shared: &Shared,
+    ctx: &CallContext,
+    input: GitCredentialDeleteInput,
+) -> Result<Value, ToolError> {
+    let network = network_or_only(shared, input.network.as_deref()).await?;
+    let owner = &ctx.principal.name;
+    let known = shared
+        .state
+        .git_credentials()
+        .await?
+        .into_iter()
+        .any(|c| c.network_id == network.id && c.owner == *owner && c.remote_host == input.remote_host);
+    if !known {
+        return Err(ToolError::NotFound(format!(
+            "you have no credential for {} on network {}; git_credential_list shows yours",
+            input.remote_host, network.name
+        )));
+    }
+    let running = ensure(shared, &network).await?;
+    let script = "[ -f \"$1\" ] || exit 0; for scheme in https http; do printf 'protocol=%s\\nhost=%s\\n\\n' \
+                  \"$scheme\" \"$2\" | git credential-store --file \"$1\" erase || exit 1; done";
+    let file = credentials_file(owner);
+    git_ok(shared, &running.vm, &["sh", "-c", script, "sh", &file, &input.remote_host], "erasing the credential")
+        .await?;
+    shared.state.delete_git_credential(&network.id, owner, &input.remote_host).await?;
+    Ok(to_value(GitCredentialDeleteOutput { network: network.name, deleted: input.remote_host }))
+}
+
 fn credential_info(row: &CredentialRow, network: &str) -> GitCredentialInfo {
     GitCredentialInfo {
         network: network.to_string(),
@@ -897,10 +929,7 @@ pub async fn credential_list(
     ctx: &CallContext,
     input: GitCredentialListInput,
 ) -> Result<Value, ToolError> {
-    let network = match &input.network {
-        Some(n) => Some(network_row(shared, n).await?),
-        None => None,
-    };
+    let network = network_opt(shared, input.network.as_deref()).await?;
     let names: BTreeMap<String, String> = shared.state.networks().await?.into_iter().map(|n| (n.id, n.name)).collect();
     let bundle = shared.authz.bundle();
     let credentials = shared

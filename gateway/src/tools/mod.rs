@@ -152,6 +152,7 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         }
         ToolCall::GitRepoPush(input) => git::repo_push(shared, ctx, input).await,
         ToolCall::GitCredentialSet(input) => git::credential_set(shared, ctx, input).await,
+        ToolCall::GitCredentialDelete(input) => git::credential_delete(shared, ctx, input).await,
         ToolCall::GitCredentialList(input) => git::credential_list(shared, ctx, input).await,
     }
 }

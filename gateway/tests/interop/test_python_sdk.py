@@ -93,7 +93,7 @@ async def exercise(client, mode, transport):
     git_tools = ((["git_service_ensure", "git_service_list", "git_service_inspect", "git_service_delete"]
                   if admin_only else [])
                  + ["git_repo_create", "git_repo_list", "git_repo_delete", "git_repo_log", "git_repo_branches",
-                    "git_repo_push", "git_credential_set", "git_credential_list"])
+                    "git_repo_push", "git_credential_set", "git_credential_delete", "git_credential_list"])
     # stdio is the operator (cluster-admin, every tool); HTTP is an agent (no audit log, no image
     # import, no network create or delete, no git services).
     expected = (["whoami", "node_list", "node_inspect"] + (["audit_query"] if admin_only else []) + vm_tools
