@@ -115,11 +115,16 @@ async fn agents_clone_and_push_in_their_own_repositories_and_remotes_get_the_sec
     let admin = moat.client(&moat.key).await;
     let alice = moat.client(&home.key("alice", "agent").await).await;
     let bob = moat.client(&home.key("bob", "agent").await).await;
-    for (name, file) in [("debian", &debian), ("git", &git_root), ("git-data", &git_data)] {
-        call_ok(&admin, "image_import", json!({"name": name, "source": file, "node": "n1"})).await;
-    }
+    call_ok(&admin, "image_import", json!({"name": "debian", "source": debian, "node": "n1"})).await;
     let dev = json!({"name": "dev", "cidr": "10.91.0.0/24", "mode": "nat", "uplink": "up0", "node": "n1"});
     call_ok(&admin, "network_create", dev).await;
+    // Without the git images, the first repository says what to build.
+    let err = tool_error(&alice, "git_repo_create", json!({"name": "app", "network": "dev"})).await;
+    assert!(err.contains("moat image build git"), "{err}");
+    assert_eq!(call_ok(&alice, "git_repo_list", json!({})).await["repos"], json!([]));
+    for (name, file) in [("git", &git_root), ("git-data", &git_data)] {
+        call_ok(&admin, "image_import", json!({"name": name, "source": file, "node": "n1"})).await;
+    }
 
     // Agents neither see nor call the service tools; bad names are schema violations.
     let (code, _, _) = call_err(&alice, "git_service_ensure", json!({"network": "dev"})).await;

@@ -312,8 +312,16 @@ async fn make(shared: &Shared, sys: &CallContext, network: &NetworkRow) -> Resul
         start: Some(true),
         wait_ready: Some(true),
     };
-    let made = super::vms::create(shared, sys, input).await.map_err(|e| missing_image(e, SERVICE_IMAGE))?;
-    let vm_id = made["vm"]["id"].as_str().unwrap_or_default().to_string();
+    // A VM made by an earlier attempt that failed after the create (its agent never answered,
+    // say) is this network's service VM: record it rather than be refused its name.
+    let earlier = shared.state.vms_by_id_or_name(SERVICE_NAME, owner).await?.into_iter().find(|v| v.owner == *owner);
+    let vm_id = match earlier {
+        Some(vm) => vm.id,
+        None => {
+            let made = super::vms::create(shared, sys, input).await.map_err(|e| missing_image(e, SERVICE_IMAGE))?;
+            made["vm"]["id"].as_str().unwrap_or_default().to_string()
+        }
+    };
     let service = ServiceRow {
         network_id: network.id.clone(),
         vm_id: vm_id.clone(),
