@@ -69,6 +69,9 @@ static SERVICES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// One access file write at a time: each renders the database as it is when it writes, so the
 /// last write is never older than the last change.
 static ACCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// One credential hand-out at a time: two for one VM (the create's and the reconciler's) would
+/// leave the VM holding one token and the service expecting the other.
+static GRANTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// VMs that cannot take git credentials (no git in them): not asked again by the reconciler.
 static NO_GIT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
@@ -239,7 +242,8 @@ async fn ensure_locked(shared: &Shared, network: &NetworkRow) -> Result<Running,
     }
     let nic = shared.state.nic(&vm.id).await?.ok_or_else(|| gone(network))?;
     let running = Running { service, vm, ip: nic.ip };
-    if made {
+    if booted {
+        // Whatever changed while it was down (a VM deleted, say) is in force from its first request.
         write_access(shared, &network.id, &running.vm).await?;
     }
     if booted {
@@ -473,7 +477,19 @@ pub async fn service_delete(shared: &Shared, arg: &str, delete_repositories: boo
 /// Gives VM `vm` (on `network`, whose service is `running`) a token of its own: its hash into
 /// the database and the access file, the token into the VM's git credential store, scoped to
 /// the service's URL. Replaces a token it had.
-async fn grant(shared: &Shared, network: &NetworkRow, running: &Running, vm: &VmRow) -> Result<(), ToolError> {
+/// With `replace` false, a VM that has a token by now keeps it.
+async fn grant(
+    shared: &Shared,
+    network: &NetworkRow,
+    running: &Running,
+    vm: &VmRow,
+    replace: bool,
+) -> Result<(), ToolError> {
+    let _one = GRANTS.lock().await;
+    if !replace && shared.state.git_tokens(&network.id).await?.iter().any(|t| t.vm_id == vm.id) {
+        return Ok(());
+    }
+    // Deleted meanwhile: nothing to hand out (a token row now would outlive the VM).
     let Some(nic) = shared.state.nic(&vm.id).await? else { return Ok(()) };
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).expect("the OS random source works");
@@ -518,15 +534,24 @@ fn agent_ready(vm: &VmRow) -> bool {
 /// that cannot take one is logged and tried again by the reconciler.
 async fn grant_all(shared: &Shared, network: &NetworkRow, running: &Running, owner: Option<&str>) {
     let result: Result<(), ToolError> = async {
-        let have: Vec<String> = shared.state.git_tokens(&network.id).await?.into_iter().map(|t| t.vm_id).collect();
         let nics = shared.state.nics(Some(&network.id)).await?;
-        for nic in nics.iter().filter(|n| n.vm_id != running.vm.id && !have.contains(&n.vm_id)) {
+        // Tokens of VMs no longer on the network (deleted while a grant ran) are dropped.
+        let tokens = shared.state.git_tokens(&network.id).await?;
+        let stale: Vec<&TokenRow> = tokens.iter().filter(|t| !nics.iter().any(|n| n.vm_id == t.vm_id)).collect();
+        for token in &stale {
+            shared.state.delete_git_token(&token.vm_id).await?;
+        }
+        if !stale.is_empty() {
+            write_access(shared, &network.id, &running.vm).await?;
+        }
+        let have: Vec<&str> = tokens.iter().map(|t| t.vm_id.as_str()).collect();
+        for nic in nics.iter().filter(|n| n.vm_id != running.vm.id && !have.contains(&n.vm_id.as_str())) {
             let Some(vm) = shared.state.vm_by_id(&nic.vm_id).await? else { continue };
             let skip = NO_GIT.lock().expect("never poisoned").contains(&vm.id);
             if skip || owner.is_some_and(|o| o != vm.owner) || !agent_ready(&vm) || vm.owner.starts_with("system:") {
                 continue;
             }
-            match grant(shared, network, running, &vm).await {
+            match grant(shared, network, running, &vm, false).await {
                 Ok(()) => {}
                 Err(ToolError::Invalid(e)) => {
                     tracing::info!(vm = %vm.id, "no git credentials for this VM: {e}");
@@ -558,7 +583,7 @@ pub(super) async fn vm_ready(shared: &Shared, vm: &VmRow) {
     }
     let Ok(Some(service_nic)) = shared.state.nic(&service_vm.id).await else { return };
     let running = Running { service, vm: service_vm, ip: service_nic.ip };
-    if let Err(e) = grant(shared, &network, &running, vm).await {
+    if let Err(e) = grant(shared, &network, &running, vm, true).await {
         tracing::warn!(vm = %vm.id, error = %e, "cannot install git credentials in the new VM yet");
     }
 }
@@ -577,8 +602,9 @@ pub(super) async fn vm_deleted(shared: &Shared, vm_id: &str) {
         Ok::<(), ToolError>(())
     };
     if let Err(e) = revoked.await {
-        tracing::warn!(vm = vm_id, error = %e, "cannot rewrite the git access file; the service refuses the VM's \
-                       address once another VM is granted, and at its next start");
+        tracing::warn!(vm = vm_id, error = %e, "cannot rewrite the git access file: the deleted VM's token stays \
+                       valid there until it is next written (the next git change on the network, or the \
+                       service VM's next start)");
     }
 }
 
