@@ -200,3 +200,87 @@ impl State {
             .await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::networks::NetworkRow;
+
+    fn network(id: &str, name: &str) -> NetworkRow {
+        NetworkRow {
+            id: id.into(),
+            name: name.into(),
+            node: "n1".into(),
+            cidr: "10.9.0.0/24".into(),
+            mode: "nat".into(),
+            uplink: String::new(),
+            bridge: String::new(),
+            dns: "[]".into(),
+            created_by: "admin".into(),
+            created_at: "t".into(),
+        }
+    }
+
+    fn repo(id: &str, name: &str, network: &str, owner: &str) -> RepoRow {
+        RepoRow {
+            id: id.into(),
+            name: name.into(),
+            network_id: network.into(),
+            owner: owner.into(),
+            created_at: "t".into(),
+        }
+    }
+
+    fn token(vm: &str, network: &str, sha: &str) -> TokenRow {
+        TokenRow {
+            vm_id: vm.into(),
+            network_id: network.into(),
+            owner: "alice".into(),
+            ip: "10.9.0.3".into(),
+            sha256: sha.into(),
+            created_at: "t".into(),
+        }
+    }
+
+    /// A name is taken once per network (also across a reopen), tokens are one per VM and
+    /// forgetting one says where it was, and a service with its repositories goes whole.
+    #[tokio::test]
+    async fn names_tokens_and_credentials_hold_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moat.db");
+        {
+            let state = State::open(&path).await.unwrap();
+            for n in [network("net-a", "a"), network("net-b", "b")] {
+                state.insert_network(&n).await.unwrap();
+            }
+            state.insert_repo(&repo("repo-1", "app", "net-a", "alice")).await.unwrap();
+            state.insert_repo(&repo("repo-2", "app", "net-b", "bob")).await.unwrap();
+            state.put_git_token(&token("vm-1", "net-a", "old")).await.unwrap();
+            state.put_git_token(&token("vm-1", "net-a", "new")).await.unwrap();
+        }
+        let state = State::open(&path).await.unwrap();
+        let taken = state.insert_repo(&repo("repo-3", "app", "net-a", "carol")).await;
+        assert!(matches!(taken, Err(ReserveError::Refused(Refusal::RepoNameTaken(ref n))) if n == "app"), "{taken:?}");
+        let named = state.repos_by_id_or_name("app", "bob").await.unwrap();
+        assert_eq!(named.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["repo-2", "repo-1"], "the caller's first");
+        let tokens = state.git_tokens("net-a").await.unwrap();
+        assert_eq!((tokens.len(), tokens[0].sha256.as_str()), (1, "new"), "a VM has one token, the last one");
+        assert_eq!(state.delete_git_token("vm-1").await.unwrap().as_deref(), Some("net-a"));
+        assert_eq!(state.delete_git_token("vm-1").await.unwrap(), None);
+
+        let cred = CredentialRow {
+            network_id: "net-a".into(),
+            owner: "alice".into(),
+            remote_host: "h".into(),
+            username: "u".into(),
+            updated_at: "t".into(),
+        };
+        state.put_git_credential(&cred).await.unwrap();
+        state.put_git_credential(&CredentialRow { username: "u2".into(), ..cred.clone() }).await.unwrap();
+        assert_eq!(state.git_credentials().await.unwrap().len(), 1, "set again replaces");
+        assert!(!state.delete_git_credential("net-a", "bob", "h").await.unwrap(), "only the owner's");
+        state.delete_repos("net-a").await.unwrap();
+        assert!(state.git_credentials().await.unwrap().is_empty());
+        assert_eq!(state.repos(None).await.unwrap().len(), 1, "only net-a's repositories went");
+    }
+}

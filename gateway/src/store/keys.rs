@@ -53,7 +53,8 @@ pub enum KeyError {
     Query(#[from] sqlx::Error),
 }
 
-fn sha256_hex(data: &str) -> String {
+/// SHA-256 of `data`, hex: how moat keeps secrets it checks (API keys, git tokens).
+pub fn sha256_hex(data: &str) -> String {
     Sha256::digest(data.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 

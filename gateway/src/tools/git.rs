@@ -27,7 +27,6 @@ use moat_tools::{
     SecurityGroupCreateInput, ToolName, VmCreateInput, VmState, WorkspaceCreateInput,
 };
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::networks::network_row;
 use super::vms::{random_id, wait_ready};
@@ -37,6 +36,7 @@ use crate::guest;
 use crate::principal::{Principal, Role, Transport};
 use crate::security::resource::{credential_resource, repo_not_found, repo_resource};
 use crate::store::git::{CredentialRow, RepoRow, ServiceRow, TokenRow};
+use crate::store::keys::sha256_hex;
 use crate::store::networks::NetworkRow;
 use crate::store::now;
 use crate::store::vms::VmRow;
@@ -86,14 +86,6 @@ fn system(network_id: &str) -> CallContext {
         progress: None,
         vm: None,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha256_hex(text: &str) -> String {
-    hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// The file in the service VM holding `owner`'s remote credentials.
@@ -493,7 +485,7 @@ async fn grant(
     let Some(nic) = shared.state.nic(&vm.id).await? else { return Ok(()) };
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).expect("the OS random source works");
-    let token = hex(&bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     // Into the VM first: a VM that cannot take it (no git, agent gone) gets no entry.
     let line = format!("http://{}:{token}@{}\n", vm.id, running.ip);
     let file = FileWriteInput {
