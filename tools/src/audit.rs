@@ -9,7 +9,7 @@ use crate::{ActionGroup, Hints, ResourceKind, ToolClass, ToolName, ToolSpec, sch
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQueryInput {
-    /// Only records of this principal.
+    /// Only records of this principal (and of portal VMs acting for it).
     #[schemars(length(min = 1, max = 128))]
     pub principal: Option<String>,
     /// Only records of this tool, e.g. "vm_create".
@@ -37,6 +37,9 @@ pub struct AuditRecord {
     pub seq: i64,
     pub ts: String,
     pub principal: String,
+    /// For a portal VM's call (principal `vm:<id>`): the owner it acted for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acting_for: Option<String>,
     pub role: String,
     pub transport: String,
     pub session: Option<String>,

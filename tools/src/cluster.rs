@@ -14,11 +14,15 @@ pub struct WhoamiInput {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WhoamiOutput {
-    /// The principal moat resolved for this connection (API key name or the local operator).
+    /// The principal moat resolved for this connection (API key name, the local operator, or
+    /// `vm:<id>` for a portal VM).
     pub principal: String,
+    /// For a portal VM: the owner it acts for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acting_for: Option<String>,
     /// The principal's role: reader, agent, vm-admin or cluster-admin.
     pub role: String,
-    /// How this call arrived: "stdio" or "http".
+    /// How this call arrived: "stdio", "http" or "vsock" (a portal VM).
     pub transport: String,
     /// MCP protocol version negotiated for this call, e.g. "2025-11-25" or "2026-07-28".
     pub protocol_version: Option<String>,

@@ -18,6 +18,11 @@ use crate::{JsonObject, schema_object};
 pub const CONTROL_PORT: u32 = 100;
 /// The guest agent's MCP server inside every VM.
 pub const MCP_PORT: u32 = 200;
+/// The host port a portal's `moat-guest mcp` dials (guest → host, CID 2): the node hands the
+/// connection to the gateway as an MCP session of the VM's own identity.
+pub const UPLINK_PORT: u32 = 300;
+/// The host's vsock context id, as a guest dials it.
+pub const HOST_CID: u32 = 2;
 /// Longest MCP message (one JSON-RPC line) either side sends: a 32 MiB file in base64 plus framing.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 

@@ -7,6 +7,7 @@
 //! dispatches on it with one exhaustive `match`, so adding a tool here forces
 //! every layer to decide what it does.
 
+pub mod agent;
 pub mod audit;
 pub mod cluster;
 pub mod git;
@@ -20,6 +21,10 @@ pub mod workspace;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+pub use agent::{
+    AgentCreateInput, AgentDeleteOutput, AgentListInput, AgentListOutput, AgentMember, AgentOutput, AgentRefInput,
+    AgentVm, ModelProvider, PortalAgent, PortalRole,
+};
 pub use audit::{AuditQueryInput, AuditQueryOutput, AuditRecord};
 pub use cluster::{
     KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary, Protection,
@@ -166,6 +171,10 @@ tool_table! {
     GitCredentialSet => "git_credential_set", GitCredentialSetInput, git::git_credential_set_spec();
     GitCredentialDelete => "git_credential_delete", GitCredentialDeleteInput, git::git_credential_delete_spec();
     GitCredentialList => "git_credential_list", GitCredentialListInput, git::git_credential_list_spec();
+    AgentCreate => "agent_create", AgentCreateInput, agent::agent_create_spec();
+    AgentList => "agent_list", AgentListInput, agent::agent_list_spec();
+    AgentInspect => "agent_inspect", AgentRefInput, agent::agent_inspect_spec();
+    AgentDelete => "agent_delete", AgentRefInput, agent::agent_delete_spec();
 }
 
 impl ToolName {
@@ -263,6 +272,9 @@ pub enum ResourceKind {
     GitRepo,
     /// The caller's own remote git credential for a host; owned.
     GitCredential,
+    /// One portal agent (a portal and a work VM), named by `agent` (or `name`, when creating
+    /// it); owned.
+    Agent,
 }
 
 impl ResourceKind {
@@ -283,6 +295,7 @@ impl ResourceKind {
             ResourceKind::PortForward => "port_forward",
             ResourceKind::GitRepo => "git_repo",
             ResourceKind::GitCredential => "git_credential",
+            ResourceKind::Agent => "agent",
         }
     }
 }
@@ -361,6 +374,9 @@ impl ToolCall {
             ToolCall::GitRepoPush(input) => Some(&input.repo),
             ToolCall::GitCredentialSet(input) => Some(&input.remote_host),
             ToolCall::GitCredentialDelete(input) => Some(&input.remote_host),
+            ToolCall::AgentList(_) => None,
+            ToolCall::AgentCreate(input) => Some(&input.name),
+            ToolCall::AgentInspect(input) | ToolCall::AgentDelete(input) => Some(&input.agent),
         }
     }
 }
