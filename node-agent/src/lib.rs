@@ -25,6 +25,7 @@ pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
+pub mod uplink;
 pub mod vm;
 pub mod vmm;
 pub mod vsock;

@@ -116,6 +116,40 @@ impl NodeService for NodeApi {
         Ok(Response::new(Box::pin(tunnel::splice(stream, first.data, inbound))))
     }
 
+    type PortalListenStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::PortalOffer, Status>> + Send + 'static>>;
+
+    async fn portal_listen(
+        &self,
+        _request: Request<pb::PortalListenRequest>,
+    ) -> Result<Response<Self::PortalListenStream>, Status> {
+        use tokio_stream::StreamExt;
+        let offers = tokio_stream::wrappers::ReceiverStream::new(self.vms.uplinks().listen());
+        Ok(Response::new(Box::pin(offers.map(|offer| Ok(trans::portal_offer(offer))))))
+    }
+
+    type PortalAttachStream = Self::GuestStreamStream;
+
+    async fn portal_attach(
+        &self,
+        request: Request<tonic::Streaming<pb::GuestFrame>>,
+    ) -> Result<Response<Self::PortalAttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("PortalAttach needs a first frame naming the session"))?;
+        let (_vm, conn) = self.vms.uplinks().take(&first.session).ok_or_else(|| {
+            Status::not_found(format!(
+                "no portal session `{}` waits on node {} (taken already, or closed after {:?})",
+                first.session,
+                self.name,
+                crate::uplink::OFFER_TTL
+            ))
+        })?;
+        Ok(Response::new(Box::pin(tunnel::splice(conn, first.data, inbound))))
+    }
+
     async fn list_images(
         &self,
         _request: Request<pb::ListImagesRequest>,

@@ -190,3 +190,7 @@ pub(crate) fn vm_state(state: VmState) -> pb::VmState {
         VmState::Deleting => pb::VmState::Deleting,
     }
 }
+
+pub fn portal_offer(offer: crate::uplink::Offer) -> pb::PortalOffer {
+    pb::PortalOffer { session: offer.session, vm_id: offer.vm_id }
+}

@@ -17,20 +17,8 @@ pub fn splice(
 ) -> impl Stream<Item = Result<GuestFrame, Status>> + Send + 'static {
     let (mut read, mut write) = tokio::io::split(stream);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<GuestFrame, Status>>(16);
-    // Gateway → guest.
-    let to_guest = tokio::spawn(async move {
-        if !first_data.is_empty() && write.write_all(&first_data).await.is_err() {
-            return;
-        }
-        while let Ok(Some(frame)) = inbound.message().await {
-            if write.write_all(&frame.data).await.is_err() {
-                return;
-            }
-        }
-        let _ = write.shutdown().await;
-    });
     // Guest → gateway.
-    tokio::spawn(async move {
+    let from_guest = tokio::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
         loop {
             match read.read(&mut buf).await {
@@ -47,6 +35,35 @@ pub fn splice(
                 }
             }
         }
+    });
+    let from_guest_abort = from_guest.abort_handle();
+    // Gateway → guest. When the gateway's side ends (done, or gone), the connection is closed
+    // whole, not half: hybrid vsock does not pass a half-close on to the guest, which would
+    // otherwise wait for an end that never comes.
+    let to_guest = tokio::spawn(async move {
+        if first_data.is_empty() || write.write_all(&first_data).await.is_ok() {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(frame)) => {
+                        if write.write_all(&frame.data).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(status = %e, "the gateway's side of a tunnel failed; closing it");
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!("the gateway's side of a tunnel ended; closing the connection");
+        let _ = write.shutdown().await;
+        from_guest_abort.abort();
+    });
+    // The guest closing ends the gateway's direction too.
+    tokio::spawn(async move {
+        let _ = from_guest.await;
         to_guest.abort();
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

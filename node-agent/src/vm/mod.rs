@@ -18,6 +18,7 @@ use tokio::sync::watch;
 pub use crate::dir::{Disk, Nic, VmConfig, VmDir, VmState, VmStatus};
 use crate::net::host::Networks;
 use crate::storage::{Storage, StorageError};
+use crate::uplink::{self, Uplinks};
 pub use crate::vmm::{Accel, Runtime, Vmm, VmmError, VsockMode};
 use crate::vsock;
 use console::{console_panic, last_lines, vmm_log_tail};
@@ -133,6 +134,10 @@ pub struct VmManager {
 struct Inner {
     settings: VmSettings,
     networks: Option<Networks>,
+    /// Connections portals opened to the host, waiting for the gateway.
+    uplinks: Uplinks,
+    /// Set once the kernel-vsock portal listener runs (it serves every VM).
+    kernel_uplink: std::sync::Once,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
 }
 
@@ -215,8 +220,15 @@ impl VmManager {
     /// Loads every VM under `vms_root`, re-adopting those whose VMM still runs.
     pub fn open(settings: VmSettings) -> std::io::Result<VmManager> {
         private_dir(&settings.vms_root)?;
-        let manager =
-            VmManager { inner: Arc::new(Inner { settings, networks: None, vms: Mutex::new(HashMap::new()) }) };
+        let manager = VmManager {
+            inner: Arc::new(Inner {
+                settings,
+                networks: None,
+                uplinks: Uplinks::default(),
+                kernel_uplink: std::sync::Once::new(),
+                vms: Mutex::new(HashMap::new()),
+            }),
+        };
         for entry in std::fs::read_dir(&manager.inner.settings.vms_root)? {
             let path = entry?.path();
             let Some(id) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
@@ -366,6 +378,11 @@ impl VmManager {
         Arc::get_mut(&mut self.inner).expect("with_networks is called before the manager is shared").networks =
             Some(networks);
         self
+    }
+
+    /// Portal connections guests opened to this host.
+    pub fn uplinks(&self) -> &Uplinks {
+        &self.inner.uplinks
     }
 
     pub fn networks(&self) -> Option<&Networks> {
@@ -836,8 +853,33 @@ impl VmManager {
             status.state == VmState::Running && status.started_at == run
         };
         let dir = vm.dir.clone();
+        self.serve_uplinks(vm, &target, running.clone());
         let fault = move || vmm.vsock_fault(&dir);
         tokio::spawn(agent::watch(vm.config.id.clone(), target, vm.agent.clone(), running, fault));
+    }
+
+    /// Accepts the VM's connections to the host (portal sessions) while it runs: on hybrid vsock
+    /// through a socket in its jail; on kernel vsock through one listener for the node, which
+    /// knows the VM by the CID it was given.
+    fn serve_uplinks(&self, vm: &Arc<Vm>, target: &vsock::Target, running: impl Fn() -> bool + Send + 'static) {
+        let uplinks = self.inner.uplinks.clone();
+        match target {
+            vsock::Target::Hybrid(socket) => {
+                tokio::spawn(uplink::serve_hybrid(uplinks, vm.config.id.clone(), socket.clone(), running));
+            }
+            vsock::Target::Kernel(_) => self.inner.kernel_uplink.call_once(|| {
+                let manager = self.clone();
+                tokio::spawn(uplink::serve_kernel(uplinks, move |cid| manager.running_vm_with_cid(cid)));
+            }),
+        }
+    }
+
+    /// The running VM the host kernel's vsock knows by `cid`.
+    fn running_vm_with_cid(&self, cid: u32) -> Option<String> {
+        let vms = self.inner.vms.lock().expect("vm map lock is never poisoned");
+        vms.values()
+            .find(|vm| vm.status().state == VmState::Running && vm.dir.read_cid() == Some(cid))
+            .map(|vm| vm.config.id.clone())
     }
 
     fn spawn_monitor(&self, vm: Arc<Vm>, process: Process) {
