@@ -7,3 +7,4 @@ pub mod exec;
 pub mod files;
 pub mod listen;
 pub mod mcp;
+pub mod uplink;

@@ -3,15 +3,22 @@
 //! metadata, and pings for liveness) and an MCP server (port 200) with file and
 //! process tools. Either can listen on a Unix socket instead, for tests on the
 //! host and hosts without vsock.
+//!
+//! `moat-guest mcp` is the other direction: a stdio MCP endpoint for a client
+//! inside a portal VM, relayed to moat over the host's vsock.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use moat_guest::listen::{ListenAddr, Listener};
+use moat_guest::uplink::{self, Uplink};
 use moat_guest::{control, exec, mcp};
 use rmcp::ServiceExt;
 
-const USAGE: &str = "usage: moat-guest serve [--control vsock:100|unix:PATH] [--mcp vsock:200|unix:PATH] [--image-info FILE]\n       moat-guest --version";
+const USAGE: &str =
+    "usage: moat-guest serve [--control vsock:100|unix:PATH] [--mcp vsock:200|unix:PATH] [--image-info FILE]
+       moat-guest mcp [--uplink vsock|unix:PATH]   (stdio MCP to moat, from a portal VM)
+       moat-guest --version";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -23,6 +30,13 @@ async fn main() {
         Ok(Command::Serve { control, mcp, image_info }) => {
             if let Err(e) = serve(control, mcp, image_info).await {
                 eprintln!("moat-guest: {e}");
+                std::process::exit(1);
+            }
+        }
+        Ok(Command::Mcp { uplink }) => {
+            // stdout is the MCP channel: only JSON-RPC goes there, everything else to stderr.
+            if let Err(e) = uplink::run(&uplink, tokio::io::stdin(), tokio::io::stdout()).await {
+                eprintln!("moat-guest mcp: {e}");
                 std::process::exit(1);
             }
         }
@@ -92,6 +106,7 @@ async fn serve_mcp(listener: Listener) -> Result<(), String> {
 enum Command {
     Version,
     Serve { control: Option<ListenAddr>, mcp: Option<ListenAddr>, image_info: Option<PathBuf> },
+    Mcp { uplink: Uplink },
 }
 
 fn parse(args: &[String]) -> Result<Command, String> {
@@ -114,6 +129,11 @@ fn parse(args: &[String]) -> Result<Command, String> {
             }
             Ok(Command::Serve { control, mcp, image_info })
         }
+        Some("mcp") => match &args[1..] {
+            [] => Ok(Command::Mcp { uplink: Uplink::Vsock }),
+            [flag, value] if flag == "--uplink" => Ok(Command::Mcp { uplink: value.parse()? }),
+            _ => Err("mcp takes only --uplink vsock|unix:PATH".into()),
+        },
         Some(other) => Err(format!("unknown command {other}")),
         None => Err("no command".into()),
     }
@@ -139,5 +159,8 @@ mod tests {
         assert!(parse(&s(&["serve"])).unwrap_err().contains("--control or --mcp"));
         assert!(parse(&s(&["serve", "--mcp"])).unwrap_err().contains("needs a value"));
         assert!(parse(&s(&[])).is_err());
+        assert_eq!(parse(&s(&["mcp"])), Ok(Command::Mcp { uplink: Uplink::Vsock }));
+        assert_eq!(parse(&s(&["mcp", "--uplink", "unix:/u"])), Ok(Command::Mcp { uplink: Uplink::Unix("/u".into()) }));
+        assert!(parse(&s(&["mcp", "--x"])).is_err());
     }
 }
