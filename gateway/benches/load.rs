@@ -288,6 +288,7 @@ async fn million(records: usize) {
                 for i in (w..records).step_by(writers) {
                     let record = moat_gateway::store::audit::CallRecord {
                         principal: format!("agent{:04}", i % 1000),
+                        acting_for: None,
                         role: "agent".into(),
                         transport: "http".into(),
                         session: Some(format!("s{}", i % 1000)),

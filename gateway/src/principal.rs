@@ -2,8 +2,8 @@
 
 use std::str::FromStr;
 
-/// The four roles of moat's RBAC, from least to most privileged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The four roles of moat's RBAC, from least to most privileged (the order `Ord` compares by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     Reader,
     Agent,
@@ -39,6 +39,8 @@ pub enum Transport {
     Http,
     /// moat acting on its own behalf (the git service's VMs), never a client.
     Internal,
+    /// A portal VM's MCP client, over the VM's vsock through its node.
+    Vsock,
 }
 
 impl Transport {
@@ -47,20 +49,43 @@ impl Transport {
             Transport::Stdio => "stdio",
             Transport::Http => "http",
             Transport::Internal => "internal",
+            Transport::Vsock => "vsock",
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {
     pub name: String,
     pub role: Role,
+    /// Set when the caller is a portal VM (`vm:<id>`): whom it acts for and what it may touch.
+    pub portal: Option<Portal>,
+}
+
+/// What a portal VM's principal carries: the owner it acts for and the resources paired with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Portal {
+    /// The agent's owner, as the audit log names who a call was made for.
+    pub owner: String,
+    /// The agent's id.
+    pub agent: String,
+    /// `<kind>/<id>` of each resource the portal may act on (its work VM, its workspaces).
+    pub pairs: Vec<String>,
 }
 
 impl Principal {
+    pub fn new(name: impl Into<String>, role: Role) -> Principal {
+        Principal { name: name.into(), role, portal: None }
+    }
+
+    /// Whose resources the caller works with: a portal's owner, else the caller itself.
+    pub fn owner(&self) -> &str {
+        self.portal.as_ref().map_or(&self.name, |p| &p.owner)
+    }
+
     /// An HTTP caller without a key, when the operator allows them in with `role`.
     pub fn anonymous(role: Role) -> Principal {
-        Principal { name: "anonymous".into(), role }
+        Principal::new("anonymous", role)
     }
 }
 

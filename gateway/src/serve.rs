@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::mcp::catalog::Catalog;
 use crate::mcp::http::HttpServer;
 use crate::mcp::prompts::Prompts;
-use crate::mcp::{Gateway, Server, StdioIdentity, stdio};
+use crate::mcp::{Gateway, Identity, Server, stdio};
 use crate::nodes::connector::NodeConnector;
 use crate::nodes::pki::Pki;
 use crate::principal::Principal;
@@ -33,9 +33,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(key) => {
             let principal = key_checker.check(key).context("MOAT_API_KEY is not usable")?;
             tracing::info!(principal = %principal.name, role = principal.role.as_str(), "stdio authenticated by API key");
-            StdioIdentity::Key(key.clone())
+            Identity::Key(key.clone())
         }
-        None => StdioIdentity::Operator(Principal { name: config.operator.clone(), role: config.operator_role }),
+        None => Identity::Operator(Principal::new(config.operator.clone(), config.operator_role)),
     };
     let audit = AuditLog::start(&config.db_path(), config.durability).context("cannot open the audit log")?;
     let anchor = Arc::new(
@@ -103,6 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
     tokio::spawn(crate::tools::git::reconcile(shared.clone(), shutdown.clone()));
+    tokio::spawn(crate::mcp::portal::run(mcp.clone(), config.max_body_bytes, shutdown.clone()));
     tokio::spawn(checkpoints(anchor.clone(), state.clone(), config.audit_checkpoint, shutdown.clone()));
     tokio::spawn(crate::nodes::heartbeat(state.clone(), shared.nodes.clone(), config.heartbeat, shutdown.clone()));
     if let Err(missing) = crate::image::check(&config.images_dir().join("base")) {
@@ -194,7 +195,7 @@ fn remove_stale_sockets(dir: &std::path::Path) {
 /// Serves one stdio connection until EOF or shutdown.
 async fn serve_stdio(
     server: Arc<Server>,
-    identity: StdioIdentity,
+    identity: Identity,
     max_line: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {

@@ -27,7 +27,7 @@ const NODE: &[&[&str]] = &[
     &["server", "testing"],
     &["api"],
     &["vm"],
-    &["vmm", "storage", "net"],
+    &["vmm", "storage", "net", "uplink"],
     &["probe"],
     &["dir", "vsock", "kvm", "tls"],
     &["cmd", "errors", "nofollow"],

@@ -88,6 +88,18 @@ impl NodeService for FailingNode {
     async fn guest_stream(&self, _: Request<tonic::Streaming<pb::GuestFrame>>) -> Result<Response<Frames>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+    type PortalListenStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::PortalOffer, Status>> + Send + 'static>>;
+    async fn portal_listen(
+        &self,
+        _: Request<pb::PortalListenRequest>,
+    ) -> Result<Response<Self::PortalListenStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    type PortalAttachStream = Frames;
+    async fn portal_attach(&self, _: Request<tonic::Streaming<pb::GuestFrame>>) -> Result<Response<Frames>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
     async fn list_images(&self, _: Request<pb::ListImagesRequest>) -> Result<Response<pb::ListImagesResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
@@ -154,7 +166,7 @@ async fn shared(dir: &Path, node_address: &str) -> Shared {
 
 fn alice() -> CallContext {
     CallContext {
-        principal: Principal { name: "alice".into(), role: Role::Agent },
+        principal: Principal::new("alice", Role::Agent),
         transport: Transport::Stdio,
         protocol_version: None,
         session: None,

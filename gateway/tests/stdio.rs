@@ -52,6 +52,8 @@ async fn lists_tools_and_answers_whoami() {
             "git_repo_log",
             "git_repo_branches",
             "git_credential_list",
+            "agent_list",
+            "agent_inspect",
         ];
         assert_eq!(hints.read_only_hint, Some(read_only.contains(&tool.name.as_ref())), "{}", tool.name);
     }
@@ -200,7 +202,7 @@ async fn status_reports_paths_schema_and_nodes() {
     assert!(stdout.contains(&home.path().join(".config/moat/moat.toml").display().to_string()), "{stdout}");
     assert!(stdout.contains("not present; defaults in use"), "{stdout}");
     assert!(stdout.contains(&home.state_dir().join("moat.db").display().to_string()), "{stdout}");
-    assert!(stdout.contains("schema version:  8"), "{stdout}");
+    assert!(stdout.contains("schema version:  9"), "{stdout}");
     assert!(stdout.contains("active API keys: 0"), "{stdout}");
     // node_list's call record and its outcome.
     assert!(stdout.contains("audit records:   2 (last 20"), "{stdout}");

@@ -56,8 +56,12 @@ pub enum GuestError {
     /// The agent refused the call (a bad path, an unknown id); its words, for the caller to fix.
     #[error("{0}")]
     Refused(String),
-    /// The MCP client cancelled the call; the agent was told.
-    #[error("cancelled")]
+    /// The call was cancelled: by the MCP client, or because its session or moat is ending;
+    /// the agent was told.
+    #[error(
+        "cancelled (by the client, or because moat is shutting down: reconnect and call again); the guest \
+         agent was told to stop it"
+    )]
     Cancelled,
 }
 

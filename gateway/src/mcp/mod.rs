@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod http;
 mod pipeline;
+pub mod portal;
 pub mod prompts;
 pub mod stdio;
 
@@ -37,13 +38,17 @@ use crate::store::audit::{CallRecord, Decision};
 
 const STATUS_URI: &str = "moat://status";
 
-/// How a stdio connection's caller is identified.
+/// How the caller of a connection (stdio, or a portal's vsock session) is identified; HTTP
+/// resolves its caller per request instead.
 #[derive(Debug, Clone)]
-pub enum StdioIdentity {
+pub enum Identity {
     /// The local operator named in config.
     Operator(Principal),
     /// An API key from MOAT_API_KEY, re-checked on every call so revocation takes effect at once.
     Key(String),
+    /// A portal VM, as the node its connection came through named it; re-checked on every call,
+    /// so a deleted VM or agent loses access at once.
+    Portal { vm: String, node: String },
 }
 
 /// The MCP side of a gateway: the calls' shared state plus the tool catalog and prompts.
@@ -61,13 +66,19 @@ pub struct Server {
 pub struct Gateway {
     server: Arc<Server>,
     transport: Transport,
-    /// The caller of a stdio connection; HTTP resolves it per request from the bearer key.
-    stdio: Option<StdioIdentity>,
+    /// The caller of a stdio or vsock connection; HTTP resolves it per request from the bearer key.
+    stdio: Option<Identity>,
 }
 
 impl Gateway {
-    pub fn stdio(server: Arc<Server>, identity: StdioIdentity) -> Gateway {
+    pub fn stdio(server: Arc<Server>, identity: Identity) -> Gateway {
         Gateway { server, transport: Transport::Stdio, stdio: Some(identity) }
+    }
+
+    /// A portal VM's session, which node `node` said came from VM `vm`.
+    pub fn portal(server: Arc<Server>, vm: &str, node: &str) -> Gateway {
+        let identity = Identity::Portal { vm: vm.to_string(), node: node.to_string() };
+        Gateway { server, transport: Transport::Vsock, stdio: Some(identity) }
     }
 
     pub fn http(server: Arc<Server>) -> Gateway {
@@ -79,10 +90,16 @@ impl Gateway {
         let refused = |message: String| ErrorData::new(ErrorCode(UNAUTHENTICATED), message, None);
         let parts = ctx.extensions.get::<axum::http::request::Parts>();
         let (principal, session) = match (&self.stdio, parts) {
-            (Some(StdioIdentity::Operator(p)), _) => (p.clone(), None),
-            (Some(StdioIdentity::Key(key)), _) => {
+            (Some(Identity::Operator(p)), _) => (p.clone(), None),
+            (Some(Identity::Key(key)), _) => {
                 let principal =
                     self.server.shared.keys.check(key).map_err(|e| refused(format!("MOAT_API_KEY refused: {e}")))?;
+                (principal, None)
+            }
+            (Some(Identity::Portal { vm, node }), _) => {
+                let principal = crate::tools::agents::portal_principal(&self.server.shared, vm, node)
+                    .await
+                    .map_err(|e| refused(e.to_string()))?;
                 (principal, None)
             }
             (None, Some(parts)) => {

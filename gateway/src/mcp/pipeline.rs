@@ -47,7 +47,7 @@ impl Gateway {
                 labels: input.labels.iter().flatten().map(|(k, v)| format!("{k}={}", v.0)).collect(),
             }),
             (ResourceKind::Vm, _) => {
-                resource::resource(&self.server.shared.state, &ctx.principal.name, id).await.map_err(|e| {
+                resource::resource(&self.server.shared.state, ctx.principal.owner(), id).await.map_err(|e| {
                     tracing::error!(error = %e, "resolving a VM for authorization failed");
                     ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
                 })
@@ -59,13 +59,17 @@ impl Gateway {
                 labels: Vec::new(),
             }),
             (ResourceKind::Workspace, _) => {
-                resource::workspace_resource_of(&self.server.shared.state, &ctx.principal.name, id).await.map_err(|e| {
-                    tracing::error!(error = %e, "resolving a workspace for authorization failed");
-                    ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
-                })
+                resource::workspace_resource_of(&self.server.shared.state, ctx.principal.owner(), id).await.map_err(
+                    |e| {
+                        tracing::error!(error = %e, "resolving a workspace for authorization failed");
+                        ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
+                    },
+                )
             }
             // A new repository, and remote credentials (only ever the caller's own), are the caller's.
-            (ResourceKind::GitRepo, ToolCall::GitRepoCreate(_)) | (ResourceKind::GitCredential, _) => Ok(ResourceRef {
+            (ResourceKind::GitRepo, ToolCall::GitRepoCreate(_))
+            | (ResourceKind::GitCredential, _)
+            | (ResourceKind::Agent, ToolCall::AgentCreate(_)) => Ok(ResourceRef {
                 kind,
                 id: id.to_string(),
                 owner: Some(ctx.principal.name.clone()),
@@ -77,14 +81,15 @@ impl Gateway {
                 owner: Some(ctx.principal.name.clone()),
                 labels: Vec::new(),
             }),
-            (ResourceKind::SecurityGroup | ResourceKind::PortForward | ResourceKind::GitRepo, _) => {
-                resource::owned_resource_of(&self.server.shared.state, &ctx.principal.name, kind, id).await.map_err(
-                    |e| {
-                        tracing::error!(error = %e, "resolving a resource for authorization failed");
-                        ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
-                    },
-                )
-            }
+            (
+                ResourceKind::SecurityGroup | ResourceKind::PortForward | ResourceKind::GitRepo | ResourceKind::Agent,
+                _,
+            ) => resource::owned_resource_of(&self.server.shared.state, ctx.principal.owner(), kind, id).await.map_err(
+                |e| {
+                    tracing::error!(error = %e, "resolving a resource for authorization failed");
+                    ErrorData::internal_error(format!("internal error: {e}; see the gateway log"), None)
+                },
+            ),
             _ => Ok(ResourceRef { kind, id: id.to_string(), owner: None, labels: Vec::new() }),
         }
     }
@@ -144,10 +149,17 @@ impl Gateway {
             // one, in the caller's own words (never the id a name resolved to).
             let named = call.resource_id().unwrap_or(&resource.id);
             let message = match resource.kind {
+                // Nothing exists yet to hide: a portal is told what it may do instead.
+                _ if ctx.principal.portal.is_some() && tool.as_str().ends_with("_create") => format!(
+                    "a portal agent acts only on its own work VM and workspaces and cannot call {}: ask its \
+                     owner to make what it needs",
+                    tool.as_str()
+                ),
                 ResourceKind::Vm => resource::not_found(named),
                 ResourceKind::Workspace => resource::workspace_not_found(named),
                 ResourceKind::SecurityGroup => resource::group_not_found(named),
                 ResourceKind::GitRepo => resource::repo_not_found(named),
+                ResourceKind::Agent => resource::agent_not_found(named),
                 kind => format!("no {} named `{named}`", kind.as_str()),
             };
             return Ok(Checked::Answered(Ok(CallToolResult::error(vec![ContentBlock::text(message)]))));
@@ -237,6 +249,7 @@ fn respond(outcome: Result<Value, ToolError>) -> Result<CallToolResult, ErrorDat
 pub(super) fn call_record(ctx: &CallContext, tool: String, args: Option<&rmcp::model::JsonObject>) -> CallRecord {
     CallRecord {
         principal: ctx.principal.name.clone(),
+        acting_for: ctx.principal.portal.as_ref().map(|p| p.owner.clone()),
         role: ctx.principal.role.as_str().to_string(),
         transport: ctx.transport.as_str().to_string(),
         session: ctx.session.clone(),
@@ -314,13 +327,13 @@ mod tests {
             #[cfg(feature = "bench-no-pipeline")]
             no_pipeline: false,
         });
-        let operator = Principal { name: "alice".into(), role: Role::Agent };
-        (Gateway::stdio(server, super::super::StdioIdentity::Operator(operator)), state)
+        let operator = Principal::new("alice", Role::Agent);
+        (Gateway::stdio(server, super::super::Identity::Operator(operator)), state)
     }
 
     fn alice() -> CallContext {
         CallContext {
-            principal: crate::principal::Principal { name: "alice".into(), role: crate::principal::Role::Agent },
+            principal: crate::principal::Principal::new("alice", crate::principal::Role::Agent),
             transport: crate::principal::Transport::Stdio,
             protocol_version: None,
             session: None,

@@ -22,11 +22,24 @@ pub struct LineTransport<R, W> {
     line: Vec<u8>,
     /// Set while skipping the rest of an oversized line.
     discarding: bool,
+    /// The first bytes of the line being discarded: its request id, when it sits there, lets
+    /// the refusal answer that request instead of none.
+    head: Vec<u8>,
 }
+
+/// How much of an oversized line is kept to find its id.
+const HEAD: usize = 512;
 
 impl<R, W> LineTransport<R, W> {
     pub fn new(reader: R, writer: W, max_line: usize) -> Self {
-        Self { reader, writer: Arc::new(Mutex::new(writer)), max_line, line: Vec::new(), discarding: false }
+        Self {
+            reader,
+            writer: Arc::new(Mutex::new(writer)),
+            max_line,
+            line: Vec::new(),
+            discarding: false,
+            head: Vec::new(),
+        }
     }
 }
 
@@ -60,6 +73,10 @@ where
             if !self.discarding {
                 if self.line.len() + chunk.len() > self.max_line {
                     self.discarding = true;
+                    self.head.clear();
+                    self.head.extend_from_slice(&self.line[..self.line.len().min(HEAD)]);
+                    let room = HEAD - self.head.len();
+                    self.head.extend_from_slice(&chunk[..chunk.len().min(room)]);
                     self.line.clear();
                 } else {
                     self.line.extend_from_slice(chunk);
@@ -128,7 +145,8 @@ where
                         ),
                         None,
                     );
-                    if !self.reply_error(None, error).await {
+                    let id = top_level_id(&std::mem::take(&mut self.head));
+                    if !self.reply_error(id, error).await {
                         return None;
                     }
                 }
@@ -155,6 +173,49 @@ where
     async fn close(&mut self) -> Result<(), Self::Error> {
         self.writer.lock().await.flush().await
     }
+}
+
+/// The `id` member of the top-level object that `prefix` begins, if it is within the prefix
+/// and a number or a plain string: enough to answer an oversized request by its id (clients
+/// put `id` before `params`; one found nested inside, or cut off, is no answer).
+fn top_level_id(prefix: &[u8]) -> Option<RequestId> {
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < prefix.len() {
+        match prefix[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b'"' => {
+                let end = i + 1 + prefix[i + 1..].iter().position(|&b| b == b'"' || b == b'\\')?;
+                if prefix[end] == b'\\' {
+                    // Escapes are rare in keys and ids; skip the string the slow way.
+                    let mut j = end;
+                    while j < prefix.len() && prefix[j] != b'"' {
+                        j += if prefix[j] == b'\\' { 2 } else { 1 };
+                    }
+                    i = j + 1;
+                    continue;
+                }
+                let key = &prefix[i + 1..end];
+                let rest = &prefix[end + 1..];
+                let after_colon = rest.iter().position(|b| !b.is_ascii_whitespace()).filter(|&p| rest[p] == b':');
+                if depth == 1 && key == b"id" {
+                    let value = &rest[after_colon? + 1..];
+                    let start = value.iter().position(|b| !b.is_ascii_whitespace())?;
+                    let value = &value[start..];
+                    let len = match value.first()? {
+                        b'"' => value[1..].iter().position(|&b| b == b'"' || b == b'\\').map(|p| p + 2)?,
+                        _ => value.iter().position(|b| !(b.is_ascii_digit() || *b == b'-'))?,
+                    };
+                    return serde_json::from_slice(&value[..len]).ok();
+                }
+                i = end + 1;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Turns a line that failed to decode into the JSON-RPC error that explains it.
@@ -223,5 +284,31 @@ mod tests {
         assert_eq!(received, 1);
         assert_eq!(out.len(), 1);
         assert!(out[0].contains("1024 byte limit"), "{}", out[0]);
+        let answer: serde_json::Value = serde_json::from_str(&out[0]).unwrap();
+        assert_eq!(answer["id"], serde_json::Value::Null, "no id to be found in 'xxx…'");
+    }
+
+    /// An oversized request is answered by its id, so a client waiting on it is not left hanging.
+    #[tokio::test]
+    async fn an_oversized_request_is_answered_by_its_id() {
+        let mut input = br#"{"jsonrpc":"2.0","id":"req-9","method":"tools/call","params":{"pad":""#.to_vec();
+        input.extend(vec![b'a'; 5000]);
+        input.extend_from_slice(b"\"}}\n");
+        let (out, _) = run(&input, 1024).await;
+        let answer: serde_json::Value = serde_json::from_str(&out[0]).unwrap();
+        assert_eq!(answer["id"], "req-9");
+        assert!(answer["error"]["message"].as_str().unwrap().contains("1024 byte limit"));
+    }
+
+    #[test]
+    fn top_level_ids_and_only_those() {
+        let id = |s: &str| top_level_id(s.as_bytes()).map(|id| serde_json::to_value(id).unwrap());
+        assert_eq!(id(r#"{"jsonrpc":"2.0","id":42,"method":"x","params":{"#), Some(serde_json::json!(42)));
+        assert_eq!(id(r#"{ "id" : "a-b" , "x"#), Some(serde_json::json!("a-b")));
+        assert_eq!(id(r#"{"method":"x","params":{"id":7,"pad":"aaaa"#), None, "nested ids are not the request's");
+        assert_eq!(id(r#"{"note":"the \"id\": 3 inside","id":5}"#), Some(serde_json::json!(5)));
+        assert_eq!(id(r#"{"method":"x","params":{"pad":"aaaa"#), None);
+        assert_eq!(id(r#"{"id":12"#), None, "cut off: the number may go on");
+        assert_eq!(id("xxxx"), None);
     }
 }

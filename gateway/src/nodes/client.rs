@@ -283,18 +283,40 @@ impl NodeClient {
         port: u32,
         connect_timeout: Duration,
     ) -> Result<DuplexStream, NodeError> {
-        let (to_node, outbound) = tokio::sync::mpsc::channel::<GuestFrame>(16);
         let first = GuestFrame {
             vm_id: vm_id.to_string(),
             port,
-            data: Vec::new(),
             connect_timeout_ms: u32::try_from(connect_timeout.as_millis()).unwrap_or(u32::MAX),
+            ..GuestFrame::default()
         };
+        self.frames(first, false).await
+    }
+
+    /// Portal connections guests open to this node, as the node offers them; the stream stays
+    /// open until either side goes away.
+    pub async fn portal_listen(&self) -> Result<PortalOffers, NodeError> {
+        let mut request = tonic::Request::new(pb::PortalListenRequest {});
+        request.set_timeout(Duration::from_secs(365 * 24 * 3600));
+        let offers = self.inner.clone().portal_listen(request).await.map_err(self.failed())?.into_inner();
+        Ok(PortalOffers { node: self.node.clone(), offers })
+    }
+
+    /// Takes an offered portal connection: a byte stream to the guest's `moat-guest mcp`.
+    pub async fn portal_attach(&self, session: &str) -> Result<DuplexStream, NodeError> {
+        let first = GuestFrame { session: session.to_string(), ..GuestFrame::default() };
+        self.frames(first, true).await
+    }
+
+    /// Opens a frame stream (GuestStream, or PortalAttach when `portal`) with `first` and
+    /// splices it to an in-memory pipe the caller reads and writes.
+    async fn frames(&self, first: GuestFrame, portal: bool) -> Result<DuplexStream, NodeError> {
+        let (to_node, outbound) = tokio::sync::mpsc::channel::<GuestFrame>(16);
         to_node.send(first).await.expect("the receiver is held just below");
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
         request.set_timeout(Duration::from_secs(24 * 3600));
-        let mut inbound = self.inner.clone().guest_stream(request).await.map_err(self.failed())?.into_inner();
-        // Splice the gRPC stream to an in-memory pipe the caller reads and writes.
+        let mut client = self.inner.clone();
+        let answer = if portal { client.portal_attach(request).await } else { client.guest_stream(request).await };
+        let mut inbound = answer.map_err(self.failed())?.into_inner();
         let (ours, theirs) = tokio::io::duplex(4 * FRAME);
         let (mut from_caller, mut to_caller) = tokio::io::split(theirs);
         tokio::spawn(async move {
@@ -320,6 +342,30 @@ impl NodeClient {
             let _ = to_caller.shutdown().await;
         });
         Ok(ours)
+    }
+}
+
+/// A connection a guest opened to its node, waiting for the gateway to take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalOffer {
+    pub session: String,
+    /// The VM whose vsock device it came from.
+    pub vm_id: String,
+}
+
+/// The offers of one `portal_listen` stream.
+pub struct PortalOffers {
+    node: String,
+    offers: tonic::Streaming<pb::PortalOffer>,
+}
+
+impl PortalOffers {
+    /// The next offer; `None` when the node ended the stream.
+    pub async fn next(&mut self) -> Result<Option<PortalOffer>, NodeError> {
+        match self.offers.message().await {
+            Ok(offer) => Ok(offer.map(|o| PortalOffer { session: o.session, vm_id: o.vm_id })),
+            Err(status) => Err(NodeError::from_status(&self.node, status)),
+        }
     }
 }
 

@@ -58,7 +58,7 @@ pub struct Bundle {
     decisions: Mutex<HashMap<DecisionKey, bool>>,
 }
 
-type DecisionKey = (String, Role, ToolName, ResourceRef);
+type DecisionKey = (Principal, ToolName, ResourceRef);
 
 /// Beyond this many cached decisions the cache starts over (bounded memory).
 const MAX_CACHED_DECISIONS: usize = 65_536;
@@ -134,7 +134,7 @@ impl Bundle {
 
     /// Whether `principal` may call `tool` on `resource`.
     pub fn is_allowed(&self, principal: &Principal, tool: ToolName, resource: &ResourceRef) -> bool {
-        let key = (principal.name.clone(), principal.role, tool, resource.clone());
+        let key = (principal.clone(), tool, resource.clone());
         if let Some(&known) = self.decisions.lock().expect("the decision cache lock is never poisoned").get(&key) {
             return known;
         }
@@ -160,7 +160,15 @@ impl Bundle {
     pub fn may_ever_call(&self, principal: &Principal, tool: ToolName) -> bool {
         let kind = resource_kind(tool);
         let shared = ResourceRef { kind, id: "probe".into(), owner: None, labels: Vec::new() };
-        let owned = ResourceRef { owner: Some(principal.name.clone()), ..shared.clone() };
+        // A portal's best case is a resource paired with it, owned by whom it acts for.
+        let paired = principal.portal.as_ref().and_then(|p| {
+            p.pairs.iter().find_map(|pair| pair.strip_prefix(kind.as_str())?.strip_prefix('/').map(String::from))
+        });
+        let owned = ResourceRef {
+            id: paired.unwrap_or_else(|| "probe".into()),
+            owner: Some(principal.owner().to_string()),
+            ..shared.clone()
+        };
         self.is_allowed(principal, tool, &shared) || (!kind.is_shared() && self.is_allowed(principal, tool, &owned))
     }
 
@@ -170,14 +178,23 @@ impl Bundle {
         let resource_uid = uid("Moat::Resource", &format!("{}/{}", resource.kind.as_str(), resource.id))?;
         let action_uid = uid("Moat::Action", tool.cedar_action())?;
 
-        let principal_entity = Entity::new(
-            principal_uid.clone(),
-            HashMap::from([("name".to_string(), RestrictedExpression::new_string(principal.name.clone()))]),
-            HashSet::from([role_uid.clone()]),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut principal_attrs =
+            HashMap::from([("name".to_string(), RestrictedExpression::new_string(principal.name.clone()))]);
+        if let Some(portal) = &principal.portal {
+            principal_attrs.insert("owner".to_string(), RestrictedExpression::new_string(portal.owner.clone()));
+            principal_attrs.insert(
+                "pairs".to_string(),
+                RestrictedExpression::new_set(portal.pairs.iter().cloned().map(RestrictedExpression::new_string)),
+            );
+        }
+        let principal_entity = Entity::new(principal_uid.clone(), principal_attrs, HashSet::from([role_uid.clone()]))
+            .map_err(|e| e.to_string())?;
         let mut attrs = HashMap::from([
             ("kind".to_string(), RestrictedExpression::new_string(resource.kind.as_str().to_string())),
+            (
+                "path".to_string(),
+                RestrictedExpression::new_string(format!("{}/{}", resource.kind.as_str(), resource.id)),
+            ),
             (
                 "labels".to_string(),
                 RestrictedExpression::new_set(resource.labels.iter().cloned().map(RestrictedExpression::new_string)),
@@ -251,7 +268,7 @@ mod tests {
     use super::*;
 
     fn who(name: &str, role: Role) -> Principal {
-        Principal { name: name.into(), role }
+        Principal::new(name, role)
     }
 
     fn owned_by(owner: Option<&str>) -> ResourceRef {

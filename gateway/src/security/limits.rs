@@ -213,7 +213,7 @@ mod tests {
     fn bursts_then_limits_with_a_retry_time() {
         let text = DEFAULTS.replace("read = { per_second = 20, burst = 40 }", "read = { per_second = 1, burst = 3 }");
         let limiter = Limiter::new(&LimitsConfig::parse(&text).unwrap());
-        let p = Principal { name: "r".into(), role: Role::Reader };
+        let p = Principal::new("r", Role::Reader);
         for _ in 0..3 {
             drop(limiter.admit(&p, ToolClass::Read).unwrap());
         }
@@ -221,7 +221,7 @@ mod tests {
         assert!(err.retry_after().unwrap() > Duration::ZERO);
         assert!(err.to_string().contains("retry in"), "{err}");
         // Another principal has its own bucket.
-        let q = Principal { name: "q".into(), role: Role::Reader };
+        let q = Principal::new("q", Role::Reader);
         assert!(limiter.admit(&q, ToolClass::Read).is_ok());
     }
 
@@ -229,7 +229,7 @@ mod tests {
     fn caps_calls_in_flight() {
         let text = DEFAULTS.replace("max_concurrent = 8", "max_concurrent = 2");
         let limiter = Limiter::new(&LimitsConfig::parse(&text).unwrap());
-        let p = Principal { name: "r".into(), role: Role::Reader };
+        let p = Principal::new("r", Role::Reader);
         let a = limiter.admit(&p, ToolClass::Read).unwrap();
         let _b = limiter.admit(&p, ToolClass::Read).unwrap();
         assert!(matches!(limiter.admit(&p, ToolClass::Read), Err(Limited::Concurrency { max: 2, .. })));

@@ -5,6 +5,7 @@
 
 use moat_tools::{ResourceKind, ToolCall};
 
+use crate::store::agents::AgentRow;
 use crate::store::git::RepoRow;
 use crate::store::networks::{ForwardRow, GroupRow};
 use crate::store::vms::VmRow;
@@ -170,6 +171,15 @@ impl Named for GroupRow {
     }
 }
 
+impl Named for AgentRow {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
 impl Named for RepoRow {
     fn id(&self) -> &str {
         &self.id
@@ -231,6 +241,21 @@ pub async fn repo_row(state: &State, caller: &str, arg: &str, network: Option<&s
     one_named(&rows, caller, arg, repo_not_found(arg), "repositories")
 }
 
+pub fn agent_resource(row: &AgentRow) -> ResourceRef {
+    ResourceRef { kind: ResourceKind::Agent, id: row.id.clone(), owner: Some(row.owner.clone()), labels: Vec::new() }
+}
+
+/// The answer for an agent that does not exist, and for one the caller may not see.
+pub fn agent_not_found(arg: &str) -> String {
+    format!("no agent named `{arg}`; agent_list shows yours")
+}
+
+/// Resolves an `agent` argument as a `group` one resolves.
+pub async fn agent_row(state: &State, caller: &str, arg: &str) -> Result<AgentRow, LookupError> {
+    let rows = state.agents_by_id_or_name(arg, caller).await?;
+    one_named(&rows, caller, arg, agent_not_found(arg), "agents")
+}
+
 /// The authorizer's view of the security group or port forward a call names (unknown: no owner).
 pub async fn owned_resource_of(
     state: &State,
@@ -248,6 +273,11 @@ pub async fn owned_resource_of(
         ResourceKind::PortForward => Ok(state.forward(arg).await?.map(|r| forward_resource(&r)).unwrap_or(unknown)),
         ResourceKind::GitRepo => match repo_row(state, caller, arg, None).await {
             Ok(row) => Ok(repo_resource(&row)),
+            Err(LookupError::Store(e)) => Err(e),
+            Err(_) => Ok(unknown),
+        },
+        ResourceKind::Agent => match agent_row(state, caller, arg).await {
+            Ok(row) => Ok(agent_resource(&row)),
             Err(LookupError::Store(e)) => Err(e),
             Err(_) => Ok(unknown),
         },

@@ -166,7 +166,7 @@ pub fn authenticate(conn: &rusqlite::Connection, key: &str) -> Result<Principal,
         return Err(AuthError::Expired(id.into(), at));
     }
     let role = role.parse().map_err(AuthError::Store)?;
-    Ok(Principal { name, role })
+    Ok(Principal::new(name, role))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -212,7 +212,7 @@ mod tests {
         let checker = KeyChecker::open(state.path()).unwrap();
         let (row, key) = create(pool, "agent-1", Role::Agent, None).await.unwrap();
         assert!(key.starts_with(&format!("moat_{}_", row.id)) && key.len() == 5 + 8 + 1 + 64);
-        assert_eq!(checker.check(&key), Ok(Principal { name: "agent-1".into(), role: Role::Agent }));
+        assert_eq!(checker.check(&key), Ok(Principal::new("agent-1", Role::Agent)));
 
         let stored: String = sqlx::query_scalar("SELECT key_sha256 FROM api_keys").fetch_one(pool).await.unwrap();
         assert!(!stored.contains(&key[14..]), "only a hash is stored");

@@ -2,6 +2,7 @@
 //! migrations. Everything a later call depends on lives here, never only in
 //! memory.
 
+pub mod agents;
 pub mod audit;
 pub mod git;
 pub mod keys;
@@ -352,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/moat.db");
         let state = State::open(&path).await.unwrap();
-        assert_eq!(state.schema_version().await.unwrap(), 8);
+        assert_eq!(state.schema_version().await.unwrap(), 9);
         state.add_node("n1", "http://127.0.0.1:7443").await.unwrap();
         assert!(matches!(state.add_node("n1", "x").await, Err(StateError::DuplicateNode(_))));
         state.upsert_node("local", "unix:/tmp/a.sock").await.unwrap();

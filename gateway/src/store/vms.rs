@@ -105,6 +105,8 @@ pub enum Refusal {
     PortTaken { node: String, protocol: String, port: u16, id: String },
     #[error("a repository named `{0}` already exists on this network; pick another name")]
     RepoNameTaken(String),
+    #[error("you already have an agent named `{0}`; pick another name or delete it first")]
+    AgentNameTaken(String),
 }
 
 #[derive(Debug, thiserror::Error)]

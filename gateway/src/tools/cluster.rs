@@ -15,6 +15,7 @@ use crate::store::{StateError, audit};
 pub fn whoami(ctx: &CallContext) -> Value {
     to_value(WhoamiOutput {
         principal: ctx.principal.name.clone(),
+        acting_for: ctx.principal.portal.as_ref().map(|p| p.owner.clone()),
         role: ctx.principal.role.as_str().to_string(),
         transport: ctx.transport.as_str().to_string(),
         protocol_version: ctx.protocol_version.clone(),

@@ -78,7 +78,7 @@ static NO_GIT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new())
 /// The principal owning network `network_id`'s service VM, workspace and group.
 fn system(network_id: &str) -> CallContext {
     CallContext {
-        principal: Principal { name: format!("system:git:{network_id}"), role: Role::ClusterAdmin },
+        principal: Principal::new(format!("system:git:{network_id}"), Role::ClusterAdmin),
         transport: Transport::Internal,
         protocol_version: None,
         session: None,
@@ -98,7 +98,7 @@ fn repo_path(name: &str) -> String {
 }
 
 /// Runs guest `tool` in `vm` as moat itself (no caller's progress or cancellation).
-async fn in_vm(
+pub(super) async fn in_vm(
     shared: &Shared,
     vm: &VmRow,
     tool: GuestTool,

@@ -3,6 +3,7 @@
 //! domain's handlers live in their own file; [`ToolError`] is how any of them
 //! fails, with one `From` per lower boundary (store and its refusals, node, guest).
 
+pub mod agents;
 pub mod cluster;
 pub mod git;
 pub mod guest;
@@ -154,6 +155,10 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::GitCredentialSet(input) => git::credential_set(shared, ctx, input).await,
         ToolCall::GitCredentialDelete(input) => git::credential_delete(shared, ctx, input).await,
         ToolCall::GitCredentialList(input) => git::credential_list(shared, ctx, input).await,
+        ToolCall::AgentCreate(input) => agents::create(shared, ctx, input).await,
+        ToolCall::AgentList(_) => agents::list(shared, ctx).await,
+        ToolCall::AgentInspect(input) => agents::inspect(shared, ctx, &input.agent).await,
+        ToolCall::AgentDelete(input) => agents::delete(shared, ctx, &input.agent).await,
     }
 }
 

@@ -433,7 +433,7 @@ pub async fn network_delete(shared: &Shared, arg: &str) -> Result<Value, ToolErr
 /// The security group a call names, re-checked against the caller for `tool`: someone else's
 /// reads as missing.
 async fn group_for(shared: &Shared, ctx: &CallContext, tool: ToolName, arg: &str) -> Result<GroupRow, ToolError> {
-    let row = group_row(&shared.state, &ctx.principal.name, arg).await?;
+    let row = group_row(&shared.state, ctx.principal.owner(), arg).await?;
     if !shared.authz.bundle().is_allowed(&ctx.principal, tool, &group_resource(&row)) {
         return Err(ToolError::NotFound(group_not_found(arg)));
     }

@@ -50,7 +50,7 @@ fn node_failed(error: NodeError, effect: Effect) -> ToolError {
 
 /// The VM this call acts on (the one the authorizer judged, when it named one).
 pub(super) async fn row_for(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<VmRow, ToolError> {
-    Ok(vm_row(&shared.state, &ctx.principal.name, ctx.vm.as_deref(), arg).await?)
+    Ok(vm_row(&shared.state, ctx.principal.owner(), ctx.vm.as_deref(), arg).await?)
 }
 
 /// A client for the node `row` lives on.
@@ -340,6 +340,27 @@ pub async fn stop(
 
 pub async fn delete(shared: &Shared, ctx: &CallContext, arg: &str) -> Result<Value, ToolError> {
     let row = row_for(shared, ctx, arg).await?;
+    // An agent's VMs go together, so neither is ever left without the other.
+    if let Some(agent) = shared.state.agent_of_vm(&row.id).await? {
+        let member = if agent.portal_vm.as_deref() == Some(row.id.as_str()) { "portal" } else { "work VM" };
+        return Err(ToolError::Invalid(format!(
+            "vm {} is the {member} of agent {}; agent_delete removes the agent with both its VMs",
+            row.name, agent.name
+        )));
+    }
+    remove(shared, row).await
+}
+
+/// Deletes an agent's member VM by id; false when it was gone already.
+pub(super) async fn delete_member(shared: &Shared, id: &str) -> Result<bool, ToolError> {
+    match shared.state.vm_by_id(id).await? {
+        Some(row) => remove(shared, row).await.map(|_| true),
+        None => Ok(false),
+    }
+}
+
+/// Deletes the VM on its node, then its record, addresses and git token.
+async fn remove(shared: &Shared, row: VmRow) -> Result<Value, ToolError> {
     match node_of(shared, &row.node).await?.delete_vm(&row.id, START_TIMEOUT).await {
         // Gone on the node already (deleted there, or the node was rebuilt): drop the record too.
         Ok(()) | Err(NodeError::NotFound { .. }) => {}

@@ -48,7 +48,7 @@ pub(super) async fn workspace_for(
     tool: ToolName,
     arg: &str,
 ) -> Result<WorkspaceRow, ToolError> {
-    let row = workspace_row(&shared.state, &ctx.principal.name, arg).await?;
+    let row = workspace_row(&shared.state, ctx.principal.owner(), arg).await?;
     if !shared.authz.bundle().is_allowed(&ctx.principal, tool, &workspace_resource(&row)) {
         return Err(ToolError::NotFound(workspace_not_found(arg)));
     }

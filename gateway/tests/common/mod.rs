@@ -145,8 +145,9 @@ impl Drop for HttpMoat {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
-            eprintln!("--- moat serve log (last 60 lines) ---");
-            for line in &log[log.len().saturating_sub(60)..] {
+            let keep = std::env::var("MOAT_TEST_LOG_LINES").ok().and_then(|n| n.parse().ok()).unwrap_or(60);
+            eprintln!("--- moat serve log (last {keep} lines; MOAT_TEST_LOG_LINES shows more) ---");
+            for line in &log[log.len().saturating_sub(keep)..] {
                 eprintln!("{line}");
             }
         }

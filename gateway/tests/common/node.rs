@@ -64,7 +64,7 @@ impl Node {
         assert!(binary.exists(), "no {}: build it with `cargo build -p moat-node`", binary.display());
         let mut child = Command::new(binary)
             .args(&self.args)
-            .env("MOAT_LOG", "info")
+            .env("MOAT_LOG", "info,moat_node::uplink=debug,moat_node::api::tunnel=debug")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -24,6 +24,7 @@ impl Row {
             kind: self.kind,
             ref_seq: self.ref_seq,
             principal: &c.principal,
+            acting_for: c.acting_for.as_deref(),
             role: &c.role,
             transport: &c.transport,
             session: c.session.as_deref(),
@@ -48,6 +49,7 @@ struct Hashed<'a> {
     kind: &'a str,
     ref_seq: Option<i64>,
     principal: &'a str,
+    acting_for: Option<&'a str>,
     role: &'a str,
     transport: &'a str,
     session: Option<&'a str>,
@@ -64,31 +66,34 @@ struct Hashed<'a> {
 impl Hashed<'_> {
     pub(super) fn hash(&self, prev_hash: &str) -> String {
         use Field::{Int, Text};
-        row_hash(
-            prev_hash,
-            &[
-                Text(Some(self.ts)),
-                Text(Some(self.kind)),
-                Int(self.ref_seq),
-                Text(Some(self.principal)),
-                Text(Some(self.role)),
-                Text(Some(self.transport)),
-                Text(self.session),
-                Text(Some(self.tool)),
-                Text(self.resource),
-                Text(Some(self.decision)),
-                Text(Some(self.args_digest)),
-                Text(Some(self.args_shape)),
-                Text(self.outcome),
-                Int(self.error_code),
-                Int(self.duration_us),
-            ],
-        )
+        let fields = [
+            Text(Some(self.ts)),
+            Text(Some(self.kind)),
+            Int(self.ref_seq),
+            Text(Some(self.principal)),
+            Text(Some(self.role)),
+            Text(Some(self.transport)),
+            Text(self.session),
+            Text(Some(self.tool)),
+            Text(self.resource),
+            Text(Some(self.decision)),
+            Text(Some(self.args_digest)),
+            Text(Some(self.args_shape)),
+            Text(self.outcome),
+            Int(self.error_code),
+            Int(self.duration_us),
+        ];
+        // Only portal calls have it: records without it hash as they did before it existed.
+        match self.acting_for {
+            Some(owner) => row_hash(prev_hash, &[&fields[..], &[Text(Some(owner))]].concat()),
+            None => row_hash(prev_hash, &fields),
+        }
     }
 }
 
 /// One hashed field. Each is tagged and length-prefixed, so no two records hash alike by
 /// shifting text between fields, and an absent value differs from an empty one.
+#[derive(Clone, Copy)]
 enum Field<'a> {
     Text(Option<&'a str>),
     Int(Option<i64>),
@@ -163,6 +168,7 @@ pub(super) struct StoredRow {
     pub(super) kind: String,
     pub(super) ref_seq: Option<i64>,
     pub(super) principal: String,
+    pub(super) acting_for: Option<String>,
     pub(super) role: String,
     pub(super) transport: String,
     pub(super) session: Option<String>,
@@ -185,6 +191,7 @@ impl StoredRow {
             kind: &self.kind,
             ref_seq: self.ref_seq,
             principal: &self.principal,
+            acting_for: self.acting_for.as_deref(),
             role: &self.role,
             transport: &self.transport,
             session: self.session.as_deref(),
@@ -213,7 +220,8 @@ fn verify_blocking(db: &std::path::Path) -> Result<VerifyReport, rusqlite::Error
     let conn = crate::store::open_direct(db, crate::store::Durability::Process)?;
     let mut statement = conn.prepare(
         "SELECT seq, ts, kind, ref_seq, principal, role, transport, session, tool, resource, decision, \
-         args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash FROM audit_log ORDER BY seq",
+         args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash, acting_for FROM audit_log \
+         ORDER BY seq",
     )?;
     let mut rows = statement.query([])?;
     let (mut last_seq, mut last_hash, mut checked) = (0i64, GENESIS.to_string(), 0u64);
@@ -237,6 +245,7 @@ fn verify_blocking(db: &std::path::Path) -> Result<VerifyReport, rusqlite::Error
             duration_us: row.get(15)?,
             prev_hash: row.get(16)?,
             hash: row.get(17)?,
+            acting_for: row.get(18)?,
         };
         let seq = r.seq;
         let problem = if r.hash_with(&r.prev_hash) != r.hash {

@@ -66,6 +66,8 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallRecord {
     pub principal: String,
+    /// For a portal VM's call (`vm:<id>`): the owner it acts for.
+    pub acting_for: Option<String>,
     pub role: String,
     pub transport: String,
     pub session: Option<String>,
@@ -77,8 +79,9 @@ pub struct CallRecord {
 }
 
 /// Top-level arguments whose values reach the audit log in no form, not even hashed or measured
-/// (a digest of a short password can be guessed offline): `git_credential_set`'s secret.
-const SECRET_ARGS: &[&str] = &["secret"];
+/// (a digest of a short password can be guessed offline): `git_credential_set`'s secret and
+/// `agent_create`'s model key.
+const SECRET_ARGS: &[&str] = &["secret", "model_api_key"];
 
 /// `map` with each [`SECRET_ARGS`] value replaced by a marker.
 fn redact(map: &Map<String, Value>) -> Map<String, Value> {
@@ -197,6 +200,11 @@ mod tests {
         );
         let shape = args_shape(a.as_object());
         assert!(!shape.contains("string(7)") && shape.contains("redacted"), "{shape}");
+
+        let key = |k: &str| json!({"name": "coder", "portal": {}, "work": {}, "model_api_key": k});
+        let (a, b) = (key("sk-ant-one"), key("sk-ant-another-one"));
+        assert_eq!(args_digest(a.as_object()), args_digest(b.as_object()), "agent_create's model key");
+        assert!(args_shape(a.as_object()).contains("redacted"));
     }
 
     /// The digest and shape are what sorting a copy and printing it gave before they were
@@ -238,6 +246,7 @@ mod tests {
     fn record(i: usize) -> CallRecord {
         CallRecord {
             principal: format!("p{}", i % 3),
+            acting_for: None,
             role: "agent".into(),
             transport: "stdio".into(),
             session: None,

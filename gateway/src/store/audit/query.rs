@@ -20,12 +20,13 @@ pub struct Filter {
 pub async fn query(pool: &SqlitePool, filter: &Filter) -> Result<Vec<moat_tools::AuditRecord>, sqlx::Error> {
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "SELECT c.seq, c.ts, c.principal, c.role, c.transport, c.session, c.tool, c.resource, c.decision, \
-         c.args_digest, c.args_shape, o.outcome, o.error_code, o.duration_us \
+         c.args_digest, c.args_shape, o.outcome, o.error_code, o.duration_us, c.acting_for \
          FROM audit_log c LEFT JOIN audit_log o ON o.kind = 'outcome' AND o.ref_seq = c.seq \
          WHERE c.kind = 'call'",
     );
     if let Some(p) = &filter.principal {
-        q.push(" AND c.principal = ").push_bind(p.clone());
+        // A principal's records, and those of the portals acting for it.
+        q.push(" AND (c.principal = ").push_bind(p.clone()).push(" OR c.acting_for = ").push_bind(p.clone()).push(")");
     }
     if let Some(t) = &filter.tool {
         q.push(" AND c.tool = ").push_bind(t.clone());
@@ -52,6 +53,7 @@ pub async fn query(pool: &SqlitePool, filter: &Filter) -> Result<Vec<moat_tools:
         Option<String>,
         Option<i64>,
         Option<i64>,
+        Option<String>,
     );
     let rows: Vec<R> = q.build_query_as().fetch_all(pool).await?;
     Ok(rows
@@ -60,6 +62,7 @@ pub async fn query(pool: &SqlitePool, filter: &Filter) -> Result<Vec<moat_tools:
             seq: r.0,
             ts: r.1,
             principal: r.2,
+            acting_for: r.14,
             role: r.3,
             transport: r.4,
             session: r.5,
@@ -85,7 +88,8 @@ pub async fn export(pool: &SqlitePool, mut each: impl FnMut(Value)) -> Result<u6
     use futures::TryStreamExt;
     let mut rows = sqlx::query_as::<_, StoredRow>(
         "SELECT seq, ts, kind, ref_seq, principal, role, transport, session, tool, resource, decision, \
-         args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash FROM audit_log ORDER BY seq",
+         args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash, acting_for FROM audit_log \
+         ORDER BY seq",
     )
     .fetch(pool);
     let mut n = 0;
@@ -96,6 +100,7 @@ pub async fn export(pool: &SqlitePool, mut each: impl FnMut(Value)) -> Result<u6
             "resource": r.resource, "decision": r.decision, "args_digest": r.args_digest,
             "args_shape": r.args_shape, "outcome": r.outcome, "error_code": r.error_code,
             "duration_us": r.duration_us, "prev_hash": r.prev_hash, "hash": r.hash,
+            "acting_for": r.acting_for,
         }));
         n += 1;
     }

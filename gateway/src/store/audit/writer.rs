@@ -197,8 +197,9 @@ fn chain_head(conn: &rusqlite::Connection) -> Result<(i64, String), rusqlite::Er
 }
 
 const INSERT: &str = "INSERT INTO audit_log (seq, ts, kind, ref_seq, principal, role, transport, session, tool, \
-                      resource, decision, args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash) \
-                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+                      resource, decision, args_digest, args_shape, outcome, error_code, duration_us, prev_hash, hash, \
+                      acting_for) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
 
 /// Appends `batch` after `head` in one transaction and answers each job.
 ///
@@ -277,6 +278,7 @@ fn append(
                 r.duration_us,
                 prev,
                 hash,
+                r.call.acting_for,
             ])?;
             prev = hash;
         }
