@@ -15,6 +15,7 @@ const DEBIAN_SH: &str = include_str!("../../service-vms/debian/build.sh");
 const GIT_SH: &str = include_str!("../../service-vms/git/build.sh");
 const GIT_HTTP: &str = include_str!("../../service-vms/git/git-http.py");
 const GIT_SERVICE: &str = include_str!("../../service-vms/git/service");
+const PORTAL_SH: &str = include_str!("../../service-vms/portal/build.sh");
 
 /// Writes `files` (name, text, mode) into a fresh directory, for running an embedded recipe.
 fn stage(files: &[(&str, &str, u32)]) -> anyhow::Result<tempfile::TempDir> {
@@ -60,6 +61,19 @@ pub fn build_git(out: &Path, debian: &Path) -> anyhow::Result<(std::path::PathBu
         stage(&[("build.sh", GIT_SH, 0o755), ("git-http.py", GIT_HTTP, 0o755), ("service", GIT_SERVICE, 0o755)])?;
     run_recipe(&staged.path().join("build.sh"), &[out.as_os_str(), debian.as_os_str()], "git image", out)?;
     Ok((out.join("rootfs.ext4"), out.join("data.ext4")))
+}
+
+/// Runs the portal recipe (`service-vms/portal/build.sh`, embedded) into `out` from the Debian
+/// image `debian`: `out/rootfs.ext4` with Node 24 and OpenClaw (from the npm prefix `openclaw`,
+/// or installed with npm when `None`), configured with moat as its MCP server. Idempotent.
+pub fn build_portal(out: &Path, debian: &Path, openclaw: Option<&Path>) -> anyhow::Result<std::path::PathBuf> {
+    let staged = stage(&[("build.sh", PORTAL_SH, 0o755)])?;
+    let mut args = vec![out.as_os_str(), debian.as_os_str()];
+    if let Some(prefix) = openclaw {
+        args.push(prefix.as_os_str());
+    }
+    run_recipe(&staged.path().join("build.sh"), &args, "portal image", out)?;
+    Ok(out.join("rootfs.ext4"))
 }
 
 /// Runs the recipe (`recipe/build.sh`, or the embedded copy) to build the image into `out`.

@@ -77,11 +77,15 @@ enum ImageCommand {
     /// embedded node's storage; needs debootstrap. `git`: the git service VM's images from the
     /// Debian image (--debian, default <state-dir>/images/debian-build/rootfs.ext4) into --out
     /// (default <state-dir>/images/git-build), registered as images `git` (the service VM's root)
-    /// and `git-data` (empty: its repositories' workspace); needs e2fsprogs. All are idempotent;
-    /// base and debian need root.
+    /// and `git-data` (empty: its repositories' workspace); needs e2fsprogs. `portal`: a portal
+    /// agent's root filesystem, the Debian image (--debian) plus Node 24 and OpenClaw from npm
+    /// (--openclaw names an npm prefix that has both, else npm installs them), with moat as
+    /// OpenClaw's MCP server through `moat-guest mcp`; into --out (default
+    /// <state-dir>/images/portal-build), registered as image `portal`. All are idempotent; base,
+    /// debian and portal need root.
     Build {
-        /// base, debian or git
-        #[arg(default_value = "base", value_parser = ["base", "debian", "git"])]
+        /// base, debian, git or portal
+        #[arg(default_value = "base", value_parser = ["base", "debian", "git", "portal"])]
         kind: String,
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -91,9 +95,12 @@ enum ImageCommand {
         /// debian: the name to register the image under
         #[arg(long, default_value = "debian")]
         name: String,
-        /// git: the Debian root filesystem to start from
+        /// git, portal: the Debian root filesystem to start from
         #[arg(long)]
         debian: Option<std::path::PathBuf>,
+        /// portal: an npm prefix with openclaw (node_modules/) and node@24 (node/node_modules/)
+        #[arg(long)]
+        openclaw: Option<std::path::PathBuf>,
         /// A static moat-guest binary to include in the image.
         #[arg(long)]
         guest: Option<std::path::PathBuf>,
@@ -223,6 +230,13 @@ pub async fn run() -> anyhow::Result<()> {
             let (root, data) = crate::image::build_git(&out, &debian)?;
             register(&config, "git", &root).await?;
             register(&config, "git-data", &data).await
+        }
+        Command::Image(ImageCommand::Build { kind, out, debian, openclaw, .. }) if kind == "portal" => {
+            let config = config(&ServeOverrides::default())?;
+            let out = out.unwrap_or_else(|| config.images_dir().join("portal-build"));
+            let debian = debian.unwrap_or_else(|| config.images_dir().join("debian-build").join("rootfs.ext4"));
+            let root = crate::image::build_portal(&out, &debian, openclaw.as_deref())?;
+            register(&config, "portal", &root).await
         }
         Command::Image(ImageCommand::Build { out, guest, recipe, .. }) => {
             let out = match out {
