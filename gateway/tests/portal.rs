@@ -1,13 +1,16 @@
 //! Portal agents end to end in QEMU guests, through a `moat-node` over mutual
 //! TLS: alice's agent (a portal and a work VM) is made with `agent_create`; an
 //! MCP client inside the portal (a scripted JSON-RPC exchange through
-//! `moat-guest mcp`, the endpoint any local client spawns; this image has no
-//! OpenClaw) lists moat's tools, runs `vm_exec` on its work VM, and is refused
-//! on alice's other VM and on bob's; forged identity claims change nothing; the
-//! audit log shows `vm:<id>` acting for alice; a VM that is no portal cannot
-//! open a session; garbage and oversized messages are answered as on stdio; a
-//! gateway restart ends a session with an error for what was pending, and the
-//! client reconnects; deleting the agent ends its session and both VMs.
+//! `moat-guest mcp`, the endpoint any local client spawns, on the busybox image:
+//! it can send what no real client would) lists moat's tools, runs `vm_exec` on
+//! its work VM, and is refused on alice's other VM and on bob's; forged identity
+//! claims change nothing; the audit log shows `vm:<id>` acting for alice; a VM
+//! that is no portal cannot open a session; garbage and oversized messages are
+//! answered as on stdio; a gateway restart ends a session with an error for what
+//! was pending, and the client reconnects; deleting the agent ends its session
+//! and both VMs. Last, OpenClaw itself: `openclaw mcp probe` inside a portal
+//! booted from the portal image (Debian, Node 24, OpenClaw from npm) lists the
+//! tools the portal may call; it takes about two minutes under TCG.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code spawns binaries
 
 mod common;
@@ -372,6 +375,37 @@ impl Rig {
     }
 }
 
+impl Rig {
+    /// OpenClaw in a portal booted from the portal image: its own `mcp probe` reaches moat
+    /// through `moat-guest mcp` (its config names it) and lists what the portal may call.
+    async fn openclaw_in_a_portal_probes_moat(&self) {
+        let image = common::portal_image();
+        call_ok(&self.admin, "image_import", json!({"name": "portal", "source": image, "node": "n1"})).await;
+        let args = json!({"name": "claw", "portal": {"image": "portal", "memory_mib": 1536, "node": "n1"},
+                          "work": {"memory_mib": 128, "node": "n1"}});
+        let made = call_ok(&self.alice, "agent_create", args).await;
+        let args = json!({"vm": "claw-portal", "command": "openclaw mcp probe moat --json", "timeout_s": 900});
+        let out = call_ok(&self.alice, "vm_exec", args).await;
+        assert_eq!(out["exit_code"], 0, "openclaw mcp probe in the portal: {out}");
+        let report: Value = serde_json::from_str(out["stdout"].as_str().unwrap()).unwrap();
+        let server = &report["servers"]["moat"];
+        assert_eq!(server["launch"], "moat-guest mcp", "{report}");
+        let tools: Vec<&str> = report["tools"].as_array().unwrap().iter().filter_map(|t| t.as_str()).collect();
+        for tool in ["moat__whoami", "moat__vm_exec", "moat__vm_list", "moat__agent_list"] {
+            assert!(tools.contains(&tool), "OpenClaw lists {tool}: {tools:?}");
+        }
+        for tool in ["moat__audit_query", "moat__image_import", "moat__agent_create", "moat__network_create"] {
+            assert!(!tools.contains(&tool), "OpenClaw does not list {tool}: {tools:?}");
+        }
+        // A probe lists and calls nothing, so there is no audit record: the gateway's log shows the
+        // session it served as this portal.
+        let portal = made["agent"]["portal"]["id"].as_str().unwrap();
+        let served = self.moat.logged_times(&format!("portal session opened node=n1 vm={portal}"));
+        assert!(served >= 1, "the probe's session was served as the portal");
+        call_ok(&self.alice, "agent_delete", json!({"agent": "claw"})).await;
+    }
+}
+
 #[tokio::test]
 async fn portal_agents_end_to_end() {
     let mut rig = Rig::start().await;
@@ -387,4 +421,6 @@ async fn portal_agents_end_to_end() {
     rig.a_gateway_restart_ends_the_session_and_the_client_reconnects().await;
     eprintln!("portal: deleting_the_agent_ends_its_session");
     rig.deleting_the_agent_ends_its_session().await;
+    eprintln!("portal: openclaw_in_a_portal_probes_moat");
+    rig.openclaw_in_a_portal_probes_moat().await;
 }

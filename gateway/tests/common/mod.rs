@@ -41,6 +41,17 @@ pub fn debian_image() -> PathBuf {
     )
 }
 
+/// The portal image (Debian with Node 24 and OpenClaw): `$MOAT_PORTAL_IMAGE`, else what
+/// `.ci/test` builds.
+pub fn portal_image() -> PathBuf {
+    ci_image(
+        "MOAT_PORTAL_IMAGE",
+        "target/ci/portal-image/rootfs.ext4",
+        "moat image build portal --debian target/ci/debian-image/rootfs.ext4 --openclaw target/ci/openclaw \
+         --out target/ci/portal-image",
+    )
+}
+
 /// The git service images (root, data) in `$MOAT_GIT_IMAGE`, else where `.ci/test` builds them.
 pub fn git_images() -> (PathBuf, PathBuf) {
     let dir = std::env::var_os("MOAT_GIT_IMAGE")
