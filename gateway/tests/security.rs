@@ -90,7 +90,10 @@ async fn role_by_tool_matrix_from_the_catalog() {
                     .iter()
                     .filter(|s| {
                         // Likewise workspace `dev`.
-                        (s.group == moat_tools::ActionGroup::Vm && s.name != moat_tools::ToolName::VmCreate)
+                        // (agent_create makes what it acts on, like vm_create; agent `coder` does not exist.)
+                        (s.group == moat_tools::ActionGroup::Vm
+                            && s.name != moat_tools::ToolName::VmCreate
+                            && s.name != moat_tools::ToolName::AgentCreate)
                             || (s.group == moat_tools::ActionGroup::Workspace
                                 && s.name != moat_tools::ToolName::WorkspaceCreate)
                             // Likewise security group `web`, VM `web` and forward `pf-...`.
