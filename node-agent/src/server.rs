@@ -119,6 +119,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeServerError> {
     let addr = listener.local_addr();
+    // Long-lived streams (the gateway's portal listener, portal sessions) end with the server,
+    // or its graceful shutdown would wait for them forever.
+    let uplinks = api.vms().uplinks().clone();
+    let shutdown = async move {
+        shutdown.await;
+        uplinks.stop();
+    };
     let router = Server::builder()
         .initial_stream_window_size(tuning::STREAM_WINDOW)
         .initial_connection_window_size(tuning::CONNECTION_WINDOW)

@@ -38,6 +38,9 @@ pub struct Offer {
 #[derive(Clone, Default)]
 pub struct Uplinks {
     hub: Arc<Mutex<Hub>>,
+    /// Cancelled when the node shuts down: the gateway's listen stream and every portal session
+    /// end, so a graceful shutdown is not held open by streams that never finish on their own.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Default)]
@@ -97,6 +100,20 @@ impl Uplinks {
             }
         });
         Ok(offer)
+    }
+
+    /// Ends the listen stream and every portal session, and refuses new offers: the node is
+    /// shutting down.
+    pub fn stop(&self) {
+        self.stopping.cancel();
+        let mut hub = self.lock();
+        hub.listener = None;
+        hub.pending.clear();
+    }
+
+    /// Cancelled once [`Uplinks::stop`] is called.
+    pub fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.stopping.clone()
     }
 
     /// Takes an offered connection: the VM it came from and the connection.

@@ -19,6 +19,33 @@ use status::{net_status, probe_status, storage_status, vm_status};
 use crate::probe;
 use crate::vm::VmManager;
 
+/// `stream` until it ends or `stop` is cancelled (the node shutting down), whichever is first.
+fn until_stopped<S>(
+    stream: S,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<S::Item>
+where
+    S: tokio_stream::Stream + Send + 'static,
+    S::Item: Send + 'static,
+{
+    use tokio_stream::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        tokio::pin!(stream);
+        loop {
+            let item = tokio::select! {
+                () = stop.cancelled() => break,
+                item = stream.next() => item,
+            };
+            let Some(item) = item else { break };
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// Node identity and configuration the service needs to answer.
 #[derive(Debug, Clone)]
 pub struct NodeApi {
@@ -125,7 +152,8 @@ impl NodeService for NodeApi {
     ) -> Result<Response<Self::PortalListenStream>, Status> {
         use tokio_stream::StreamExt;
         let offers = tokio_stream::wrappers::ReceiverStream::new(self.vms.uplinks().listen());
-        Ok(Response::new(Box::pin(offers.map(|offer| Ok(trans::portal_offer(offer))))))
+        let offers = offers.map(|offer| Ok(trans::portal_offer(offer)));
+        Ok(Response::new(Box::pin(until_stopped(offers, self.vms.uplinks().stopping()))))
     }
 
     type PortalAttachStream = Self::GuestStreamStream;
@@ -147,7 +175,8 @@ impl NodeService for NodeApi {
                 crate::uplink::OFFER_TTL
             ))
         })?;
-        Ok(Response::new(Box::pin(tunnel::splice(conn, first.data, inbound))))
+        let session = tunnel::splice(conn, first.data, inbound);
+        Ok(Response::new(Box::pin(until_stopped(session, self.vms.uplinks().stopping()))))
     }
 
     async fn list_images(
