@@ -319,26 +319,46 @@ mod tests {
         assert_eq!(lines[1]["error"]["code"], UNREACHABLE);
     }
 
+    /// A moat that reads one line, answers `reply` after `delay` and reads until the relay's
+    /// side ends. It never closes first: its write half is the task's output, held open until
+    /// the test drops it.
+    fn answer_once(
+        path: &std::path::Path,
+        reply: &'static [u8],
+        delay: u64,
+    ) -> tokio::task::JoinHandle<tokio::net::unix::OwnedWriteHalf> {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            let mut r = BufReader::new(r);
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            w.write_all(reply).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest).await;
+            w
+        })
+    }
+
+    /// The client's input ends before its answer comes: the relay waits for it, then closes the
+    /// connection itself (moat never closes first here), as hybrid vsock needs.
     #[tokio::test]
     async fn closing_input_waits_for_the_answers_owed() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("moat.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            BufReader::new(r).read_line(&mut line).await.unwrap();
-            // Answer late, after the client's input has closed.
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            w.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n").await.unwrap();
-        });
+        let moat = answer_once(&path, b"{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n", 200);
         let input: &[u8] =
             b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/x\"}\n{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"a\"}\n";
         let mut out = Vec::new();
-        run(&Uplink::Unix(path), input, &mut out).await.unwrap();
+        let uplink = Uplink::Unix(path);
+        let relay = run(&uplink, input, &mut out);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), relay).await;
+        ended.expect("the relay ends without waiting for moat to close").unwrap();
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains("\"ok\":true"), "{out}");
+        drop(moat.await.unwrap());
     }
 
     #[tokio::test]
@@ -357,15 +377,8 @@ mod tests {
     async fn a_refused_initialize_fails_the_relay() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("moat.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            BufReader::new(r).read_line(&mut line).await.unwrap();
-            let no = b"{\"jsonrpc\":\"2.0\",\"id\":0,\"error\":{\"code\":-32001,\"message\":\"not a portal\"}}\n";
-            w.write_all(no).await.unwrap();
-        });
+        let no = b"{\"jsonrpc\":\"2.0\",\"id\":0,\"error\":{\"code\":-32001,\"message\":\"not a portal\"}}\n";
+        let _moat = answer_once(&path, no, 0);
         let input: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"initialize\"}\n";
         let mut out = Vec::new();
         let err = run(&Uplink::Unix(path), input, &mut out).await.unwrap_err();

@@ -67,29 +67,29 @@ pub struct Gateway {
     server: Arc<Server>,
     transport: Transport,
     /// The caller of a stdio or vsock connection; HTTP resolves it per request from the bearer key.
-    stdio: Option<Identity>,
+    caller: Option<Identity>,
 }
 
 impl Gateway {
     pub fn stdio(server: Arc<Server>, identity: Identity) -> Gateway {
-        Gateway { server, transport: Transport::Stdio, stdio: Some(identity) }
+        Gateway { server, transport: Transport::Stdio, caller: Some(identity) }
     }
 
     /// A portal VM's session, which node `node` said came from VM `vm`.
     pub fn portal(server: Arc<Server>, vm: &str, node: &str) -> Gateway {
         let identity = Identity::Portal { vm: vm.to_string(), node: node.to_string() };
-        Gateway { server, transport: Transport::Vsock, stdio: Some(identity) }
+        Gateway { server, transport: Transport::Vsock, caller: Some(identity) }
     }
 
     pub fn http(server: Arc<Server>) -> Gateway {
-        Gateway { server, transport: Transport::Http, stdio: None }
+        Gateway { server, transport: Transport::Http, caller: None }
     }
 
     /// Authenticates the caller of this request.
     async fn context(&self, ctx: &RequestContext<RoleServer>) -> Result<CallContext, ErrorData> {
         let refused = |message: String| ErrorData::new(ErrorCode(UNAUTHENTICATED), message, None);
         let parts = ctx.extensions.get::<axum::http::request::Parts>();
-        let (principal, session) = match (&self.stdio, parts) {
+        let (principal, session) = match (&self.caller, parts) {
             (Some(Identity::Operator(p)), _) => (p.clone(), None),
             (Some(Identity::Key(key)), _) => {
                 let principal =
