@@ -126,8 +126,15 @@ impl Rig {
 
     /// alice's agent `coder` on n1, her unpaired VM `other`, and bob's VM `bobs`.
     async fn make_agent(&mut self) {
+        // Workspaces: `notes` is given to the work VM (so the portal may act on it), `mine` is not.
+        call_ok(&self.admin, "image_import", json!({"name": "debian", "source": common::debian_image(), "node": "n1"}))
+            .await;
+        for name in ["notes", "mine"] {
+            call_ok(&self.alice, "workspace_create", json!({"name": name, "image": "debian", "node": "n1"})).await;
+        }
         let member = json!({"node": "n1", "memory_mib": 256});
-        let args = json!({"name": "coder", "portal": member, "work": member, "model_api_key": MODEL_KEY});
+        let work = json!({"node": "n1", "memory_mib": 256, "data_workspaces": [{"name": "notes", "read_only": true}]});
+        let args = json!({"name": "coder", "portal": member, "work": work, "model_api_key": MODEL_KEY});
         let made = call_ok(&self.alice, "agent_create", args).await;
         assert_eq!(made["model_key"], "/root/.openclaw/.env (ANTHROPIC_API_KEY)", "{made}");
         assert!(!made.to_string().contains(MODEL_KEY), "the answer never carries the key: {made}");
@@ -190,6 +197,9 @@ impl Rig {
         script += &tool_call(6, "vm_list", json!({}));
         script += &tool_call(7, "vm_create", json!({"name": "extra", "vcpus": 1, "memory_mib": 128}));
         script += &tool_call(8, "vm_exec", json!({"vm": self.portal, "argv": ["true"]}));
+        script += &tool_call(10, "workspace_inspect", json!({"workspace": "notes"}));
+        script += &tool_call(11, "workspace_fork", json!({"workspace": "notes", "name": "notes-copy"}));
+        script += &tool_call(12, "workspace_inspect", json!({"workspace": "mine"}));
         script += "this is not json\n";
         // The oversized request is made in the guest: alice's own call must stay under the cap.
         let oversized = format!(
@@ -228,6 +238,15 @@ impl Rig {
         assert!(text_of(&a["7"]).contains("cannot call vm_create"), "{}", a["7"]);
         let vms = call_ok(&self.admin, "vm_list", json!({})).await;
         assert!(!vms.to_string().contains("\"extra\""), "nothing was made: {vms}");
+
+        // Its work VM's workspace is the portal's to use; what it makes from it is alice's.
+        assert_eq!(a["10"]["result"]["structuredContent"]["workspace"]["name"], "notes", "{}", a["10"]);
+        let fork = &a["11"]["result"]["structuredContent"]["workspace"];
+        assert_eq!((fork["name"].as_str(), fork["owner"].as_str()), (Some("notes-copy"), Some("alice")), "{}", a["11"]);
+        assert_eq!(a["12"]["result"]["isError"], true, "{}", a["12"]);
+        assert_eq!(text_of(&a["12"]), "no workspace named `mine`; workspace_list shows your workspaces");
+        let listed = call_ok(&self.alice, "workspace_list", json!({})).await.to_string();
+        assert!(listed.contains("\"notes-copy\""), "alice owns the portal's fork: {listed}");
 
         assert_eq!(a["null"]["error"]["code"], -32700, "garbage is a parse error: {}", a["null"]);
         let big = &a["9"]["error"];

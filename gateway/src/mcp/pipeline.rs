@@ -43,7 +43,7 @@ impl Gateway {
             (ResourceKind::Vm, ToolCall::VmCreate(input)) => Ok(ResourceRef {
                 kind,
                 id: id.to_string(),
-                owner: Some(ctx.principal.name.clone()),
+                owner: Some(ctx.principal.owner().to_string()),
                 labels: input.labels.iter().flatten().map(|(k, v)| format!("{k}={}", v.0)).collect(),
             }),
             (ResourceKind::Vm, _) => {
@@ -55,7 +55,7 @@ impl Gateway {
             (ResourceKind::Workspace, ToolCall::WorkspaceCreate(_)) => Ok(ResourceRef {
                 kind,
                 id: id.to_string(),
-                owner: Some(ctx.principal.name.clone()),
+                owner: Some(ctx.principal.owner().to_string()),
                 labels: Vec::new(),
             }),
             (ResourceKind::Workspace, _) => {
@@ -72,13 +72,13 @@ impl Gateway {
             | (ResourceKind::Agent, ToolCall::AgentCreate(_)) => Ok(ResourceRef {
                 kind,
                 id: id.to_string(),
-                owner: Some(ctx.principal.name.clone()),
+                owner: Some(ctx.principal.owner().to_string()),
                 labels: Vec::new(),
             }),
             (ResourceKind::SecurityGroup, ToolCall::SecurityGroupCreate(_)) => Ok(ResourceRef {
                 kind,
                 id: id.to_string(),
-                owner: Some(ctx.principal.name.clone()),
+                owner: Some(ctx.principal.owner().to_string()),
                 labels: Vec::new(),
             }),
             (

@@ -82,7 +82,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: AgentCreateInput)
     let row = AgentRow {
         id: vms::random_id("agent"),
         name: input.name.clone(),
-        owner: ctx.principal.name.clone(),
+        owner: ctx.principal.owner().to_string(),
         role: role.as_str().to_string(),
         portal_vm: None,
         work_vm: None,

@@ -482,7 +482,7 @@ pub async fn group_create(
     let row = GroupRow {
         id: random_id("sg"),
         name: input.name,
-        owner: ctx.principal.name.clone(),
+        owner: ctx.principal.owner().to_string(),
         network_id: network.id.clone(),
         ingress: serde_json::to_string(&ingress).expect("rules serialize"),
         egress: egress.map(|e| serde_json::to_string(&e).expect("rules serialize")),

@@ -246,7 +246,7 @@ pub async fn create(shared: &Shared, ctx: &CallContext, input: VmCreateInput) ->
     let row = VmRow {
         id: random_id("vm"),
         name: input.name.clone(),
-        owner: ctx.principal.name.clone(),
+        owner: ctx.principal.owner().to_string(),
         node: chosen.name.clone(),
         vcpus: i64::from(input.vcpus),
         memory_mib: input.memory_mib as i64,

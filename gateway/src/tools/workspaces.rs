@@ -262,7 +262,7 @@ fn new_row(
     WorkspaceRow {
         id: super::vms::random_id("ws"),
         name: name.to_string(),
-        owner: ctx.principal.name.clone(),
+        owner: ctx.principal.owner().to_string(),
         node: node.to_string(),
         image: image.to_string(),
         parent,
