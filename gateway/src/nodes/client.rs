@@ -363,7 +363,7 @@ impl PortalOffers {
     /// The next offer; `None` when the node ended the stream.
     pub async fn next(&mut self) -> Result<Option<PortalOffer>, NodeError> {
         match self.offers.message().await {
-            Ok(offer) => Ok(offer.map(|o| PortalOffer { session: o.session, vm_id: o.vm_id })),
+            Ok(offer) => Ok(offer.map(trans::portal_offer)),
             Err(status) => Err(NodeError::from_status(&self.node, status)),
         }
     }

@@ -4,7 +4,7 @@
 use moat_proto::node::v1 as pb;
 use moat_tools::{AgentInfo, KvmState, NodeDetail, Protection, StorageState, VmState, VmmState};
 
-use super::client::{NodeImage, NodeWorkspace};
+use super::client::{NodeImage, NodeWorkspace, PortalOffer};
 use crate::store::vms::VmReport;
 
 const MIB: u64 = 1024 * 1024;
@@ -110,6 +110,10 @@ pub fn image(image: pb::Image) -> NodeImage {
 
 pub fn workspace(ws: pb::Workspace) -> NodeWorkspace {
     NodeWorkspace { id: ws.id, size_bytes: ws.size_bytes, method: ws.method, exclusive_bytes: ws.exclusive_bytes }
+}
+
+pub fn portal_offer(offer: pb::PortalOffer) -> PortalOffer {
+    PortalOffer { session: offer.session, vm_id: offer.vm_id }
 }
 
 #[cfg(test)]
