@@ -103,6 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(reload_on_sighup(shared.clone(), shutdown.clone()));
     tokio::spawn(crate::tools::git::reconcile(shared.clone(), shutdown.clone()));
+    tokio::spawn(crate::tools::disks::reconcile(shared.clone(), shutdown.clone()));
     tokio::spawn(crate::mcp::portal::run(mcp.clone(), config.max_body_bytes, shutdown.clone()));
     tokio::spawn(checkpoints(anchor.clone(), state.clone(), config.audit_checkpoint, shutdown.clone()));
     tokio::spawn(crate::nodes::heartbeat(state.clone(), shared.nodes.clone(), config.heartbeat, shutdown.clone()));

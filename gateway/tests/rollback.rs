@@ -136,6 +136,15 @@ impl NodeService for FailingNode {
     async fn get_networks(&self, _: Request<pb::GetNetworksRequest>) -> Result<Response<pb::NetworksReport>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+    async fn probe_disks(&self, _: Request<pb::ProbeDisksRequest>) -> Result<Response<pb::DiskProbe>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn apply_disk_layout(
+        &self,
+        _: Request<pb::ApplyDiskLayoutRequest>,
+    ) -> Result<Response<pb::DiskLayoutReport>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves `node` on a Unix socket in `dir`; returns its address.

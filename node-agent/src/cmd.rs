@@ -31,6 +31,15 @@ pub enum CmdError {
 ///
 /// A non-zero exit is not an error here: callers decide what a status means.
 pub async fn run<S: AsRef<OsStr>>(argv: &[S], timeout: Duration) -> Result<Output, CmdError> {
+    run_with_input(argv, None, timeout).await
+}
+
+/// As [`run`], with `input` written to the program's standard input (then closed).
+pub async fn run_with_input<S: AsRef<OsStr>>(
+    argv: &[S],
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output, CmdError> {
     let Some((program, args)) = argv.split_first() else {
         return Err(CmdError::Spawn {
             program: String::new(),
@@ -43,11 +52,16 @@ pub async fn run<S: AsRef<OsStr>>(argv: &[S], timeout: Duration) -> Result<Outpu
     let mut command = tokio::process::Command::new(program);
     command
         .args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let child = command.spawn().map_err(|source| CmdError::Spawn { program: shown.clone(), source })?;
+    let mut child = command.spawn().map_err(|source| CmdError::Spawn { program: shown.clone(), source })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use tokio::io::AsyncWriteExt;
+        // A program that exits without reading all of it reports that through its status.
+        let _ = tokio::time::timeout(timeout, stdin.write_all(input)).await;
+    }
     let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
     let elapsed = started.elapsed();
     match result {

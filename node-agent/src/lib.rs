@@ -15,6 +15,7 @@
 pub mod api;
 pub mod cmd;
 pub mod dir;
+pub mod disk;
 pub mod errors;
 pub mod kvm;
 pub mod net;

@@ -36,7 +36,47 @@ enum Command {
         insecure_loopback: bool,
         #[command(flatten)]
         vm: VmArgs,
+        #[command(flatten)]
+        disk: DiskArgs,
     },
+}
+
+/// How moat may change this host's disks (DiskLayout resources).
+#[derive(clap::Args)]
+struct DiskArgs {
+    /// installer-only: layouts are planned, never applied (the host's disks were laid out when
+    /// it was installed); controller-managed: moat applies layouts its classifier approves.
+    #[arg(long, env = "MOAT_NODE_DISK_MANAGEMENT", default_value = "installer-only",
+          value_parser = ["installer-only", "controller-managed"])]
+    disk_management: String,
+    /// direct: sfdisk and mkfs on the disks; disko: write the layout as a disko expression to
+    /// --disko-path (NixOS hosts) and run --disko-rebuild.
+    #[arg(long, env = "MOAT_NODE_DISK_APPLIER", default_value = "direct", value_parser = ["direct", "disko"])]
+    disk_applier: String,
+    /// Where the disko applier writes the layout (replaced atomically).
+    #[arg(long, env = "MOAT_NODE_DISKO_PATH", default_value = "/etc/moat/disk/current.nix")]
+    disko_path: PathBuf,
+    /// A command run after the disko file is written, split on spaces, no shell (e.g.
+    /// "nixos-rebuild switch"). Default: none.
+    #[arg(long, env = "MOAT_NODE_DISKO_REBUILD")]
+    disko_rebuild: Option<String>,
+}
+
+impl DiskArgs {
+    fn settings(&self, storage_root: &std::path::Path) -> moat_node::disk::DiskSettings {
+        use moat_tools::{DiskApplier, DiskManagement};
+        let mut settings = moat_node::disk::DiskSettings::new(storage_root);
+        if self.disk_management == "controller-managed" {
+            settings.management = DiskManagement::ControllerManaged;
+        }
+        if self.disk_applier == "disko" {
+            settings.applier = DiskApplier::Disko;
+        }
+        settings.disko_path = self.disko_path.clone();
+        settings.rebuild =
+            self.disko_rebuild.as_deref().unwrap_or_default().split_whitespace().map(str::to_string).collect();
+        settings
+    }
 }
 
 /// Where VMs live and what runs them.
@@ -109,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Serve { listen, name, storage_root, certs, insecure_loopback, vm } => {
+        Command::Serve { listen, name, storage_root, certs, insecure_loopback, vm, disk } => {
             std::fs::create_dir_all(&storage_root)
                 .with_context(|| format!("cannot create storage root {}", storage_root.display()))?;
             // VMs first: re-adopt what still runs before taking calls about it.
@@ -139,7 +179,8 @@ async fn main() -> anyhow::Result<()> {
             };
             // Tests and scripts read this line to learn the port when --listen used port 0.
             tracing::info!(node = %name, listen = %listener.local_addr(), "moat-node listening");
-            let api = moat_node::NodeApi::new(name, storage_root, vms);
+            let disks = disk.settings(&storage_root);
+            let api = moat_node::NodeApi::new(name, storage_root, vms).with_disks(disks);
             // A signal stops new calls; open streams (guest sessions the gateway keeps, exec
             // output) get a short grace to end, then the node stops anyway: VMs keep running and
             // the next start re-adopts them.

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod audit;
 pub mod cluster;
+pub mod disk;
 pub mod git;
 pub mod guest;
 pub mod names;
@@ -29,6 +30,13 @@ pub use audit::{AuditQueryInput, AuditQueryOutput, AuditRecord};
 pub use cluster::{
     KvmState, NodeDetail, NodeInspectInput, NodeInspectOutput, NodeListInput, NodeListOutput, NodeSummary, Protection,
     StorageState, VmmState, WhoamiInput, WhoamiOutput,
+};
+pub use disk::{
+    BlockDevice, DeviceUse, DiskApplier, DiskInfo, DiskLayout, DiskLayoutApplyInput, DiskLayoutDeleteOutput,
+    DiskLayoutListInput, DiskLayoutListOutput, DiskLayoutOutput, DiskLayoutPlanInput, DiskLayoutPlanOutput,
+    DiskLayoutRefInput, DiskLayoutStatus, DiskListInput, DiskListOutput, DiskManagement, DiskSnapshot, DiskSpec,
+    Filesystem, LayoutArg, LayoutKind, LayoutMetadata, LayoutPhase, LayoutSpec, PartType, PartitionSpec,
+    PartitionTable, Refusal, RefusalCode, RefusalReason, Verdict,
 };
 pub use git::{
     GitBranch, GitCommit, GitCredentialDeleteInput, GitCredentialDeleteOutput, GitCredentialInfo,
@@ -175,6 +183,12 @@ tool_table! {
     AgentList => "agent_list", AgentListInput, agent::agent_list_spec();
     AgentInspect => "agent_inspect", AgentRefInput, agent::agent_inspect_spec();
     AgentDelete => "agent_delete", AgentRefInput, agent::agent_delete_spec();
+    DiskList => "disk_list", DiskListInput, disk::disk_list_spec();
+    DiskLayoutPlan => "disk_layout_plan", DiskLayoutPlanInput, disk::disk_layout_plan_spec();
+    DiskLayoutApply => "disk_layout_apply", DiskLayoutApplyInput, disk::disk_layout_apply_spec();
+    DiskLayoutList => "disk_layout_list", DiskLayoutListInput, disk::disk_layout_list_spec();
+    DiskLayoutStatus => "disk_layout_status", DiskLayoutRefInput, disk::disk_layout_status_spec();
+    DiskLayoutDelete => "disk_layout_delete", DiskLayoutRefInput, disk::disk_layout_delete_spec();
 }
 
 impl ToolName {
@@ -275,12 +289,21 @@ pub enum ResourceKind {
     /// One portal agent (a portal and a work VM), named by `agent` (or `name`, when creating
     /// it); owned.
     Agent,
+    /// One DiskLayout, named by `name` or the layout's `metadata.name`; shared, no owner.
+    DiskLayout,
 }
 
 impl ResourceKind {
     /// Kinds that never have an owner: shared infrastructure.
     pub const fn is_shared(self) -> bool {
-        matches!(self, ResourceKind::Cluster | ResourceKind::Node | ResourceKind::Image | ResourceKind::Network)
+        matches!(
+            self,
+            ResourceKind::Cluster
+                | ResourceKind::Node
+                | ResourceKind::Image
+                | ResourceKind::Network
+                | ResourceKind::DiskLayout
+        )
     }
 
     pub const fn as_str(self) -> &'static str {
@@ -296,6 +319,7 @@ impl ResourceKind {
             ResourceKind::GitRepo => "git_repo",
             ResourceKind::GitCredential => "git_credential",
             ResourceKind::Agent => "agent",
+            ResourceKind::DiskLayout => "disk_layout",
         }
     }
 }
@@ -377,6 +401,11 @@ impl ToolCall {
             ToolCall::AgentList(_) => None,
             ToolCall::AgentCreate(input) => Some(&input.name),
             ToolCall::AgentInspect(input) | ToolCall::AgentDelete(input) => Some(&input.agent),
+            ToolCall::DiskList(input) => Some(&input.node),
+            ToolCall::DiskLayoutList(_) => None,
+            ToolCall::DiskLayoutPlan(input) => input.layout.name(),
+            ToolCall::DiskLayoutApply(input) => input.layout.name(),
+            ToolCall::DiskLayoutStatus(input) | ToolCall::DiskLayoutDelete(input) => Some(&input.name),
         }
     }
 }

@@ -96,6 +96,17 @@ pub struct NodeNetworks {
     pub detail: String,
 }
 
+/// A node's block devices and how it manages its disks, as it reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDisks {
+    pub snapshot: moat_tools::DiskSnapshot,
+    pub management: moat_tools::DiskManagement,
+    pub applier: moat_tools::DiskApplier,
+}
+
+/// How long a node may take to probe its disks (lsblk, pvs, zpool).
+const DISK_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// An image as a node reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeImage {
@@ -180,6 +191,27 @@ impl NodeClient {
         let answer = self.inner.clone().get_networks(request(pb::GetNetworksRequest {}, CALL_TIMEOUT)).await;
         let report = answer.map_err(self.failed())?.into_inner();
         Ok(NodeNetworks { ruleset: report.ruleset, detail: report.detail })
+    }
+
+    pub async fn probe_disks(&self) -> Result<NodeDisks, NodeError> {
+        let answer = self.inner.clone().probe_disks(request(pb::ProbeDisksRequest {}, DISK_PROBE_TIMEOUT)).await;
+        trans::node_disks(answer.map_err(self.failed())?.into_inner())
+            .map_err(|message| NodeError::Refused { node: self.node.clone(), message })
+    }
+
+    /// Hands the node generation `generation` of `layout`; its answer (applied, refused, failed).
+    pub async fn apply_disk_layout(
+        &self,
+        layout: &moat_tools::DiskLayout,
+        generation: u64,
+        deadline: Duration,
+    ) -> Result<moat_node::disk::ApplyReport, NodeError> {
+        let message = pb::ApplyDiskLayoutRequest {
+            layout_json: serde_json::to_string(layout).expect("a layout serializes"),
+            generation,
+        };
+        let answer = self.inner.clone().apply_disk_layout(request(message, deadline)).await;
+        Ok(trans::disk_report(answer.map_err(self.failed())?.into_inner()))
     }
 
     pub async fn list_images(&self) -> Result<Vec<NodeImage>, NodeError> {

@@ -4,7 +4,7 @@
 use moat_proto::node::v1 as pb;
 use moat_tools::{AgentInfo, KvmState, NodeDetail, Protection, StorageState, VmState, VmmState};
 
-use super::client::{NodeImage, NodeWorkspace, PortalOffer};
+use super::client::{NodeDisks, NodeImage, NodeWorkspace, PortalOffer};
 use crate::store::vms::VmReport;
 
 const MIB: u64 = 1024 * 1024;
@@ -114,6 +114,34 @@ pub fn workspace(ws: pb::Workspace) -> NodeWorkspace {
 
 pub fn portal_offer(offer: pb::PortalOffer) -> PortalOffer {
     PortalOffer { session: offer.session, vm_id: offer.vm_id }
+}
+
+/// A node's disk probe; an answer that does not parse is the node's fault, said as such.
+pub fn node_disks(probe: pb::DiskProbe) -> Result<NodeDisks, String> {
+    let snapshot = serde_json::from_str(&probe.snapshot_json)
+        .map_err(|e| format!("the node's disk snapshot does not parse: {e}"))?;
+    let word = |w: &str| serde_json::Value::String(w.to_string());
+    let management = serde_json::from_value(word(&probe.management))
+        .map_err(|_| format!("the node reports an unknown disk management mode `{}`", probe.management))?;
+    let applier = serde_json::from_value(word(&probe.applier))
+        .map_err(|_| format!("the node reports an unknown disk applier `{}`", probe.applier))?;
+    Ok(NodeDisks { snapshot, management, applier })
+}
+
+pub fn disk_report(report: pb::DiskLayoutReport) -> moat_node::disk::ApplyReport {
+    use moat_tools::LayoutPhase;
+    let phase = match pb::DiskLayoutPhase::try_from(report.phase) {
+        Ok(pb::DiskLayoutPhase::Applied) => LayoutPhase::Applied,
+        Ok(pb::DiskLayoutPhase::Refused) => LayoutPhase::Refused,
+        _ => LayoutPhase::Failed,
+    };
+    moat_node::disk::ApplyReport {
+        generation: report.generation,
+        phase,
+        code: report.code,
+        message: report.message,
+        refusals: serde_json::from_str(&report.refusals_json).unwrap_or_default(),
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod audit;
+pub mod disks;
 pub mod git;
 pub mod keys;
 pub mod networks;

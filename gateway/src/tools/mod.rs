@@ -5,6 +5,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod disks;
 pub mod git;
 pub mod guest;
 pub mod networks;
@@ -159,6 +160,12 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::AgentList(_) => agents::list(shared, ctx).await,
         ToolCall::AgentInspect(input) => agents::inspect(shared, ctx, &input.agent).await,
         ToolCall::AgentDelete(input) => agents::delete(shared, ctx, &input.agent).await,
+        ToolCall::DiskList(input) => disks::disk_list(shared, input).await,
+        ToolCall::DiskLayoutPlan(input) => disks::layout_plan(shared, input).await,
+        ToolCall::DiskLayoutApply(input) => disks::layout_apply(shared, input).await,
+        ToolCall::DiskLayoutList(input) => disks::layout_list(shared, input).await,
+        ToolCall::DiskLayoutStatus(input) => disks::layout_status(shared, &input.name).await,
+        ToolCall::DiskLayoutDelete(input) => disks::layout_delete(shared, &input.name).await,
     }
 }
 

@@ -14,10 +14,13 @@ mod trans;
 pub use trans::nic_spec;
 pub mod tunnel;
 
-use status::{net_status, probe_status, storage_status, vm_status};
+use status::{disk_probe_status, net_status, probe_status, storage_status, vm_status};
 
+use crate::disk::probe::MoatPath;
+use crate::disk::{DiskSettings, Disks};
 use crate::probe;
 use crate::vm::VmManager;
+use moat_tools::RefusalCode;
 
 /// `stream` until it ends or `stop` is cancelled (the node shutting down), whichever is first.
 fn until_stopped<S>(
@@ -52,11 +55,48 @@ pub struct NodeApi {
     name: String,
     storage_root: PathBuf,
     vms: VmManager,
+    disks: std::sync::Arc<Disks>,
 }
 
 impl NodeApi {
+    /// A node that plans disk layouts but never applies them (installer-only); see
+    /// [`NodeApi::with_disks`].
     pub fn new(name: impl Into<String>, storage_root: impl Into<PathBuf>, vms: VmManager) -> Self {
-        Self { name: name.into(), storage_root: storage_root.into(), vms }
+        let (name, storage_root) = (name.into(), storage_root.into());
+        let disks = std::sync::Arc::new(Disks::new(&name, DiskSettings::new(&storage_root)));
+        Self { name, storage_root, vms, disks }
+    }
+
+    /// How this node manages its disks.
+    pub fn with_disks(mut self, settings: DiskSettings) -> Self {
+        self.disks = std::sync::Arc::new(Disks::new(&self.name, settings));
+        self
+    }
+
+    /// What moat keeps on this host's devices: storage, VM directories, each VM's disks.
+    fn moat_paths(&self) -> Vec<MoatPath> {
+        let mut paths = vec![MoatPath {
+            path: self.vms.vms_root().to_path_buf(),
+            code: RefusalCode::VmDisk,
+            what: format!("moat's VM directories at {}", self.vms.vms_root().display()),
+        }];
+        if let Some(storage) = self.vms.storage() {
+            paths.push(MoatPath {
+                path: storage.root().to_path_buf(),
+                code: RefusalCode::WorkspaceStorage,
+                what: format!("moat's image and workspace storage at {}", storage.root().display()),
+            });
+        }
+        for vm in self.vms.list() {
+            for disk in &vm.config.disks {
+                paths.push(MoatPath {
+                    path: disk.path.clone(),
+                    code: RefusalCode::VmDisk,
+                    what: format!("VM {} ({})'s disk {}", vm.config.name, vm.config.id, disk.path.display()),
+                });
+            }
+        }
+        paths
     }
 
     pub fn vms(&self) -> &VmManager {
@@ -270,6 +310,26 @@ impl NodeService for NodeApi {
     ) -> Result<Response<pb::NetworksReport>, Status> {
         let networks = self.networks()?;
         Ok(Response::new(pb::NetworksReport { ruleset: networks.ruleset().await, detail: networks.detail() }))
+    }
+
+    async fn probe_disks(&self, _request: Request<pb::ProbeDisksRequest>) -> Result<Response<pb::DiskProbe>, Status> {
+        let snapshot = self.disks.snapshot(&self.moat_paths()).await.map_err(disk_probe_status)?;
+        Ok(Response::new(trans::disk_probe(&snapshot, self.disks.settings())))
+    }
+
+    async fn apply_disk_layout(
+        &self,
+        request: Request<pb::ApplyDiskLayoutRequest>,
+    ) -> Result<Response<pb::DiskLayoutReport>, Status> {
+        let (layout, generation) = trans::disk_layout(request.into_inner())?;
+        if layout.spec.node != self.name {
+            return Err(Status::invalid_argument(format!(
+                "layout {} is for node {}, not {}",
+                layout.metadata.name, layout.spec.node, self.name
+            )));
+        }
+        let report = self.disks.apply(&layout, generation, &self.moat_paths()).await;
+        Ok(Response::new(trans::disk_report(report)))
     }
 
     async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<pb::VmLogsResponse>, Status> {

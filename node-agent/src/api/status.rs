@@ -4,6 +4,7 @@
 
 use tonic::Status;
 
+use crate::disk::probe::ProbeError as DiskProbeError;
 use crate::net::apply::ApplyError;
 use crate::probe::ProbeError;
 use crate::storage::StorageError;
@@ -51,5 +52,13 @@ pub(super) fn net_status(err: ApplyError) -> Status {
         ApplyError::Invalid(_) | ApplyError::Missing { .. } => Status::invalid_argument(message),
         ApplyError::NoNft => Status::failed_precondition(message),
         ApplyError::Command { .. } => Status::aborted(message),
+    }
+}
+
+pub(super) fn disk_probe_status(err: DiskProbeError) -> Status {
+    let message = crate::errors::chain(&err);
+    match err {
+        DiskProbeError::Lsblk(_) => Status::failed_precondition(format!("{message} (install util-linux)")),
+        DiskProbeError::LsblkFailed(_) | DiskProbeError::Parse(_) => Status::internal(message),
     }
 }

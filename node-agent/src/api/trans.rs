@@ -194,3 +194,34 @@ pub(crate) fn vm_state(state: VmState) -> pb::VmState {
 pub fn portal_offer(offer: crate::uplink::Offer) -> pb::PortalOffer {
     pb::PortalOffer { session: offer.session, vm_id: offer.vm_id }
 }
+
+pub(crate) fn disk_probe(snapshot: &moat_tools::DiskSnapshot, settings: &crate::disk::DiskSettings) -> pb::DiskProbe {
+    let word = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    pb::DiskProbe {
+        snapshot_json: serde_json::to_string(snapshot).expect("a snapshot serializes"),
+        management: word(serde_json::json!(settings.management)),
+        applier: word(serde_json::json!(settings.applier)),
+    }
+}
+
+pub(crate) fn disk_layout(request: pb::ApplyDiskLayoutRequest) -> Result<(moat_tools::DiskLayout, u64), tonic::Status> {
+    let layout = serde_json::from_str(&request.layout_json)
+        .map_err(|e| tonic::Status::invalid_argument(format!("the disk layout does not parse: {e}")))?;
+    Ok((layout, request.generation))
+}
+
+pub(crate) fn disk_report(report: crate::disk::ApplyReport) -> pb::DiskLayoutReport {
+    use moat_tools::LayoutPhase;
+    let phase = match report.phase {
+        LayoutPhase::Applied => pb::DiskLayoutPhase::Applied,
+        LayoutPhase::Refused => pb::DiskLayoutPhase::Refused,
+        _ => pb::DiskLayoutPhase::Failed,
+    };
+    pb::DiskLayoutReport {
+        generation: report.generation,
+        phase: phase.into(),
+        code: report.code,
+        message: report.message,
+        refusals_json: serde_json::to_string(&report.refusals).expect("refusals serialize"),
+    }
+}

@@ -393,6 +393,11 @@ impl VmManager {
         self.inner.settings.storage.as_ref()
     }
 
+    /// Where VM directories (consoles, sockets, config) live.
+    pub fn vms_root(&self) -> &Path {
+        &self.inner.settings.vms_root
+    }
+
     fn storage_or_err(&self) -> Result<&Storage, VmError> {
         self.storage().ok_or_else(|| {
             VmError::Invalid(format!("node {} has no storage for disk images and workspaces", self.inner.settings.node))
