@@ -27,7 +27,7 @@ const NODE: &[&[&str]] = &[
     &["server", "testing"],
     &["api"],
     &["vm"],
-    &["vmm", "storage", "net", "uplink"],
+    &["vmm", "storage", "net", "disk", "uplink"],
     &["probe"],
     &["dir", "vsock", "kvm", "tls"],
     &["cmd", "errors", "nofollow"],

@@ -21,11 +21,12 @@ fn granted(role: &str, spec: &moat_tools::ToolSpec) -> bool {
     use ActionGroup::*;
     let group = spec.group;
     match role {
-        "reader" => group == Read,
+        // Host disks are for readers and admins to see and plan; agents never see them.
+        "reader" => matches!(group, Read | Disk),
         // Networks have no owner: agents manage only their own security groups and forwards.
         // Git service VMs are shared (group:network on a network); repositories are owned.
         "agent" => matches!(group, Read | Vm | Workspace | Git) || (group == Network && !spec.resource.is_shared()),
-        "vm-admin" => matches!(group, Read | Vm | Workspace | Network | Git),
+        "vm-admin" => matches!(group, Read | Vm | Workspace | Network | Git | Disk),
         "cluster-admin" => true,
         other => panic!("unknown role {other}"),
     }

@@ -54,6 +54,10 @@ async fn lists_tools_and_answers_whoami() {
             "git_credential_list",
             "agent_list",
             "agent_inspect",
+            "disk_list",
+            "disk_layout_plan",
+            "disk_layout_list",
+            "disk_layout_status",
         ];
         assert_eq!(hints.read_only_hint, Some(read_only.contains(&tool.name.as_ref())), "{}", tool.name);
     }

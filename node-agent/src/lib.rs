@@ -8,7 +8,9 @@
 //! one place converting between proto and domain types, its `status` the one
 //! error → `Status` map, [`api::tunnel`] the guest stream); [`vm`] runs VMs (state
 //! machine, monitor, agent watcher); [`vmm`] is the narrow driver trait with
-//! detection and the QEMU driver; [`dir`] is one VM's directory on disk; [`probe`]
+//! detection and the QEMU driver; beside it, [`storage`] (images, workspaces), [`net`]
+//! (bridges, nftables) and [`disk`] (DiskLayouts: pure classifier, planner and disko renderer,
+//! and the gate that applies them); [`dir`] is one VM's directory on disk; [`probe`]
 //! and [`kvm`] read host facts; [`vsock`] reaches guest ports; [`cmd`] is the only
 //! place that runs external programs; [`errors`] writes cause chains.
 

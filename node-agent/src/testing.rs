@@ -84,6 +84,50 @@ pub fn free_port() -> u16 {
 
 pub use crate::storage::loopfs::LoopFs;
 
+/// A blank disk for one test: a sparse file on a loop device with partition scanning; its
+/// partitions removed and the device detached when dropped, even when the test fails.
+#[derive(Debug)]
+pub struct LoopDisk {
+    device: String,
+    _backing: tempfile::TempDir,
+}
+
+impl LoopDisk {
+    /// A `size_mib` disk of zeros. Panics when it cannot be made (callers check `root_and`).
+    pub fn new(size_mib: u64) -> LoopDisk {
+        let backing = tempfile::tempdir().expect("a temporary directory");
+        let file = backing.path().join("disk.img");
+        std::fs::File::create(&file).and_then(|f| f.set_len(size_mib << 20)).expect("a sparse disk file");
+        let device = sh(&["losetup", "--find", "--show", "--partscan", file.to_str().expect("a UTF-8 path")]);
+        LoopDisk { device: device.trim().to_string(), _backing: backing }
+    }
+
+    /// "/dev/loop3".
+    pub fn path(&self) -> &str {
+        &self.device
+    }
+
+    /// "loop3".
+    pub fn name(&self) -> &str {
+        self.device.trim_start_matches("/dev/")
+    }
+}
+
+/// The first MiB of `device`, to show nothing was written to it.
+pub fn first_mib(device: &str) -> Vec<u8> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; 1 << 20];
+    std::fs::File::open(device).and_then(|mut f| f.read_exact(&mut bytes)).expect("the device is readable");
+    bytes
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = crate::cmd::probe_blocking(&["partx", "-d", &self.device], Duration::from_secs(30));
+        let _ = crate::cmd::probe_blocking(&["losetup", "-d", &self.device], Duration::from_secs(30));
+    }
+}
+
 /// A network namespace made for one test, deleted (with everything in it) when dropped.
 #[derive(Debug)]
 pub struct Netns(pub String);

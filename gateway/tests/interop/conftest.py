@@ -82,6 +82,9 @@ def expected_tools(admin):
                  + ["git_repo_create", "git_repo_list", "git_repo_delete", "git_repo_log", "git_repo_branches",
                     "git_repo_push", "git_credential_set", "git_credential_delete", "git_credential_list"])
     agent_tools = ["agent_create", "agent_list", "agent_inspect", "agent_delete"]
-    # An agent has no audit log, no image import, no network create or delete, no git services.
+    disk_tools = ["disk_list", "disk_layout_plan", "disk_layout_apply", "disk_layout_list", "disk_layout_status",
+                  "disk_layout_delete"] if admin else []
+    # An agent has no audit log, no image import, no network create or delete, no git services,
+    # no host disks.
     return (["whoami", "node_list", "node_inspect"] + (["audit_query"] if admin else []) + vm_tools
-            + image_tools + workspace_tools + network_tools + git_tools + agent_tools)
+            + image_tools + workspace_tools + network_tools + git_tools + agent_tools + disk_tools)

@@ -218,25 +218,21 @@ async fn run_ok(argv: &[String], input: Option<&[u8]>, timeout: Duration) -> Res
     ))
 }
 
-/// Writes a new GPT with exactly `disk`'s partitions and waits for the kernel to show them.
+/// Writes a new GPT with exactly `disk`'s partitions and has the kernel show them: sfdisk asks it
+/// to re-read the table, and `partx -u` tells it each partition directly (BLKPG), which also
+/// works where the kernel parses no partition tables itself.
 async fn partition(disk: &DiskPlan) -> Result<(), String> {
     let dev = format!("/dev/{}", disk.device);
     let argv: Vec<String> =
         ["sfdisk", "--quiet", "--wipe", "always", "--wipe-partitions", "always", &dev].map(String::from).into();
     run_ok(&argv, Some(plan::sfdisk_script(disk).as_bytes()), Duration::from_secs(60)).await?;
-    let appeared = |disk: &DiskPlan| disk.partitions.iter().all(|p| Path::new("/dev").join(&p.device).exists());
-    for attempt in 0..2 {
-        let deadline = std::time::Instant::now() + PARTITIONS_APPEAR / 2;
-        while std::time::Instant::now() < deadline {
-            if appeared(disk) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    run_ok(&["partx".to_string(), "-u".to_string(), dev.clone()], None, Duration::from_secs(30)).await?;
+    let deadline = std::time::Instant::now() + PARTITIONS_APPEAR;
+    while std::time::Instant::now() < deadline {
+        if disk.partitions.iter().all(|p| Path::new("/dev").join(&p.device).exists()) {
+            return Ok(());
         }
-        if attempt == 0 {
-            // The kernel may have missed the re-read (the disk was busy a moment); ask again.
-            let _ = run_ok(&["partx".to_string(), "-u".to_string(), dev.clone()], None, Duration::from_secs(30)).await;
-        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!(
         "the partition table was written but the kernel does not show the partitions of {dev} (a loop device \

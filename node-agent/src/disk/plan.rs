@@ -116,6 +116,9 @@ fn validate_partition(part: &PartitionSpec, last: bool) -> Result<(), String> {
     }
     if let Some(name) = &part.name {
         text_ok(name, 36).map_err(|why| format!("name: {why}"))?;
+        if name.contains(['"', '\\']) {
+            return Err("name: quotes and backslashes are not allowed in partition names".into());
+        }
     }
     let part_type = effective_type(part);
     match (part.filesystem, part_type) {
@@ -357,9 +360,8 @@ pub fn sfdisk_script(disk: &DiskPlan) -> String {
     for p in &disk.partitions {
         script.push_str(&format!("start={}, size={}, type={}", p.start / 512, p.size / 512, type_guid(p.part_type)));
         if let Some(name) = &p.name {
-            // sfdisk's quoting: a double-quoted string; names are printable text without quotes
-            // or backslashes once escaped here.
-            script.push_str(&format!(", name=\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\"")));
+            // Validated: printable, no quotes or backslashes, so the quoted value cannot end early.
+            script.push_str(&format!(", name=\"{name}\""));
         }
         script.push('\n');
     }
@@ -410,4 +412,113 @@ pub fn actions(plan: &LayoutPlan) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_tools::disk::{DiskSpec, LayoutMetadata, LayoutSpec, PartitionTable};
+
+    fn part(size: &str) -> PartitionSpec {
+        PartitionSpec {
+            name: None,
+            size: size.into(),
+            start: None,
+            part_type: None,
+            filesystem: Filesystem::Ext4,
+            mountpoint: None,
+            label: None,
+        }
+    }
+
+    fn layout(parts: Vec<PartitionSpec>) -> DiskLayout {
+        DiskLayout {
+            kind: LayoutKind::DiskLayout,
+            api_version: None,
+            metadata: LayoutMetadata { name: "data".into() },
+            spec: LayoutSpec {
+                node: "n1".into(),
+                disks: vec![DiskSpec { device: "sdb".into(), table: PartitionTable::Gpt, partitions: parts }],
+            },
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB"), Ok(Some(512 * MIB)));
+        assert_eq!(parse_size("1G"), Ok(Some(1024 * MIB)));
+        assert_eq!(parse_size("1.5GiB"), Ok(Some(1536 * MIB)));
+        assert_eq!(parse_size("1048577"), Ok(Some(2 * MIB)), "rounded up to whole MiB");
+        assert_eq!(parse_size("rest"), Ok(None));
+        assert_eq!(parse_size("100%"), Ok(None));
+        for bad in ["", "12X", "1KiB", "G", "1.2.3G", "99999999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn placement_aligns_and_fills() {
+        let parts = place("loop3", 512 * MIB, &[part("64MiB"), part("rest")]).unwrap();
+        assert_eq!((parts[0].device.as_str(), parts[0].start, parts[0].size), ("loop3p1", MIB, 64 * MIB));
+        assert_eq!((parts[1].device.as_str(), parts[1].start, parts[1].size), ("loop3p2", 65 * MIB, 446 * MIB));
+        assert_eq!(partition_name("sdb", 2), "sdb2");
+        assert_eq!(partition_name("nvme0n1", 1), "nvme0n1p1");
+    }
+
+    #[test]
+    fn overlapping_and_oversized_partitions_are_refused() {
+        let mut second = part("16MiB");
+        second.start = Some("8MiB".into());
+        let overlap = place("sdb", 512 * MIB, &[part("64MiB"), second]).unwrap_err();
+        assert!(overlap.contains("partition 2 starts at 8 MiB, inside partition 1"), "{overlap}");
+        let big = place("sdb", 512 * MIB, &[part("600MiB")]).unwrap_err();
+        assert!(big.contains("does not fit"), "{big}");
+        let tight = place("sdb", 512 * MIB, &[part("510MiB"), part("rest")]).unwrap_err();
+        assert!(tight.contains("partition 2"), "{tight}");
+    }
+
+    #[test]
+    fn layouts_are_checked_on_their_own() {
+        let ok = layout(vec![part("64MiB"), part("rest")]);
+        validate(&ok).unwrap();
+        let rest_first = layout(vec![part("rest"), part("64MiB")]);
+        assert!(validate(&rest_first).unwrap_err().0.contains("only for the last partition"));
+        let mut labelled = part("64MiB");
+        labelled.label = Some("a\nb".into());
+        assert!(validate(&layout(vec![labelled])).unwrap_err().0.contains("control character"));
+        let mut long = part("64MiB");
+        long.label = Some("seventeen-bytes!!".into());
+        assert!(validate(&layout(vec![long])).unwrap_err().0.contains("at most 16"));
+        for mp in ["relative", "/a/../b", "/a//b", "/a b", "/a/"] {
+            let mut p = part("64MiB");
+            p.mountpoint = Some(mp.into());
+            assert!(validate(&layout(vec![p])).is_err(), "{mp}");
+        }
+        let mut swap_fs = part("64MiB");
+        swap_fs.part_type = Some(PartType::Lvm);
+        assert!(validate(&layout(vec![swap_fs])).unwrap_err().0.contains("holds no ext4"));
+        let mut bad = layout(vec![part("64MiB")]);
+        bad.spec.disks[0].device = "../etc/passwd".into();
+        assert!(validate(&bad).is_err());
+        bad.spec.disks[0].device = "/dev/mapper/x".into();
+        assert!(validate(&bad).unwrap_err().0.contains("/dev/disk/by-*"));
+    }
+
+    #[test]
+    fn the_sfdisk_script_places_each_partition() {
+        let mut named = part("64MiB");
+        named.name = Some("my data".into());
+        let disk = DiskPlan {
+            declared: "sdb".into(),
+            device: "sdb".into(),
+            size: 512 * MIB,
+            partitions: place("sdb", 512 * MIB, &[named, part("rest")]).unwrap(),
+        };
+        assert_eq!(
+            sfdisk_script(&disk),
+            "label: gpt\nunit: sectors\n\n\
+             start=2048, size=131072, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"my data\"\n\
+             start=133120, size=913408, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"
+        );
+    }
 }

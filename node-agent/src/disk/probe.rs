@@ -1,5 +1,5 @@
-//! Takes a [`DiskSnapshot`] of this host: `lsblk` for devices, sysfs for holders and partition
-//! starts, /dev/disk/by-* for stable names, /proc/mounts and /proc/swaps for what is in use,
+//! Takes a [`DiskSnapshot`] of this host: `lsblk` for devices, `blkid -p` for what is on them,
+//! sysfs for holders and partition starts, /dev/disk/by-* for stable names, /proc/mounts and /proc/swaps for what is in use,
 //! `pvs` and `zpool status` where present, and where moat keeps its own VM disks and storage.
 //! Everything the classifier judges comes from here; a probe that cannot run is noted in the
 //! snapshot, never silently skipped.
@@ -74,6 +74,27 @@ fn sysfs(device: &mut BlockDevice) {
     if device.parent.is_some() {
         device.partn = read_trimmed(dir.join("partition")).and_then(|s| s.parse().ok());
         device.start_sector = read_trimmed(dir.join("start")).and_then(|s| s.parse().ok());
+    }
+}
+
+/// Filesystem type, label and GPT partition name as the device's own bytes say
+/// (`blkid -p`, no cache): lsblk takes them from udev's database, which a host without udev
+/// (containers, minimal VMs) lacks.
+async fn blkid(device: &mut BlockDevice) {
+    if device.size_bytes == 0 {
+        return;
+    }
+    let dev = format!("/dev/{}", device.name);
+    let Ok(output) = cmd::run(&["blkid", "-p", "-o", "export", &dev], PROBE).await else { return };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some((key, value)) = line.split_once('=') else { continue };
+        let value = value.to_string();
+        match key {
+            "TYPE" if device.fstype.is_empty() => device.fstype = value,
+            "LABEL" if device.label.is_empty() => device.label = value,
+            "PART_ENTRY_NAME" if device.partlabel.is_empty() => device.partlabel = value,
+            _ => {}
+        }
     }
 }
 
@@ -233,6 +254,7 @@ pub async fn snapshot(node: &str, moat_paths: &[MoatPath]) -> Result<DiskSnapsho
             ..BlockDevice::default()
         };
         sysfs(&mut device);
+        blkid(&mut device).await;
         devices.push(device);
     }
     let mounts = mounts();

@@ -61,6 +61,11 @@ impl LoopFs {
     pub fn path(&self) -> &Path {
         self.mount.path()
     }
+
+    /// The loop device it is on, e.g. "/dev/loop3".
+    pub fn device(&self) -> &str {
+        &self.device
+    }
 }
 
 impl Drop for LoopFs {

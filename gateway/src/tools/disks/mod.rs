@@ -209,6 +209,11 @@ pub async fn layout_apply(shared: &Shared, input: DiskLayoutApplyInput) -> Resul
     }
     let layout = parse_layout(input.layout)?;
     let (name, node) = (layout.metadata.name.clone(), layout.spec.node.clone());
+    if let Some(row) = shared.state.disk_layout(&name).await?
+        && row.node != node
+    {
+        return Err(moved(&name, &row.node));
+    }
     let seen = snapshot_for(shared, &node).await?;
     if seen.disks.management == DiskManagement::InstallerOnly {
         return Err(ToolError::Invalid(format!(
@@ -230,11 +235,7 @@ pub async fn layout_apply(shared: &Shared, input: DiskLayoutApplyInput) -> Resul
         if let Some(row) = &existing
             && row.node != node
         {
-            return Err(ToolError::Invalid(format!(
-                "layout {name} is for node {}; a layout cannot move to another node: disk_layout_delete it first \
-                 or use another name",
-                row.node
-            )));
+            return Err(moved(&name, &row.node));
         }
         let changed = existing.as_ref().is_none_or(|row| row.spec != spec);
         let track = machine::on_spec(existing.as_ref().map(track_of).as_ref(), changed);
@@ -276,6 +277,13 @@ pub async fn layout_apply(shared: &Shared, input: DiskLayoutApplyInput) -> Resul
         object.insert("note".into(), Value::String(note));
     }
     Ok(value)
+}
+
+fn moved(name: &str, node: &str) -> ToolError {
+    ToolError::Invalid(format!(
+        "layout {name} is for node {node}; a layout cannot move to another node: disk_layout_delete it first or \
+         use another name"
+    ))
 }
 
 fn not_found(name: &str) -> String {
