@@ -23,6 +23,12 @@ pub struct Scenario {
     /// own (made for the scenario, removed after it), so nothing touches the host's network.
     #[serde(default)]
     pub netns: bool,
+    /// Plans disk layouts: the runner makes two 64 MiB loop disks for the scenario (as root),
+    /// a blank one (`$FREE_DISK`) and one with a mounted ext4 filesystem (`$MOUNTED_DISK`),
+    /// removed after it. Nothing in a scenario may write to them: the embedded node is
+    /// installer-only.
+    #[serde(default)]
+    pub loop_disks: bool,
     #[serde(rename = "step")]
     pub steps: Vec<Step>,
 }
@@ -86,6 +92,11 @@ pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::R
         }
     }
     let netns = if scenario.netns { Some(Netns::new(&scenario.name)?) } else { None };
+    let disks = if scenario.loop_disks { Some(LoopDisks::new()?) } else { None };
+    if let Some(disks) = &disks {
+        paths.push(("$FREE_DISK", disks.free.clone()));
+        paths.push(("$MOUNTED_DISK", disks.mounted.clone()));
+    }
     #[allow(clippy::disallowed_methods)] // starts the gateway under evaluation
     let mut cmd = tokio::process::Command::new(moat);
     if let Some(ns) = &netns {
@@ -101,17 +112,11 @@ pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::R
     for step in &scenario.steps {
         let mut params = CallToolRequestParams::new(step.tool.clone());
         let mut args = serde_json::to_value(&step.args)?;
-        if let Value::Object(map) = &mut args {
-            for value in map.values_mut() {
-                let Some(name) = value.as_str().filter(|v| v.starts_with('$')) else { continue };
-                match paths.iter().find(|(p, _)| *p == name) {
-                    Some((_, path)) => *value = Value::String(path.clone()),
-                    None => anyhow::bail!(
-                        "scenario {} uses {name}: pass the image it names (--debian-image, --git-image)",
-                        scenario.name
-                    ),
-                }
-            }
+        if let Some(name) = substitute(&mut args, &paths) {
+            anyhow::bail!(
+                "scenario {} uses {name}: pass the image it names (--debian-image, --git-image)",
+                scenario.name
+            );
         }
         if let Value::Object(map) = args {
             params = params.with_arguments(map);
@@ -129,6 +134,75 @@ pub async fn run(moat: &Path, scenario: &Scenario, images: &Images) -> anyhow::R
     }
     client.cancel().await?;
     Ok(outcomes)
+}
+
+/// Replaces every string in `value` (nested ones too) that is exactly a placeholder of `paths`;
+/// the first placeholder it has no value for, if any.
+fn substitute(value: &mut Value, paths: &[(&str, String)]) -> Option<String> {
+    match value {
+        Value::String(s) if s.starts_with('$') => match paths.iter().find(|(p, _)| p == s) {
+            Some((_, path)) => {
+                *s = path.clone();
+                None
+            }
+            None => Some(s.clone()),
+        },
+        Value::Array(items) => items.iter_mut().find_map(|v| substitute(v, paths)),
+        Value::Object(map) => map.values_mut().find_map(|v| substitute(v, paths)),
+        _ => None,
+    }
+}
+
+/// Two loop disks made for one scenario: one blank, one holding a mounted ext4 filesystem;
+/// unmounted and detached when dropped.
+struct LoopDisks {
+    free: String,
+    mounted: String,
+    mountpoint: tempfile::TempDir,
+    _files: tempfile::TempDir,
+}
+
+impl LoopDisks {
+    fn new() -> anyhow::Result<LoopDisks> {
+        let files = tempfile::tempdir()?;
+        let mountpoint = tempfile::tempdir()?;
+        let run = |program: &str, args: &[&str]| -> anyhow::Result<String> {
+            #[allow(clippy::disallowed_methods)] // the scenario's own loop disks
+            let out = std::process::Command::new(program).args(args).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{program} {} failed ({}): scenarios with loop_disks need root, losetup and mkfs.ext4",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let mut devices = Vec::new();
+        for name in ["free.img", "mounted.img"] {
+            let file = files.path().join(name);
+            std::fs::File::create(&file)?.set_len(64 << 20)?;
+            devices.push(run("losetup", &["--find", "--show", file.to_str().unwrap_or_default()])?);
+        }
+        let disks = LoopDisks {
+            free: devices[0].clone(),
+            mounted: devices[1].clone(),
+            mountpoint,
+            _files: files,
+        };
+        run("mkfs.ext4", &["-q", "-F", &disks.mounted])?;
+        run("mount", &[&disks.mounted, disks.mountpoint.path().to_str().unwrap_or_default()])?;
+        Ok(disks)
+    }
+}
+
+impl Drop for LoopDisks {
+    fn drop(&mut self) {
+        #[allow(clippy::disallowed_methods)] // the scenario's own loop disks
+        let run = |program: &str, args: &[&str]| std::process::Command::new(program).args(args).status();
+        let _ = run("umount", &[self.mountpoint.path().to_str().unwrap_or_default()]);
+        let _ = run("losetup", &["-d", &self.free]);
+        let _ = run("losetup", &["-d", &self.mounted]);
+    }
 }
 
 /// A network namespace made for one scenario, removed when dropped.

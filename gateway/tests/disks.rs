@@ -320,3 +320,120 @@ async fn layouts_are_planned_applied_refused_and_reconciled_on_loop_disks() {
     client.cancel().await.unwrap();
     node.stop().await;
 }
+
+/// A node with the disko applier: the layout is written as a disko expression (which Nix reads
+/// back) and the rebuild command runs; a generation stored while another is being applied waits
+/// for it (the rebuild's own log shows no overlap); a failing rebuild is Failed with its words,
+/// and the retry applies. A node that never reported its disks cannot be planned for.
+#[tokio::test]
+async fn disko_nodes_write_the_expression_and_generations_never_interleave() {
+    if !root_and(&["losetup", "lsblk", "blkid", "nix-instantiate"]) {
+        return;
+    }
+    let home = Home::new();
+    home.run(&["pki", "init"]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let nix = tmp.path().join("etc/current.nix");
+    let log = tmp.path().join("rebuild.log");
+    let rebuild = tmp.path().join("rebuild.sh");
+    let script = |body: &str| {
+        std::fs::write(
+            &rebuild,
+            format!("#!/bin/sh\necho start >> {log}\n{body}\necho end >> {log}\n", log = log.display()),
+        )
+        .unwrap();
+        sh(&["chmod", "0755", rebuild.to_str().unwrap()]);
+    };
+    script("sleep 2");
+    let (nix_arg, rebuild_arg) = (nix.display().to_string(), rebuild.display().to_string());
+    let _node = Node::enroll_and_start(
+        &home,
+        tmp.path(),
+        "nix-1",
+        &[
+            "--disk-management",
+            "controller-managed",
+            "--disk-applier",
+            "disko",
+            "--disko-path",
+            &nix_arg,
+            "--disko-rebuild",
+            &rebuild_arg,
+        ],
+    )
+    .await;
+    let mut moat = home.http_server(&[]).await;
+    let disk = LoopDisk::new(64);
+    let labelled = |label: &str| {
+        layout(
+            "nix",
+            "nix-1",
+            disk.path(),
+            json!([{"size": "rest", "filesystem": "ext4", "label": label, "mountpoint": "/srv"}]),
+        )
+    };
+
+    // Generation 2 is stored while generation 1's rebuild runs; it waits its turn.
+    let first = moat.client(&moat.key).await;
+    let one = labelled("one");
+    let applying = tokio::spawn(async move {
+        let out = call_ok(&first, "disk_layout_apply", json!({"layout": one, "confirm": true})).await;
+        first.cancel().await.unwrap();
+        out
+    });
+    until("the first rebuild starts", Duration::from_secs(30), async || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))
+    })
+    .await;
+    let second = moat.client(&moat.key).await;
+    let two = call_ok(&second, "disk_layout_apply", json!({"layout": labelled("two"), "confirm": true})).await;
+    assert_eq!(
+        (two["layout"]["generation"].as_u64(), two["layout"]["observedGeneration"].as_u64()),
+        (Some(2), Some(2)),
+        "{two}"
+    );
+    assert_eq!(two["layout"]["phase"], "Applied", "{two}");
+    applying.await.unwrap();
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start\nend\nstart\nend\n", "one rebuild at a time");
+    let written = std::fs::read_to_string(&nix).unwrap();
+    assert!(written.contains("\"two\"") && written.contains(&format!("device = \"{}\";", disk.path())), "{written}");
+    let value: Value =
+        serde_json::from_str(&sh(&["nix-instantiate", "--eval", "--strict", "--json", nix.to_str().unwrap()])).unwrap();
+    assert_eq!(
+        value["disko"]["devices"]["disk"]["disk0"]["content"]["partitions"]["p1"]["content"]["mountpoint"],
+        "/srv"
+    );
+    assert!(first_mib(disk.path()).iter().all(|b| *b == 0), "the disko applier writes no disk");
+
+    // A failing rebuild is Failed, with what it said; once mended, the retry applies.
+    script("echo 'rebuild broke: no such flake' >&2\nexit 1");
+    let failed = call_ok(&second, "disk_layout_apply", json!({"layout": labelled("three"), "confirm": true})).await;
+    assert_eq!(failed["layout"]["phase"], "Failed", "{failed}");
+    assert_eq!(failed["layout"]["refusalReason"]["code"], "apply_failed");
+    assert!(failed["layout"]["refusalReason"]["message"].as_str().unwrap().contains("rebuild broke"), "{failed}");
+    script("true");
+    let retried = call_ok(&second, "disk_layout_apply", json!({"layout": labelled("three"), "confirm": true})).await;
+    assert_eq!(
+        (retried["layout"]["generation"].as_u64(), retried["layout"]["phase"].as_str()),
+        (Some(4), Some("Applied"))
+    );
+
+    // A node that has never answered has no snapshot to judge on: nothing is stored.
+    let ghost_certs = tmp.path().join("ghost-certs");
+    let address = format!("https://127.0.0.1:{}", moat_node::testing::free_port());
+    let (ok, _, err) =
+        home.run(&["node", "enroll", "ghost", "--address", &address, "--out", ghost_certs.to_str().unwrap()]).await;
+    assert!(ok, "{err}");
+    let ghost = layout("ghost", "ghost", "sdb", json!([{"size": "rest"}]));
+    let text = tool_error(&second, "disk_layout_apply", json!({"layout": ghost, "confirm": true})).await;
+    assert!(text.contains("unreachable") && text.contains("never reported its disks"), "{text}");
+    let names: Vec<Value> = call_ok(&second, "disk_layout_list", json!({})).await["layouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("nix")]);
+    second.cancel().await.unwrap();
+    assert!(moat.terminate().await.success());
+}
