@@ -183,12 +183,7 @@ impl LoopDisks {
             std::fs::File::create(&file)?.set_len(64 << 20)?;
             devices.push(run("losetup", &["--find", "--show", file.to_str().unwrap_or_default()])?);
         }
-        let disks = LoopDisks {
-            free: devices[0].clone(),
-            mounted: devices[1].clone(),
-            mountpoint,
-            _files: files,
-        };
+        let disks = LoopDisks { free: devices[0].clone(), mounted: devices[1].clone(), mountpoint, _files: files };
         run("mkfs.ext4", &["-q", "-F", &disks.mounted])?;
         run("mount", &[&disks.mounted, disks.mountpoint.path().to_str().unwrap_or_default()])?;
         Ok(disks)

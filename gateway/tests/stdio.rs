@@ -206,7 +206,7 @@ async fn status_reports_paths_schema_and_nodes() {
     assert!(stdout.contains(&home.path().join(".config/moat/moat.toml").display().to_string()), "{stdout}");
     assert!(stdout.contains("not present; defaults in use"), "{stdout}");
     assert!(stdout.contains(&home.state_dir().join("moat.db").display().to_string()), "{stdout}");
-    assert!(stdout.contains("schema version:  9"), "{stdout}");
+    assert!(stdout.contains("schema version:  10"), "{stdout}");
     assert!(stdout.contains("active API keys: 0"), "{stdout}");
     // node_list's call record and its outcome.
     assert!(stdout.contains("audit records:   2 (last 20"), "{stdout}");

@@ -117,3 +117,63 @@ impl State {
         Ok(sqlx::query_as("SELECT * FROM node_disks WHERE node = ?").bind(node).fetch_optional(self.pool()).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, node: &str, generation: i64, observed: i64) -> LayoutRow {
+        LayoutRow {
+            name: name.into(),
+            node: node.into(),
+            spec: "{}".into(),
+            generation,
+            observed_generation: observed,
+            phase: "Pending".into(),
+            reason_code: None,
+            reason_message: None,
+            refusals: "[]".into(),
+            created_at: "2026-12-07T00:00:00Z".into(),
+            updated_at: format!("2026-12-07T00:00:0{generation}Z"),
+        }
+    }
+
+    #[tokio::test]
+    async fn layouts_survive_reopen_and_conditional_writes_lose_to_a_newer_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moat.db");
+        let state = State::open(&path).await.unwrap();
+        state.put_disk_layout(&row("b", "n2", 2, 1)).await.unwrap();
+        state.put_disk_layout(&row("a", "n1", 1, 0)).await.unwrap();
+        state.put_disk_layout(&row("c", "n1", 3, 3)).await.unwrap();
+        let unobserved: Vec<String> =
+            state.disk_layouts_unobserved().await.unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(unobserved, ["a", "b"], "oldest change first; c is observed");
+        assert_eq!(state.disk_layouts(Some("n1")).await.unwrap().len(), 2);
+        // An answer written for generation 1 after the spec moved to 2 is not written.
+        let mut answered = row("a", "n1", 1, 1);
+        answered.phase = "Applied".into();
+        state.put_disk_layout(&row("a", "n1", 2, 0)).await.unwrap();
+        assert!(!state.put_disk_layout_if(&answered, 1).await.unwrap());
+        assert!(state.put_disk_layout_if(&answered, 2).await.unwrap());
+        state
+            .put_node_disks(&NodeDisksRow {
+                node: "n1".into(),
+                snapshot: "{}".into(),
+                management: "installer-only".into(),
+                applier: "direct".into(),
+                taken_at: "t".into(),
+            })
+            .await
+            .unwrap();
+        state.close().await;
+
+        let state = State::open(&path).await.unwrap();
+        let a = state.disk_layout("a").await.unwrap().unwrap();
+        assert_eq!((a.generation, a.observed_generation, a.phase.as_str()), (2, 1, "Applied"));
+        assert_eq!(state.node_disks("n1").await.unwrap().unwrap().management, "installer-only");
+        assert!(state.delete_disk_layout("a").await.unwrap());
+        assert!(!state.delete_disk_layout("a").await.unwrap());
+        assert!(state.disk_layout("a").await.unwrap().is_none());
+    }
+}

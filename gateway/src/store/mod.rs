@@ -354,7 +354,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/moat.db");
         let state = State::open(&path).await.unwrap();
-        assert_eq!(state.schema_version().await.unwrap(), 9);
+        assert_eq!(state.schema_version().await.unwrap(), 10);
         state.add_node("n1", "http://127.0.0.1:7443").await.unwrap();
         assert!(matches!(state.add_node("n1", "x").await, Err(StateError::DuplicateNode(_))));
         state.upsert_node("local", "unix:/tmp/a.sock").await.unwrap();
