@@ -91,6 +91,8 @@ pub struct Config {
     pub node_storage: PathBuf,
     /// The network namespace the embedded node keeps its networks in (None: the host's own).
     pub node_netns: Option<String>,
+    /// How the embedded node treats DiskLayouts (installer-only unless configured).
+    pub node_disks: moat_node::disk::DiskSettings,
     /// Cedar schema, policies and limits; the built-in set unless a directory is configured.
     pub policies: PolicySource,
     pub durability: Durability,
@@ -162,6 +164,10 @@ struct FileNode {
     storage_root: Option<PathBuf>,
     storage: Option<PathBuf>,
     netns: Option<String>,
+    disk_management: Option<String>,
+    disk_applier: Option<String>,
+    disko_path: Option<PathBuf>,
+    disko_rebuild: Option<String>,
 }
 
 /// Values given by flag or `MOAT_*` environment variable; each beats the file.
@@ -217,6 +223,19 @@ pub struct ServeOverrides {
     /// this named network namespace (`ip netns add NAME`) [default: the host's own]
     #[arg(long, env = "MOAT_NODE_NETNS")]
     pub node_netns: Option<String>,
+    /// Whether the embedded node applies DiskLayouts: installer-only (plan only) or
+    /// controller-managed [default: installer-only]
+    #[arg(long, env = "MOAT_NODE_DISK_MANAGEMENT")]
+    pub node_disk_management: Option<String>,
+    /// How the embedded node applies them: direct (sfdisk, mkfs) or disko [default: direct]
+    #[arg(long, env = "MOAT_NODE_DISK_APPLIER")]
+    pub node_disk_applier: Option<String>,
+    /// Where the embedded node's disko applier writes [default: /etc/moat/disk/current.nix]
+    #[arg(long, env = "MOAT_NODE_DISKO_PATH")]
+    pub node_disko_path: Option<PathBuf>,
+    /// Run after the disko file is written, split on spaces, no shell [default: none]
+    #[arg(long, env = "MOAT_NODE_DISKO_REBUILD")]
+    pub node_disko_rebuild: Option<String>,
     /// Directory with moat.cedarschema, moat.cedar and limits.toml [default: the built-in policies]
     #[arg(long, env = "MOAT_POLICIES_DIR")]
     pub policies_dir: Option<PathBuf>,
@@ -275,6 +294,8 @@ pub fn load(
     };
     let node_name = serve.node_name.clone().or(node.name).unwrap_or_else(|| "local".into());
     validate_node_name(&node_name)?;
+    let node_storage_root =
+        serve.node_storage_root.clone().or(node.storage_root).unwrap_or_else(|| state_dir.join("node"));
     let durability = match serve.durability.clone().or(file.durability) {
         Some(d) => d.parse().map_err(anyhow::Error::msg)?,
         None => Durability::Process,
@@ -306,13 +327,17 @@ pub fn load(
         operator_role,
         prompts_dir: serve.prompts_dir.clone().or(file.prompts_dir),
         node_name,
-        node_storage_root: serve
-            .node_storage_root
-            .clone()
-            .or(node.storage_root)
-            .unwrap_or_else(|| state_dir.join("node")),
+        node_storage_root: node_storage_root.clone(),
         node_storage,
         node_netns: serve.node_netns.clone().or(node.netns),
+        node_disks: moat_node::disk::DiskSettings::configure(
+            &node_storage_root,
+            serve.node_disk_management.as_deref().or(node.disk_management.as_deref()),
+            serve.node_disk_applier.as_deref().or(node.disk_applier.as_deref()),
+            serve.node_disko_path.clone().or(node.disko_path.clone()),
+            serve.node_disko_rebuild.as_deref().or(node.disko_rebuild.as_deref()),
+        )
+        .map_err(anyhow::Error::msg)?,
         audit_key: common.audit_key.clone().unwrap_or_else(|| state_dir.join("audit.key")),
         state_dir,
         policies,
@@ -368,6 +393,7 @@ mod tests {
         assert_eq!((c.operator.as_str(), c.operator_role), ("operator", Role::ClusterAdmin));
         assert_eq!(c.node_name, "local");
         assert_eq!(c.http, None);
+        assert_eq!(c.node_disks.management, moat_tools::DiskManagement::InstallerOnly);
     }
 
     #[test]
@@ -376,7 +402,8 @@ mod tests {
         let cfg = dir.path().join("moat.toml");
         std::fs::write(
             &cfg,
-            "state_dir = \"/srv/moat\"\nhttp = \"127.0.0.1:9000\"\nmax_body_bytes = 2048\noperator = \"ops\"\n[node]\nname = \"n7\"\n",
+            "state_dir = \"/srv/moat\"\nhttp = \"127.0.0.1:9000\"\nmax_body_bytes = 2048\noperator = \"ops\"\n[node]\nname = \"n7\"\n\
+             disk_management = \"controller-managed\"\ndisk_applier = \"disko\"\ndisko_rebuild = \"nixos-rebuild switch\"\n",
         )
         .unwrap();
         let common = Overrides { config: Some(cfg.clone()), state_dir: None, audit_key: None, node_storage: None };
@@ -386,6 +413,10 @@ mod tests {
         assert_eq!(c.http, Some("127.0.0.1:9000".parse().unwrap()));
         assert_eq!((c.max_body_bytes, c.operator.as_str(), c.node_name.as_str()), (2048, "ops", "n7"));
         assert_eq!(c.node_storage_root, PathBuf::from("/srv/moat/node"));
+        assert_eq!(c.node_disks.management, moat_tools::DiskManagement::ControllerManaged);
+        assert_eq!(c.node_disks.applier, moat_tools::DiskApplier::Disko);
+        assert_eq!(c.node_disks.rebuild, ["nixos-rebuild", "switch"]);
+        assert_eq!(c.node_disks.state_file, PathBuf::from("/srv/moat/node/disk/layouts.json"));
 
         let serve = ServeOverrides {
             max_body_bytes: Some(4096),
@@ -409,6 +440,9 @@ mod tests {
             ("operator_role = \"root\"\n", "operator_role"),
             ("max_body_bytes = 10\n", "at least 1024"),
             ("[node]\nname = \"Bad_Name\"\n", "DNS label"),
+            ("[node]\ndisk_management = \"yes\"\n", "not installer-only or controller-managed"),
+            ("[node]\ndisk_applier = \"parted\"\n", "not direct or disko"),
+            ("[node]\ndisko_path = \"relative.nix\"\n", "must be absolute"),
         ];
         for (text, want) in cases {
             std::fs::write(&cfg, text).unwrap();

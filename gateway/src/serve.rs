@@ -70,7 +70,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the embedded node's network state in {}", net.display()))?;
     networks.reconcile().await;
     let vms = vms.with_storage(storage).with_networks(networks);
-    let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone(), vms);
+    let api = moat_node::NodeApi::new(config.node_name.clone(), config.node_storage_root.clone(), vms)
+        .with_disks(config.node_disks.clone());
     let node_task = tokio::spawn(moat_node::serve(listener, api, shutdown.clone().cancelled_owned()));
     state.upsert_node(&config.node_name, &format!("unix:{}", socket.display())).await?;
 

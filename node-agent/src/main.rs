@@ -62,23 +62,6 @@ struct DiskArgs {
     disko_rebuild: Option<String>,
 }
 
-impl DiskArgs {
-    fn settings(&self, storage_root: &std::path::Path) -> moat_node::disk::DiskSettings {
-        use moat_tools::{DiskApplier, DiskManagement};
-        let mut settings = moat_node::disk::DiskSettings::new(storage_root);
-        if self.disk_management == "controller-managed" {
-            settings.management = DiskManagement::ControllerManaged;
-        }
-        if self.disk_applier == "disko" {
-            settings.applier = DiskApplier::Disko;
-        }
-        settings.disko_path = self.disko_path.clone();
-        settings.rebuild =
-            self.disko_rebuild.as_deref().unwrap_or_default().split_whitespace().map(str::to_string).collect();
-        settings
-    }
-}
-
 /// Where VMs live and what runs them.
 #[derive(clap::Args)]
 struct VmArgs {
@@ -179,7 +162,14 @@ async fn main() -> anyhow::Result<()> {
             };
             // Tests and scripts read this line to learn the port when --listen used port 0.
             tracing::info!(node = %name, listen = %listener.local_addr(), "moat-node listening");
-            let disks = disk.settings(&storage_root);
+            let disks = moat_node::disk::DiskSettings::configure(
+                &storage_root,
+                Some(&disk.disk_management),
+                Some(&disk.disk_applier),
+                Some(disk.disko_path.clone()),
+                disk.disko_rebuild.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?;
             let api = moat_node::NodeApi::new(name, storage_root, vms).with_disks(disks);
             // A signal stops new calls; open streams (guest sessions the gateway keeps, exec
             // output) get a short grace to end, then the node stops anyway: VMs keep running and

@@ -22,7 +22,7 @@ const MKFS: Duration = Duration::from_secs(600);
 const PARTITIONS_APPEAR: Duration = Duration::from_secs(10);
 
 /// How this node treats layouts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSettings {
     pub management: DiskManagement,
     pub applier: DiskApplier,
@@ -46,6 +46,39 @@ impl DiskSettings {
             rebuild_timeout: Duration::from_secs(1800),
             state_file: storage_root.join("disk").join("layouts.json"),
         }
+    }
+}
+
+impl DiskSettings {
+    /// Settings from an operator's words: `management` "installer-only" (default) or
+    /// "controller-managed", `applier` "direct" (default) or "disko", where the disko file goes,
+    /// and the rebuild command (split on whitespace, run without a shell).
+    pub fn configure(
+        storage_root: &Path,
+        management: Option<&str>,
+        applier: Option<&str>,
+        disko_path: Option<PathBuf>,
+        rebuild: Option<&str>,
+    ) -> Result<DiskSettings, String> {
+        let mut settings = DiskSettings::new(storage_root);
+        settings.management = match management.unwrap_or("installer-only") {
+            "installer-only" => DiskManagement::InstallerOnly,
+            "controller-managed" => DiskManagement::ControllerManaged,
+            other => return Err(format!("disk management `{other}` is not installer-only or controller-managed")),
+        };
+        settings.applier = match applier.unwrap_or("direct") {
+            "direct" => DiskApplier::Direct,
+            "disko" => DiskApplier::Disko,
+            other => return Err(format!("disk applier `{other}` is not direct or disko")),
+        };
+        if let Some(path) = disko_path {
+            if !path.is_absolute() {
+                return Err(format!("the disko path {} must be absolute", path.display()));
+            }
+            settings.disko_path = path;
+        }
+        settings.rebuild = rebuild.unwrap_or_default().split_whitespace().map(str::to_string).collect();
+        Ok(settings)
     }
 }
 
