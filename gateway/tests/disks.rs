@@ -177,6 +177,12 @@ async fn layouts_are_planned_applied_refused_and_reconciled_on_loop_disks() {
     );
     assert_eq!(blkid(&p1), ("ext4".into(), "data".into(), "data".into()));
     assert_eq!(blkid(&p2), ("xfs".into(), "logs".into(), "logs".into()));
+    let listed = call_ok(&client, "disk_list", json!({"node": "disks-1"})).await;
+    assert_eq!(
+        device(&listed, free.name())["partitions"],
+        json!([format!("{}p1", free.name()), format!("{}p2", free.name())])
+    );
+    assert_eq!(device(&listed, &format!("{}p2", free.name()))["fstype"], "xfs", "{listed}");
 
     // The same spec again is the same generation, not applied twice; a changed one is the next.
     let again = call_ok(&client, "disk_layout_apply", json!({"layout": data, "confirm": true})).await;

@@ -365,6 +365,9 @@ pub struct DiskListInput {
 pub struct DiskInfo {
     #[serde(flatten)]
     pub device: BlockDevice,
+    /// A disk's partitions (their kernel names, in order; each is listed after it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
     /// Whether a layout naming this device would be refused.
     pub in_use: bool,
     /// Why, when it is.

@@ -114,9 +114,11 @@ pub async fn disk_list(shared: &Shared, input: DiskListInput) -> Result<Value, T
     for whole in wholes {
         let mut parts: Vec<_> = snap.devices.iter().filter(|d| d.parent.as_deref() == Some(&whole.name)).collect();
         parts.sort_by_key(|d| (d.partn, d.name.clone()));
+        let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
         for device in std::iter::once(whole).chain(parts) {
             let reasons = classify::in_use(&device.name, snap);
-            devices.push(DiskInfo { device: device.clone(), in_use: !reasons.is_empty(), reasons });
+            let partitions = if device.name == whole.name { names.clone() } else { Vec::new() };
+            devices.push(DiskInfo { device: device.clone(), partitions, in_use: !reasons.is_empty(), reasons });
         }
     }
     let mut notes = snap.notes.clone();
