@@ -458,6 +458,9 @@ pub struct DiskLayoutStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DiskLayoutOutput {
     pub layout: DiskLayoutStatus,
+    /// What is still to come, when the node has not answered yet (it is down, or still applying).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]

@@ -274,11 +274,7 @@ pub async fn layout_apply(shared: &Shared, input: DiskLayoutApplyInput) -> Resul
         )),
         _ => None,
     };
-    let mut value = to_value(DiskLayoutOutput { layout: status });
-    if let (Some(note), Some(object)) = (note, value.as_object_mut()) {
-        object.insert("note".into(), Value::String(note));
-    }
-    Ok(value)
+    Ok(to_value(DiskLayoutOutput { layout: status, note }))
 }
 
 fn moved(name: &str, node: &str) -> ToolError {
@@ -299,7 +295,7 @@ pub async fn layout_list(shared: &Shared, input: DiskLayoutListInput) -> Result<
 
 pub async fn layout_status(shared: &Shared, name: &str) -> Result<Value, ToolError> {
     let row = shared.state.disk_layout(name).await?.ok_or_else(|| ToolError::NotFound(not_found(name)))?;
-    Ok(to_value(DiskLayoutOutput { layout: status_of(&row) }))
+    Ok(to_value(DiskLayoutOutput { layout: status_of(&row), note: None }))
 }
 
 pub async fn layout_delete(shared: &Shared, name: &str) -> Result<Value, ToolError> {
