@@ -3,7 +3,7 @@
 //! btrfs. The tools plan and apply a GPT layout with two partitions to a blank loop disk (lsblk
 //! and blkid then show exactly that); refuse, before anything is stored and without writing a
 //! byte, a mounted disk, an LVM PV, active swap and the disk holding the node's workspace
-//! storage; store a layout while the node is down, which the node itself refuses when it comes
+//! storage, and one mounted only in another mount namespace; store a layout while the node is down, which the node itself refuses when it comes
 //! back (the disk got mounted meanwhile), and apply its retry; refuse an installer-only node; and
 //! answer bad input clearly. Every disk the test writes is one of its own loop devices.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
@@ -107,6 +107,7 @@ async fn layouts_are_planned_applied_refused_and_reconciled_on_loop_disks() {
         "swapon",
         "pvcreate",
         "fsfreeze",
+        "unshare",
     ];
     if !root_and(&tools) {
         return;
@@ -228,6 +229,28 @@ async fn layouts_are_planned_applied_refused_and_reconciled_on_loop_disks() {
         assert!(refused.contains(&format!("({code})")) && refused.contains("Nothing was stored"), "{dev}: {refused}");
         assert!(first_mib(dev) == before, "{dev} was written to");
     }
+    // A disk mounted only inside another mount namespace (a container's, say) is in use too.
+    let hidden = LoopDisk::new(64);
+    sh(&["mkfs.ext4", "-q", "-F", hidden.path()]);
+    let hidden_mp = tempfile::tempdir().unwrap();
+    let mut holder = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!("mount {} {} && echo mounted && exec sleep 120", hidden.path(), hidden_mp.path().display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _holder = Undo(vec![vec!["kill".into(), holder.id().to_string()]]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "mounted");
+    assert!(!sh(&["cat", "/proc/self/mounts"]).contains(hidden.path()), "mounted only in the other namespace");
+    let busy = layout("busy", "disks-1", hidden.path(), json!([{"size": "rest", "filesystem": "ext4"}]));
+    let planned = call_ok(&client, "disk_layout_plan", json!({"layout": busy})).await;
+    assert_eq!(planned["refusals"][0]["code"], "mounted", "{planned}");
+    assert!(planned["refusals"][0]["detail"].as_str().unwrap().contains("mount namespace of pid"), "{planned}");
+    let refused = tool_error(&client, "disk_layout_apply", json!({"layout": busy, "confirm": true})).await;
+    assert!(refused.contains("(mounted)"), "{refused}");
+
     let names: Vec<Value> = call_ok(&client, "disk_layout_list", json!({})).await["layouts"]
         .as_array()
         .unwrap()

@@ -134,24 +134,50 @@ fn unescape_mount(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// (kernel name, mountpoint) of every mount whose source is a block device.
+/// (kernel name, mountpoint) of every mount whose source is a block device, in every mount
+/// namespace on the host (a disk mounted only inside a container counts too): one process's
+/// mounts per namespace, mountpoints outside moat-node's own namespace marked with that pid.
 fn mounts() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut out: Vec<(String, String)> = text
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let source = fields.next()?;
-            let target = fields.next()?;
-            if !source.starts_with("/dev/") {
-                return None;
-            }
-            Some((kname_of(Path::new(&unescape_mount(source)))?, unescape_mount(target)))
-        })
-        .collect();
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = parse_mounts(&std::fs::read_to_string("/proc/self/mounts").unwrap_or_default(), None);
+    if let Some(own) = &own {
+        seen.insert(own.clone());
+    }
+    let pids = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| {
+        let name = e.file_name();
+        name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())).map(str::to_string)
+    });
+    for pid in pids {
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { continue };
+        if !seen.insert(ns) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mounts")) {
+            out.extend(parse_mounts(&text, Some(&pid)));
+        }
+    }
     out.sort();
     out.dedup();
     out
+}
+
+fn parse_mounts(text: &str, pid: Option<&str>) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let source = fields.next()?;
+            let target = unescape_mount(fields.next()?);
+            if !source.starts_with("/dev/") {
+                return None;
+            }
+            let target = match pid {
+                None => target,
+                Some(pid) => format!("{target} (in the mount namespace of pid {pid})"),
+            };
+            Some((kname_of(Path::new(&unescape_mount(source)))?, target))
+        })
+        .collect()
 }
 
 fn swaps() -> Vec<String> {
@@ -187,16 +213,25 @@ async fn lvm_pvs(notes: &mut Vec<String>) -> Vec<(String, String)> {
             return Vec::new();
         }
     };
-    let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    let mut out: Vec<(String, String)> = pvs_report(&output.stdout)
+        .into_iter()
+        .filter_map(|(path, vg)| Some((kname_of(Path::new(&path))?, vg)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// (PV path, volume group) from `pvs --reportformat json` output.
+fn pvs_report(json: &[u8]) -> Vec<(String, String)> {
+    let value: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
     let mut out = Vec::new();
     for report in value["report"].as_array().into_iter().flatten() {
         for pv in report["pv"].as_array().into_iter().flatten() {
-            if let Some(name) = pv["pv_name"].as_str().and_then(|p| kname_of(Path::new(p))) {
-                out.push((name, pv["vg_name"].as_str().unwrap_or_default().to_string()));
+            if let Some(path) = pv["pv_name"].as_str() {
+                out.push((path.to_string(), pv["vg_name"].as_str().unwrap_or_default().to_string()));
             }
         }
     }
-    out.sort();
     out
 }
 
@@ -208,20 +243,26 @@ async fn zfs_members(notes: &mut Vec<String>) -> Vec<(String, String)> {
             return Vec::new();
         }
     };
+    let mut out: Vec<(String, String)> = zpool_members(&String::from_utf8_lossy(&output.stdout))
+        .into_iter()
+        .filter_map(|(path, pool)| Some((kname_of(Path::new(&path))?, pool)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// (device path, pool) of every vdev `zpool status -LP` lists (-P: full paths, -L: links resolved).
+fn zpool_members(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut pool = String::new();
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
+    for line in text.lines() {
         let line = line.trim();
         if let Some(name) = line.strip_prefix("pool:") {
             pool = name.trim().to_string();
         } else if let Some(path) = line.split_whitespace().next().filter(|p| p.starts_with("/dev/")) {
-            // zpool -P names partitions of whole-disk vdevs; both are members.
-            if let Some(name) = kname_of(Path::new(path)) {
-                out.push((name, pool.clone()));
-            }
+            out.push((path.to_string(), pool.clone()));
         }
     }
-    out.sort();
     out
 }
 
@@ -281,6 +322,26 @@ pub async fn snapshot(node: &str, moat_paths: &[MoatPath]) -> Result<DiskSnapsho
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zpool_and_pvs_reports() {
+        let status = "  pool: tank\n state: ONLINE\nconfig:\n\n\tNAME          STATE     READ WRITE CKSUM\n\ttank          \
+                      ONLINE       0     0     0\n\t  mirror-0    ONLINE       0     0     0\n\t    /dev/sdb1 ONLINE       \
+                      0     0     0\n\t    /dev/sdc1 ONLINE       0     0     0\n\nerrors: No known data errors\n\
+                      \n  pool: scratch\n config:\n\tscratch ONLINE 0 0 0\n\t  /dev/nvme0n1 ONLINE 0 0 0\n";
+        assert_eq!(
+            zpool_members(status),
+            [("/dev/sdb1", "tank"), ("/dev/sdc1", "tank"), ("/dev/nvme0n1", "scratch")]
+                .map(|(d, p)| (d.to_string(), p.to_string()))
+        );
+        assert!(zpool_members("no pools available\n").is_empty());
+        let pvs = br#"  {"report": [{"pv": [{"pv_name":"/dev/loop0", "vg_name":""}, {"pv_name":"/dev/sdd", "vg_name":"vg0"}]}]}"#;
+        assert_eq!(
+            pvs_report(pvs),
+            [("/dev/loop0", ""), ("/dev/sdd", "vg0")].map(|(d, v)| (d.to_string(), v.to_string()))
+        );
+        assert!(pvs_report(b"not json").is_empty());
+    }
 
     #[test]
     fn mount_escapes() {
