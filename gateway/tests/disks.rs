@@ -29,6 +29,17 @@ impl Drop for Undo {
     }
 }
 
+/// A process holding a mount in a namespace of its own; killed (its mount goes with it) and
+/// reaped on drop.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A mounted filesystem frozen (`fsfreeze`): flushed, and its kernel writes nothing (superblock
 /// times included) until it is thawed on drop, so its disk's bytes can be compared.
 struct Frozen(String);
@@ -233,15 +244,16 @@ async fn layouts_are_planned_applied_refused_and_reconciled_on_loop_disks() {
     let hidden = LoopDisk::new(64);
     sh(&["mkfs.ext4", "-q", "-F", hidden.path()]);
     let hidden_mp = tempfile::tempdir().unwrap();
-    let mut holder = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(format!("mount {} {} && echo mounted && exec sleep 120", hidden.path(), hidden_mp.path().display()))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _holder = Undo(vec![vec!["kill".into(), holder.id().to_string()]]);
+    let mut holder = Holder(
+        std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("mount {} {} && echo mounted && exec sleep 120", hidden.path(), hidden_mp.path().display()))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.0.stdout.take().unwrap()), &mut line).unwrap();
     assert_eq!(line.trim(), "mounted");
     assert!(!sh(&["cat", "/proc/self/mounts"]).contains(hidden.path()), "mounted only in the other namespace");
     let busy = layout("busy", "disks-1", hidden.path(), json!([{"size": "rest", "filesystem": "ext4"}]));
