@@ -143,9 +143,9 @@ impl Filesystem {
 /// Where a layout is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum LayoutPhase {
-    /// Stored; its generation has not reached the node yet.
+    /// Waiting for the node: it did not answer, or it was still applying an older generation.
     Pending,
-    /// Classified safe by the gateway's pre-flight; not applied (plans only).
+    /// Stored after the gateway's pre-flight judged it safe; not sent to the node yet.
     Planned,
     /// Sent to the node, which has not answered yet.
     Applying,
@@ -562,7 +562,8 @@ pub(crate) fn disk_layout_status_spec() -> ToolSpec {
         ToolName::DiskLayoutStatus,
         "Show a disk layout's status",
         "Shows one stored DiskLayout: its spec, generation, observedGeneration, phase (Pending, \
-         Applying, Applied, Refused, Failed) and, when refused or failed, the reason with its code.",
+         Planned, Applying, Applied, Refused, Failed) and, when refused or failed, the reason with \
+         its code.",
         Hints::READ,
         (ToolClass::Read, ActionGroup::Disk, ResourceKind::DiskLayout),
         json!({"name": "data"}),

@@ -25,13 +25,14 @@ pub struct Answer {
     pub phase: LayoutPhase,
 }
 
-/// A spec was stored: the first generation of a new layout, a new one when the spec changed, and
-/// a new one to retry a refused or failed generation (the host may have changed since).
+/// A spec passed the gateway's pre-flight and was stored: the first generation of a new layout,
+/// a new one when the spec changed, and a new one to retry a refused or failed generation (the
+/// host may have changed since). Planned until it is sent.
 pub fn on_spec(track: Option<&Track>, spec_changed: bool) -> Track {
     match track {
-        None => Track { generation: 1, observed: 0, phase: LayoutPhase::Pending },
+        None => Track { generation: 1, observed: 0, phase: LayoutPhase::Planned },
         Some(t) if spec_changed || matches!(t.phase, LayoutPhase::Refused | LayoutPhase::Failed) => {
-            Track { generation: t.generation + 1, observed: t.observed, phase: LayoutPhase::Pending }
+            Track { generation: t.generation + 1, observed: t.observed, phase: LayoutPhase::Planned }
         }
         Some(t) => t.clone(),
     }
@@ -58,6 +59,30 @@ pub fn on_answer(track: &Track, answer: Answer) -> Track {
 /// The node could not be reached (or the answer was lost): the generation is still to be sent.
 pub fn on_unreachable(track: &Track) -> Track {
     Track { phase: LayoutPhase::Pending, ..track.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_layout_through_its_phases() {
+        let planned = on_spec(None, true);
+        assert_eq!((planned.generation, planned.observed, planned.phase), (1, 0, LayoutPhase::Planned));
+        assert_eq!(to_push(&planned), Some(1));
+        let sent = sending(&planned);
+        assert_eq!(sent.phase, LayoutPhase::Applying);
+        let down = on_unreachable(&sent);
+        assert_eq!((down.phase, to_push(&down)), (LayoutPhase::Pending, Some(1)));
+        let applied = on_answer(&sending(&down), Answer { generation: 1, phase: LayoutPhase::Applied });
+        assert_eq!((applied.observed, applied.phase, to_push(&applied)), (1, LayoutPhase::Applied, None));
+        assert_eq!(on_spec(Some(&applied), false), applied, "the same spec again changes nothing");
+        let refused =
+            on_answer(&sending(&on_spec(Some(&applied), true)), Answer { generation: 2, phase: LayoutPhase::Refused });
+        assert_eq!((refused.generation, refused.observed, refused.phase), (2, 2, LayoutPhase::Refused));
+        let retry = on_spec(Some(&refused), false);
+        assert_eq!((retry.generation, retry.phase), (3, LayoutPhase::Planned), "a retry is a new generation");
+    }
 }
 
 #[cfg(test)]
