@@ -99,15 +99,7 @@ fn snapshot() -> impl Strategy<Value = DiskSnapshot> {
 }
 
 fn part(size: &str) -> PartitionSpec {
-    PartitionSpec {
-        name: None,
-        size: size.into(),
-        start: None,
-        part_type: None,
-        filesystem: Filesystem::Ext4,
-        mountpoint: None,
-        label: None,
-    }
+    PartitionSpec::new(size, Filesystem::Ext4)
 }
 
 fn layout_on(devices: &[String]) -> DiskLayout {

@@ -107,6 +107,21 @@ pub struct PartitionSpec {
     pub label: Option<String>,
 }
 
+impl PartitionSpec {
+    /// A partition of `size` with `filesystem` and nothing else set.
+    pub fn new(size: &str, filesystem: Filesystem) -> PartitionSpec {
+        PartitionSpec {
+            name: None,
+            size: size.to_string(),
+            start: None,
+            part_type: None,
+            filesystem,
+            mountpoint: None,
+            label: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PartType {

@@ -420,15 +420,7 @@ mod tests {
     use moat_tools::disk::{DiskSpec, LayoutMetadata, LayoutSpec, PartitionTable};
 
     fn part(size: &str) -> PartitionSpec {
-        PartitionSpec {
-            name: None,
-            size: size.into(),
-            start: None,
-            part_type: None,
-            filesystem: Filesystem::Ext4,
-            mountpoint: None,
-            label: None,
-        }
+        PartitionSpec::new(size, Filesystem::Ext4)
     }
 
     fn layout(parts: Vec<PartitionSpec>) -> DiskLayout {
