@@ -62,6 +62,10 @@ type DecisionKey = (Principal, ToolName, ResourceRef);
 
 /// Beyond this many cached decisions the cache starts over (bounded memory).
 const MAX_CACHED_DECISIONS: usize = 65_536;
+/// Stack a Cedar evaluation must find left (Cedar itself insists on 100 KiB), else it runs on a
+/// fresh segment of [`CEDAR_STACK`].
+const CEDAR_RED_ZONE: usize = 256 * 1024;
+const CEDAR_STACK: usize = 1024 * 1024;
 
 impl std::fmt::Debug for Bundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,7 +176,14 @@ impl Bundle {
         self.is_allowed(principal, tool, &shared) || (!kind.is_shared() && self.is_allowed(principal, tool, &owned))
     }
 
+    /// Cedar refuses to build entities or evaluate (an error, so a deny) with less than 100 KiB of
+    /// stack left, which a call nested deep in async handlers can come close to in a debug build:
+    /// the decision runs on a fresh stack segment when room is short, so it never depends on depth.
     fn decide(&self, principal: &Principal, tool: ToolName, resource: &ResourceRef) -> Result<bool, String> {
+        stacker::maybe_grow(CEDAR_RED_ZONE, CEDAR_STACK, || self.decide_here(principal, tool, resource))
+    }
+
+    fn decide_here(&self, principal: &Principal, tool: ToolName, resource: &ResourceRef) -> Result<bool, String> {
         let role_uid = uid("Moat::Role", principal.role.as_str())?;
         let principal_uid = uid("Moat::Principal", &principal.name)?;
         let resource_uid = uid("Moat::Resource", &format!("{}/{}", resource.kind.as_str(), resource.id))?;
@@ -215,6 +226,10 @@ impl Bundle {
         let request = Request::new(principal_uid, action_uid, resource_uid, Context::empty(), Some(&self.schema))
             .map_err(|e| e.to_string())?;
         let response = Authorizer::new().is_authorized(&request, &self.policies, &entities);
+        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        if !errors.is_empty() {
+            return Err(format!("policy evaluation failed: {}", errors.join("; ")));
+        }
         Ok(response.decision() == Decision::Allow)
     }
 }
@@ -273,6 +288,26 @@ mod tests {
 
     fn owned_by(owner: Option<&str>) -> ResourceRef {
         ResourceRef { kind: ResourceKind::Node, id: "x".into(), owner: owner.map(String::from), labels: vec![] }
+    }
+
+    #[test]
+    fn decisions_do_not_depend_on_how_much_stack_is_left() {
+        // A thread with less stack than Cedar insists on (100 KiB), as a call nested deep in
+        // async handlers can have in a debug build: the decision is still the policies'.
+        let b = Arc::new(Bundle::load(&PolicySource::Embedded).unwrap());
+        let own = ResourceRef {
+            kind: ResourceKind::Workspace,
+            id: "ws-1".into(),
+            owner: Some("alice".into()),
+            labels: vec![],
+        };
+        let decided = std::thread::Builder::new()
+            .stack_size(96 * 1024)
+            .spawn(move || b.decide(&who("alice", Role::Agent), ToolName::VmCreate, &own))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(decided, Ok(true));
     }
 
     #[test]

@@ -160,12 +160,14 @@ pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Res
         ToolCall::AgentList(_) => agents::list(shared, ctx).await,
         ToolCall::AgentInspect(input) => agents::inspect(shared, ctx, &input.agent).await,
         ToolCall::AgentDelete(input) => agents::delete(shared, ctx, &input.agent).await,
-        ToolCall::DiskList(input) => disks::disk_list(shared, input).await,
-        ToolCall::DiskLayoutPlan(input) => disks::layout_plan(shared, input).await,
-        ToolCall::DiskLayoutApply(input) => disks::layout_apply(shared, input).await,
-        ToolCall::DiskLayoutList(input) => disks::layout_list(shared, input).await,
-        ToolCall::DiskLayoutStatus(input) => disks::layout_status(shared, &input.name).await,
-        ToolCall::DiskLayoutDelete(input) => disks::layout_delete(shared, &input.name).await,
+        // Boxed: rare calls with large futures, kept out of every call's dispatch future (whose
+        // size is stack on the paths that nest handlers, where Cedar needs room to evaluate).
+        ToolCall::DiskList(input) => Box::pin(disks::disk_list(shared, input)).await,
+        ToolCall::DiskLayoutPlan(input) => Box::pin(disks::layout_plan(shared, input)).await,
+        ToolCall::DiskLayoutApply(input) => Box::pin(disks::layout_apply(shared, input)).await,
+        ToolCall::DiskLayoutList(input) => Box::pin(disks::layout_list(shared, input)).await,
+        ToolCall::DiskLayoutStatus(input) => Box::pin(disks::layout_status(shared, &input.name)).await,
+        ToolCall::DiskLayoutDelete(input) => Box::pin(disks::layout_delete(shared, &input.name)).await,
     }
 }
 
