@@ -148,7 +148,7 @@ impl Disks {
         }
     }
 
-    /// Applies generation `generation` of `layout` (named `name`), or answers as before when
+    /// Applies generation `generation` of `layout`, or answers as before when
     /// this generation (or a later one) was already handled.
     pub async fn apply(&self, layout: &DiskLayout, generation: u64, moat_paths: &[MoatPath]) -> ApplyReport {
         let _one_at_a_time = self.lock.lock().await;
