@@ -74,26 +74,6 @@ impl State {
         Ok(())
     }
 
-    /// Writes `row` only if the stored generation is still `generation`; false when a newer spec
-    /// was stored meanwhile (the caller re-reads and decides again).
-    pub async fn put_disk_layout_if(&self, row: &LayoutRow, generation: i64) -> Result<bool, StateError> {
-        let done = sqlx::query(
-            "UPDATE disk_layouts SET observed_generation = ?, phase = ?, reason_code = ?, reason_message = ?,
-             refusals = ?, updated_at = ? WHERE name = ? AND generation = ?",
-        )
-        .bind(row.observed_generation)
-        .bind(&row.phase)
-        .bind(&row.reason_code)
-        .bind(&row.reason_message)
-        .bind(&row.refusals)
-        .bind(&row.updated_at)
-        .bind(&row.name)
-        .bind(generation)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
     pub async fn delete_disk_layout(&self, name: &str) -> Result<bool, StateError> {
         let done = sqlx::query("DELETE FROM disk_layouts WHERE name = ?").bind(name).execute(self.pool()).await?;
         Ok(done.rows_affected() == 1)
@@ -139,7 +119,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn layouts_survive_reopen_and_conditional_writes_lose_to_a_newer_spec() {
+    async fn layouts_survive_reopen_and_the_unobserved_come_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("moat.db");
         let state = State::open(&path).await.unwrap();
@@ -150,12 +130,10 @@ mod tests {
             state.disk_layouts_unobserved().await.unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(unobserved, ["a", "b"], "oldest change first; c is observed");
         assert_eq!(state.disk_layouts(Some("n1")).await.unwrap().len(), 2);
-        // An answer written for generation 1 after the spec moved to 2 is not written.
-        let mut answered = row("a", "n1", 1, 1);
-        answered.phase = "Applied".into();
-        state.put_disk_layout(&row("a", "n1", 2, 0)).await.unwrap();
-        assert!(!state.put_disk_layout_if(&answered, 1).await.unwrap());
-        assert!(state.put_disk_layout_if(&answered, 2).await.unwrap());
+        // A row is written whole: the answer for generation 1, recorded after the spec moved to 2.
+        let mut answered = row("a", "n1", 2, 1);
+        answered.phase = "Pending".into();
+        state.put_disk_layout(&answered).await.unwrap();
         state
             .put_node_disks(&NodeDisksRow {
                 node: "n1".into(),
@@ -170,7 +148,7 @@ mod tests {
 
         let state = State::open(&path).await.unwrap();
         let a = state.disk_layout("a").await.unwrap().unwrap();
-        assert_eq!((a.generation, a.observed_generation, a.phase.as_str()), (2, 1, "Applied"));
+        assert_eq!((a.generation, a.observed_generation, a.phase.as_str()), (2, 1, "Pending"));
         assert_eq!(state.node_disks("n1").await.unwrap().unwrap().management, "installer-only");
         assert!(state.delete_disk_layout("a").await.unwrap());
         assert!(!state.delete_disk_layout("a").await.unwrap());
