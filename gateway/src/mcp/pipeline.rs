@@ -371,6 +371,20 @@ mod tests {
         assert_eq!(text, resource::not_found("web"));
     }
 
+    /// Every call in flight holds its pipeline future: a thousand sessions' calls waiting on the
+    /// audit commit hold a thousand. Handlers are boxed by `dispatch` so that this stays the
+    /// pipeline's own state, not the largest handler's (25 KiB when they were inlined).
+    #[tokio::test]
+    async fn a_call_in_flight_holds_only_its_own_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gateway, _state) = gateway(dir.path()).await;
+        let ctx = alice();
+        let call = gateway.call(CallToolRequestParams::new("whoami"), &ctx);
+        let size = std::mem::size_of_val(&call);
+        assert!(size <= 8 * 1024, "a tools/call future takes {size} bytes");
+        assert_ne!(call.await.unwrap().is_error, Some(true), "whoami answers");
+    }
+
     #[test]
     fn large_results_are_sent_once() {
         let small = json!({"a": 1});

@@ -90,78 +90,89 @@ impl From<GuestError> for ToolError {
     }
 }
 
+/// Runs a call's handler. Every asynchronous handler is boxed: an `async fn` over all arms is as
+/// large as its largest (over 20 KiB), and every call in flight would hold that much (a
+/// thousand sessions' calls waiting on the audit commit, say), as would the stack of a path
+/// that nests handlers (where Cedar needs room to evaluate). Boxed, each call holds only its
+/// own handler's state; `whoami` allocates nothing.
 pub async fn dispatch(shared: &Shared, ctx: &CallContext, call: ToolCall) -> Result<Value, ToolError> {
     match call {
         ToolCall::Whoami(_) => Ok(cluster::whoami(ctx)),
-        ToolCall::NodeList(_) => cluster::node_list(shared).await,
-        ToolCall::NodeInspect(input) => cluster::node_inspect(shared, input).await,
-        ToolCall::AuditQuery(input) => cluster::audit_query(shared, input).await,
-        ToolCall::VmCreate(input) => vms::create(shared, ctx, input).await,
-        ToolCall::VmStart(input) => vms::start(shared, ctx, &input.vm).await,
+        ToolCall::NodeList(_) => Box::pin(cluster::node_list(shared)).await,
+        ToolCall::NodeInspect(input) => Box::pin(cluster::node_inspect(shared, input)).await,
+        ToolCall::AuditQuery(input) => Box::pin(cluster::audit_query(shared, input)).await,
+        ToolCall::VmCreate(input) => Box::pin(vms::create(shared, ctx, input)).await,
+        ToolCall::VmStart(input) => Box::pin(vms::start(shared, ctx, &input.vm)).await,
         ToolCall::VmStop(input) => {
-            vms::stop(shared, ctx, &input.vm, input.force.unwrap_or(false), input.timeout_s).await
+            Box::pin(vms::stop(shared, ctx, &input.vm, input.force.unwrap_or(false), input.timeout_s)).await
         }
-        ToolCall::VmDelete(input) => vms::delete(shared, ctx, &input.vm).await,
-        ToolCall::VmList(input) => vms::list(shared, ctx, input).await,
-        ToolCall::VmInspect(input) => vms::inspect(shared, ctx, &input.vm).await,
-        ToolCall::VmLogs(input) => vms::logs(shared, ctx, &input.vm, input.tail).await,
+        ToolCall::VmDelete(input) => Box::pin(vms::delete(shared, ctx, &input.vm)).await,
+        ToolCall::VmList(input) => Box::pin(vms::list(shared, ctx, input)).await,
+        ToolCall::VmInspect(input) => Box::pin(vms::inspect(shared, ctx, &input.vm)).await,
+        ToolCall::VmLogs(input) => Box::pin(vms::logs(shared, ctx, &input.vm, input.tail)).await,
         ToolCall::VmExec(input) => {
             // The guest kills the process at its timeout; the call gets a little longer to report it.
             let deadline = Duration::from_secs(u64::from(input.args.timeout_s.unwrap_or(60)) + 15);
-            in_guest(shared, ctx, GuestTool::Exec, input, deadline).await
+            Box::pin(in_guest(shared, ctx, GuestTool::Exec, input, deadline)).await
         }
-        ToolCall::VmExecStart(input) => in_guest(shared, ctx, GuestTool::ExecStart, input, GUEST_CALL).await,
-        ToolCall::VmExecStatus(input) => in_guest(shared, ctx, GuestTool::ExecStatus, input, GUEST_CALL).await,
-        ToolCall::VmExecOutput(input) => in_guest(shared, ctx, GuestTool::ExecOutput, input, GUEST_CALL).await,
-        ToolCall::VmExecKill(input) => in_guest(shared, ctx, GuestTool::ExecKill, input, GUEST_CALL).await,
-        ToolCall::VmFileRead(input) => in_guest(shared, ctx, GuestTool::FileRead, input, GUEST_CALL).await,
-        ToolCall::VmFileWrite(input) => in_guest(shared, ctx, GuestTool::FileWrite, input, GUEST_CALL).await,
-        ToolCall::VmFileDelete(input) => in_guest(shared, ctx, GuestTool::FileDelete, input, GUEST_CALL).await,
-        ToolCall::VmFileList(input) => in_guest(shared, ctx, GuestTool::FileList, input, GUEST_CALL).await,
-        ToolCall::ImageList(input) => workspaces::image_list(shared, ctx, input).await,
-        ToolCall::ImageInspect(input) => workspaces::image_inspect(shared, ctx, input).await,
-        ToolCall::ImageImport(input) => workspaces::image_import(shared, input).await,
-        ToolCall::ImageDelete(input) => workspaces::image_delete(shared, ctx, input).await,
-        ToolCall::WorkspaceCreate(input) => workspaces::create(shared, ctx, input).await,
-        ToolCall::WorkspaceFork(input) => workspaces::fork(shared, ctx, input).await,
-        ToolCall::WorkspaceList(input) => workspaces::list(shared, ctx, input).await,
-        ToolCall::WorkspaceInspect(input) => workspaces::inspect(shared, ctx, &input.workspace).await,
-        ToolCall::WorkspaceDelete(input) => workspaces::delete(shared, ctx, &input.workspace).await,
-        ToolCall::NetworkCreate(input) => networks::network_create(shared, ctx, input).await,
-        ToolCall::NetworkList(input) => networks::network_list(shared, input).await,
-        ToolCall::NetworkInspect(input) => networks::network_inspect(shared, ctx, &input.network).await,
-        ToolCall::NetworkDelete(input) => networks::network_delete(shared, &input.network).await,
-        ToolCall::SecurityGroupCreate(input) => networks::group_create(shared, ctx, input).await,
-        ToolCall::SecurityGroupUpdate(input) => networks::group_update(shared, ctx, input).await,
-        ToolCall::SecurityGroupDelete(input) => networks::group_delete(shared, ctx, &input.group).await,
-        ToolCall::SecurityGroupList(input) => networks::group_list(shared, ctx, input).await,
-        ToolCall::SecurityGroupInspect(input) => networks::group_inspect(shared, ctx, &input.group).await,
-        ToolCall::PortForwardCreate(input) => networks::forward_create(shared, ctx, input).await,
-        ToolCall::PortForwardDelete(input) => networks::forward_delete(shared, ctx, &input.forward).await,
-        ToolCall::PortForwardList(input) => networks::forward_list(shared, ctx, input).await,
-        ToolCall::GitServiceEnsure(input) => git::service_ensure(shared, &input.network).await,
-        ToolCall::GitServiceList(_) => git::service_list(shared).await,
-        ToolCall::GitServiceInspect(input) => git::service_inspect(shared, &input.network).await,
+        ToolCall::VmExecStart(input) => Box::pin(in_guest(shared, ctx, GuestTool::ExecStart, input, GUEST_CALL)).await,
+        ToolCall::VmExecStatus(input) => {
+            Box::pin(in_guest(shared, ctx, GuestTool::ExecStatus, input, GUEST_CALL)).await
+        }
+        ToolCall::VmExecOutput(input) => {
+            Box::pin(in_guest(shared, ctx, GuestTool::ExecOutput, input, GUEST_CALL)).await
+        }
+        ToolCall::VmExecKill(input) => Box::pin(in_guest(shared, ctx, GuestTool::ExecKill, input, GUEST_CALL)).await,
+        ToolCall::VmFileRead(input) => Box::pin(in_guest(shared, ctx, GuestTool::FileRead, input, GUEST_CALL)).await,
+        ToolCall::VmFileWrite(input) => Box::pin(in_guest(shared, ctx, GuestTool::FileWrite, input, GUEST_CALL)).await,
+        ToolCall::VmFileDelete(input) => {
+            Box::pin(in_guest(shared, ctx, GuestTool::FileDelete, input, GUEST_CALL)).await
+        }
+        ToolCall::VmFileList(input) => Box::pin(in_guest(shared, ctx, GuestTool::FileList, input, GUEST_CALL)).await,
+        ToolCall::ImageList(input) => Box::pin(workspaces::image_list(shared, ctx, input)).await,
+        ToolCall::ImageInspect(input) => Box::pin(workspaces::image_inspect(shared, ctx, input)).await,
+        ToolCall::ImageImport(input) => Box::pin(workspaces::image_import(shared, input)).await,
+        ToolCall::ImageDelete(input) => Box::pin(workspaces::image_delete(shared, ctx, input)).await,
+        ToolCall::WorkspaceCreate(input) => Box::pin(workspaces::create(shared, ctx, input)).await,
+        ToolCall::WorkspaceFork(input) => Box::pin(workspaces::fork(shared, ctx, input)).await,
+        ToolCall::WorkspaceList(input) => Box::pin(workspaces::list(shared, ctx, input)).await,
+        ToolCall::WorkspaceInspect(input) => Box::pin(workspaces::inspect(shared, ctx, &input.workspace)).await,
+        ToolCall::WorkspaceDelete(input) => Box::pin(workspaces::delete(shared, ctx, &input.workspace)).await,
+        ToolCall::NetworkCreate(input) => Box::pin(networks::network_create(shared, ctx, input)).await,
+        ToolCall::NetworkList(input) => Box::pin(networks::network_list(shared, input)).await,
+        ToolCall::NetworkInspect(input) => Box::pin(networks::network_inspect(shared, ctx, &input.network)).await,
+        ToolCall::NetworkDelete(input) => Box::pin(networks::network_delete(shared, &input.network)).await,
+        ToolCall::SecurityGroupCreate(input) => Box::pin(networks::group_create(shared, ctx, input)).await,
+        ToolCall::SecurityGroupUpdate(input) => Box::pin(networks::group_update(shared, ctx, input)).await,
+        ToolCall::SecurityGroupDelete(input) => Box::pin(networks::group_delete(shared, ctx, &input.group)).await,
+        ToolCall::SecurityGroupList(input) => Box::pin(networks::group_list(shared, ctx, input)).await,
+        ToolCall::SecurityGroupInspect(input) => Box::pin(networks::group_inspect(shared, ctx, &input.group)).await,
+        ToolCall::PortForwardCreate(input) => Box::pin(networks::forward_create(shared, ctx, input)).await,
+        ToolCall::PortForwardDelete(input) => Box::pin(networks::forward_delete(shared, ctx, &input.forward)).await,
+        ToolCall::PortForwardList(input) => Box::pin(networks::forward_list(shared, ctx, input)).await,
+        ToolCall::GitServiceEnsure(input) => Box::pin(git::service_ensure(shared, &input.network)).await,
+        ToolCall::GitServiceList(_) => Box::pin(git::service_list(shared)).await,
+        ToolCall::GitServiceInspect(input) => Box::pin(git::service_inspect(shared, &input.network)).await,
         ToolCall::GitServiceDelete(input) => {
-            git::service_delete(shared, &input.network, input.delete_repositories.unwrap_or(false)).await
+            Box::pin(git::service_delete(shared, &input.network, input.delete_repositories.unwrap_or(false))).await
         }
-        ToolCall::GitRepoCreate(input) => git::repo_create(shared, ctx, input).await,
-        ToolCall::GitRepoList(input) => git::repo_list(shared, ctx, input).await,
-        ToolCall::GitRepoDelete(input) => git::repo_delete(shared, ctx, &input.repo, input.network.as_deref()).await,
-        ToolCall::GitRepoLog(input) => git::repo_log(shared, ctx, input).await,
+        ToolCall::GitRepoCreate(input) => Box::pin(git::repo_create(shared, ctx, input)).await,
+        ToolCall::GitRepoList(input) => Box::pin(git::repo_list(shared, ctx, input)).await,
+        ToolCall::GitRepoDelete(input) => {
+            Box::pin(git::repo_delete(shared, ctx, &input.repo, input.network.as_deref())).await
+        }
+        ToolCall::GitRepoLog(input) => Box::pin(git::repo_log(shared, ctx, input)).await,
         ToolCall::GitRepoBranches(input) => {
-            git::repo_branches(shared, ctx, &input.repo, input.network.as_deref()).await
+            Box::pin(git::repo_branches(shared, ctx, &input.repo, input.network.as_deref())).await
         }
-        ToolCall::GitRepoPush(input) => git::repo_push(shared, ctx, input).await,
-        ToolCall::GitCredentialSet(input) => git::credential_set(shared, ctx, input).await,
-        ToolCall::GitCredentialDelete(input) => git::credential_delete(shared, ctx, input).await,
-        ToolCall::GitCredentialList(input) => git::credential_list(shared, ctx, input).await,
-        ToolCall::AgentCreate(input) => agents::create(shared, ctx, input).await,
-        ToolCall::AgentList(_) => agents::list(shared, ctx).await,
-        ToolCall::AgentInspect(input) => agents::inspect(shared, ctx, &input.agent).await,
-        ToolCall::AgentDelete(input) => agents::delete(shared, ctx, &input.agent).await,
-        // Boxed: rare calls with large futures, kept out of every call's dispatch future (whose
-        // size is stack on the paths that nest handlers, where Cedar needs room to evaluate).
+        ToolCall::GitRepoPush(input) => Box::pin(git::repo_push(shared, ctx, input)).await,
+        ToolCall::GitCredentialSet(input) => Box::pin(git::credential_set(shared, ctx, input)).await,
+        ToolCall::GitCredentialDelete(input) => Box::pin(git::credential_delete(shared, ctx, input)).await,
+        ToolCall::GitCredentialList(input) => Box::pin(git::credential_list(shared, ctx, input)).await,
+        ToolCall::AgentCreate(input) => Box::pin(agents::create(shared, ctx, input)).await,
+        ToolCall::AgentList(_) => Box::pin(agents::list(shared, ctx)).await,
+        ToolCall::AgentInspect(input) => Box::pin(agents::inspect(shared, ctx, &input.agent)).await,
+        ToolCall::AgentDelete(input) => Box::pin(agents::delete(shared, ctx, &input.agent)).await,
         ToolCall::DiskList(input) => Box::pin(disks::disk_list(shared, input)).await,
         ToolCall::DiskLayoutPlan(input) => Box::pin(disks::layout_plan(shared, input)).await,
         ToolCall::DiskLayoutApply(input) => Box::pin(disks::layout_apply(shared, input)).await,
