@@ -33,6 +33,31 @@ pub struct VmRow {
 }
 
 impl VmRow {
+    /// A row of `SELECT * FROM vms` (or a join with its columns), read by column name.
+    fn from_direct(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
+        let state: String = row.get("state")?;
+        let state = VmState::try_from(state)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+        Ok(VmRow {
+            id: row.get("id")?,
+            name: row.get("name")?,
+            owner: row.get("owner")?,
+            node: row.get("node")?,
+            vcpus: row.get("vcpus")?,
+            memory_mib: row.get("memory_mib")?,
+            image: row.get("image")?,
+            labels: row.get("labels")?,
+            state,
+            reason: row.get("reason")?,
+            vmm: row.get("vmm")?,
+            accel: row.get("accel")?,
+            created_at: row.get("created_at")?,
+            started_at: row.get("started_at")?,
+            updated_at: row.get("updated_at")?,
+            agent: row.get("agent")?,
+        })
+    }
+
     pub fn labels(&self) -> BTreeMap<String, String> {
         serde_json::from_str(&self.labels).unwrap_or_default()
     }
@@ -242,31 +267,28 @@ impl State {
         Ok(sqlx::query_as("SELECT * FROM vms WHERE id = ?").bind(id).fetch_optional(self.pool()).await?)
     }
 
-    /// The VM whose id is `arg` and those named `arg`, the given owner's first.
+    /// The VM whose id is `arg` and those named `arg`, the given owner's first. (Every call on a
+    /// VM resolves it here first: a direct read.)
     pub async fn vms_by_id_or_name(&self, arg: &str, owner: &str) -> Result<Vec<VmRow>, StateError> {
-        Ok(sqlx::query_as("SELECT * FROM vms WHERE id = ? OR name = ? ORDER BY owner != ?, id")
-            .bind(arg)
-            .bind(arg)
-            .bind(owner)
-            .fetch_all(self.pool())
-            .await?)
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT * FROM vms WHERE id = ?1 OR name = ?1 ORDER BY owner != ?2, id")?;
+            let rows = stmt.query_map(rusqlite::params![arg, owner], VmRow::from_direct)?;
+            rows.collect()
+        })
     }
 
-    /// A VM with the registered address of its node, in one read (the guest tools' hot path).
+    /// A VM with the registered address of its node, in one direct read (the guest tools' hot path).
     pub async fn vm_at(&self, id: &str) -> Result<Option<(VmRow, String)>, StateError> {
-        #[derive(sqlx::FromRow)]
-        struct At {
-            #[sqlx(flatten)]
-            vm: VmRow,
-            node_address: String,
-        }
-        let at: Option<At> = sqlx::query_as(
-            "SELECT vms.*, nodes.address AS node_address FROM vms JOIN nodes ON nodes.name = vms.node WHERE vms.id = ?",
-        )
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(at.map(|at| (at.vm, at.node_address)))
+        use rusqlite::OptionalExtension;
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT vms.*, nodes.address AS node_address FROM vms JOIN nodes ON nodes.name = vms.node \
+                 WHERE vms.id = ?1",
+            )?
+            .query_row([id], |row| Ok((VmRow::from_direct(row)?, row.get("node_address")?)))
+            .optional()
+        })
     }
 
     /// VMs named `name`, the given owner's first.
