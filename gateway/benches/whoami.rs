@@ -1,7 +1,9 @@
 //! `whoami` round trip: moat against a bare rmcp server exposing the same
 //! tool, over stdio and Streamable HTTP, sequential and with 16 concurrent
 //! clients, in one run. Both servers run as separate processes; the bare one
-//! is this binary re-executed with `--bare-stdio` / `--bare-http`.
+//! is this binary re-executed with `--bare-stdio` / `--bare-http`. Sequential
+//! rows alternate one call to each server, and neither logs per call: moat
+//! runs as shipped (its per-call debug line is for the pipeline bench).
 //!
 //!     cargo bench -p moat-gateway --bench whoami
 //!
@@ -12,7 +14,7 @@
 mod support;
 
 use rmcp::model::ProtocolVersion;
-use support::{CONCURRENCY, Server, concurrent, env_usize, sequential};
+use support::{CONCURRENCY, Server, concurrent, env_usize, interleaved};
 
 /// moat as a client would run it: the full pipeline, as the local operator on stdio or with a
 /// cluster-admin key on HTTP.
@@ -39,23 +41,21 @@ async fn run() {
         ("http", true, modern.clone(), true),
     ];
     for (transport, http, version, conc) in cases {
-        let mut bare_p50 = None;
-        for server in [Server::Bare, MOAT] {
-            let s = if conc {
-                concurrent(server, http, version.clone(), per_client).await
+        let (bare, moat) = if conc {
+            let bare = concurrent(Server::Bare, http, version.clone(), per_client).await;
+            (bare, concurrent(MOAT, http, version.clone(), per_client).await)
+        } else {
+            interleaved(Server::Bare, MOAT, http, version.clone(), n).await
+        };
+        let mode = if conc { format!("{CONCURRENCY} clients") } else { "sequential, interleaved".into() };
+        for (server, s) in [(Server::Bare, &bare), (MOAT, &moat)] {
+            let ratio = if server == MOAT {
+                format!("{:.2}×", s.p50.as_secs_f64() / bare.p50.as_secs_f64())
             } else {
-                sequential(server, http, version.clone(), n).await
+                String::from("—")
             };
-            let ratio = match (server, bare_p50) {
-                (Server::Moat { .. }, Some(b)) => format!("{:.2}×", s.p50.as_secs_f64() / b),
-                _ => String::from("—"),
-            };
-            if server == Server::Bare {
-                bare_p50 = Some(s.p50.as_secs_f64());
-            }
             println!(
-                "| {transport} | {version} | {} | {} | {:.0} | {:.0} | {:.0} | {ratio} |",
-                if conc { format!("{CONCURRENCY} clients") } else { "sequential".into() },
+                "| {transport} | {version} | {mode} | {} | {:.0} | {:.0} | {:.0} | {ratio} |",
                 server.name(),
                 s.p50.as_secs_f64() * 1e6,
                 s.p99.as_secs_f64() * 1e6,

@@ -205,14 +205,22 @@ async fn http_client(
     client_config(version).serve(transport).await.expect("MCP initialize over HTTP")
 }
 
-pub async fn connect(server: Server, http: bool, version: ProtocolVersion) -> Connection {
+/// Whether a stdio moat logs each call's time inside it (a debug line per call, which costs
+/// the server a formatted write to stderr per call: only for benches that report that time).
+#[derive(Clone, Copy, PartialEq)]
+pub enum Inside {
+    Logged,
+    NotLogged,
+}
+
+pub async fn connect(server: Server, http: bool, version: ProtocolVersion, inside: Inside) -> Connection {
     let home = tempfile::tempdir().expect("temp dir");
     let key = server.key(home.path()).await;
     let mut cmd = server.command(home.path(), http);
     if !http {
         // On stdio moat serves the local operator, as Claude Code and Claude Desktop run it.
-        let server_log =
-            matches!(server, Server::Moat { .. } | Server::NoPipeline).then(|| home.path().join("server.log"));
+        let server_log = (inside == Inside::Logged && matches!(server, Server::Moat { .. } | Server::NoPipeline))
+            .then(|| home.path().join("server.log"));
         let stderr: Stdio = match &server_log {
             Some(path) => {
                 cmd.env("MOAT_LOG", "warn,moat_gateway::mcp=debug");
@@ -260,8 +268,9 @@ fn stats(mut samples: Vec<Duration>, wall: Duration) -> Stats {
     Stats { p50: at(0.50), p99: at(0.99), per_sec: samples.len() as f64 / wall.as_secs_f64(), server_p50: None }
 }
 
+/// `n` sequential calls on one connection, moat logging each call's time inside it.
 pub async fn sequential(server: Server, http: bool, version: ProtocolVersion, n: usize) -> Stats {
-    let conn = connect(server, http, version).await;
+    let conn = connect(server, http, version, Inside::Logged).await;
     for _ in 0..n / 10 {
         whoami(&conn.client).await;
     }
@@ -280,6 +289,27 @@ pub async fn sequential(server: Server, http: bool, version: ProtocolVersion, n:
         result.server_p50 = inside.get(inside.len() / 2).copied();
     }
     result
+}
+
+/// `n` sequential calls to each of two servers, alternating one call to each, so that the
+/// machine's drift over the run (other load, frequency, the page cache) weighs on both alike.
+/// Neither server logs per call.
+pub async fn interleaved(a: Server, b: Server, http: bool, version: ProtocolVersion, n: usize) -> (Stats, Stats) {
+    let first = connect(a, http, version.clone(), Inside::NotLogged).await;
+    let second = connect(b, http, version, Inside::NotLogged).await;
+    for _ in 0..n / 10 {
+        whoami(&first.client).await;
+        whoami(&second.client).await;
+    }
+    let (mut xs, mut ys) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        xs.push(whoami(&first.client).await);
+        ys.push(whoami(&second.client).await);
+    }
+    // Calls per second as each server would serve them alone: its own calls' total time.
+    let busy = |v: &[Duration]| v.iter().sum::<Duration>();
+    let (wall_x, wall_y) = (busy(&xs), busy(&ys));
+    (stats(xs, wall_x), stats(ys, wall_y))
 }
 
 /// Parses `elapsed=12.3µs` (tracing's Debug of a Duration) from a log line.
@@ -301,7 +331,7 @@ pub fn elapsed_of(line: &str) -> Option<Duration> {
 pub async fn concurrent(server: Server, http: bool, version: ProtocolVersion, per_client: usize) -> Stats {
     let mut conns = Vec::new();
     if http {
-        let first = connect(server, true, version.clone()).await;
+        let first = connect(server, true, version.clone(), Inside::NotLogged).await;
         let url = first.url.clone().expect("HTTP connections know their URL");
         let key = first.key.clone();
         conns.push(first);
@@ -312,7 +342,7 @@ pub async fn concurrent(server: Server, http: bool, version: ProtocolVersion, pe
         }
     } else {
         for _ in 0..CONCURRENCY {
-            conns.push(connect(server, false, version.clone()).await);
+            conns.push(connect(server, false, version.clone(), Inside::NotLogged).await);
         }
     }
     for c in &conns {
