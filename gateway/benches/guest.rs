@@ -5,7 +5,10 @@
 //!
 //!     cargo bench -p moat-gateway --bench guest
 //!
-//! Uses the release `moat serve --http` with its embedded node, QEMU (TCG on
+//! moat is reached two ways in the same run, as clients reach it: Streamable HTTP with an
+//! API key, and stdio as the local operator (`moat serve --http ... --stdio`).
+//!
+//! Uses the release `moat serve --http --stdio` with its embedded node, QEMU (TCG on
 //! hosts without usable KVM) and vhost-device-vsock. MOAT_BENCH_N (calls per
 //! measure, default 200), MOAT_BENCH_MIB (file size, default 8),
 //! MOAT_GUEST_IMAGE (default target/ci/guest-image, which must include moat-guest).
@@ -79,8 +82,13 @@ async fn main() {
     .unwrap()
     .trim()
     .to_string();
-    let mut server = moat(&["serve", "--http", "127.0.0.1:0"]).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    // One server for both transports: stdio is this process's pipe to it.
+    let (stdio, server_stderr) =
+        rmcp::transport::TokioChildProcess::builder(moat(&["serve", "--http", "127.0.0.1:0", "--stdio"]))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut lines = BufReader::new(server_stderr.unwrap()).lines();
     let url = loop {
         let line = lines.next_line().await.unwrap().expect("moat printed its URL");
         if let Some(rest) = line.split("url=").nth(1) {
@@ -108,11 +116,12 @@ async fn main() {
     };
     let config = StreamableHttpClientTransportConfig::with_uri(url).auth_header(key);
     let client = ().serve(StreamableHttpClientTransport::with_client(reqwest::Client::new(), config)).await.unwrap();
+    let local = ().serve(stdio).await.unwrap();
     let created =
         call(&client, "vm_create", json!({"name": "bench", "vcpus": 1, "memory_mib": 512, "wait_ready": true})).await;
     let id = created["vm"]["id"].as_str().unwrap().to_string();
     let accel = created["vm"]["accel"].as_str().unwrap_or("?").to_string();
-    let socket = state.join("node/vms").join(&id).join("vsock.sock");
+    let socket = state.join("node/vms").join(&id).join("jail/vsock.sock");
     let rss = |v: Value| v["stdout"].as_str().unwrap_or("").split_whitespace().nth(1).unwrap_or("?").to_string();
     let probe = json!({"vm": "bench", "command": "grep VmRSS /proc/$(pidof moat-guest)/status"});
     let rss_idle = rss(call(&client, "vm_exec", probe.clone()).await);
@@ -141,44 +150,56 @@ async fn main() {
     let transport = rmcp::transport::async_rw::AsyncRwTransport::new_client(r, w)
         .with_max_line_length(moat_tools::guest::MAX_MESSAGE);
     let direct = ().serve(transport).await.unwrap();
-    // Interleaved, one direct call then one through moat, so the emulated guest's drift over
-    // the run (TCG: several hundred µs) weighs on both alike.
-    let (mut direct_times, mut through, mut share) = (Vec::new(), Vec::new(), Vec::new());
+    // Interleaved, one direct call then one through moat on each transport, so the emulated
+    // guest's drift over the run (TCG: several hundred µs) weighs on all alike.
+    let exec = json!({"vm": "bench", "argv": ["true"]});
+    let (mut direct_times, mut via_http, mut via_stdio) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut share_http, mut share_stdio) = (Vec::new(), Vec::new());
     for i in 0..n + 10 {
         let t = Instant::now();
         call(&direct, "exec", json!({"argv": ["true"]})).await;
         let d = t.elapsed();
         let t = Instant::now();
-        call(&client, "vm_exec", json!({"vm": "bench", "argv": ["true"]})).await;
-        let m = t.elapsed();
+        call(&client, "vm_exec", exec.clone()).await;
+        let h = t.elapsed();
+        let t = Instant::now();
+        call(&local, "vm_exec", exec.clone()).await;
+        let l = t.elapsed();
         if i >= 10 {
             direct_times.push(d);
-            through.push(m);
-            share.push(m.as_secs_f64() - d.as_secs_f64());
+            via_http.push(h);
+            via_stdio.push(l);
+            share_http.push(h.as_secs_f64() - d.as_secs_f64());
+            share_stdio.push(l.as_secs_f64() - d.as_secs_f64());
         }
     }
-    direct_times.sort();
-    through.sort();
-    share.sort_by(f64::total_cmp);
+    for v in [&mut direct_times, &mut via_http, &mut via_stdio] {
+        v.sort();
+    }
+    for v in [&mut share_http, &mut share_stdio] {
+        v.sort_by(f64::total_cmp);
+    }
     println!(
         "| MCP exec `true` straight over hybrid vsock (no gateway, no node) | {:.0} | {:.0} |",
         pct(&direct_times, 0.5),
         pct(&direct_times, 0.99)
     );
-    println!(
-        "| `vm_exec true` via MCP client → gateway (HTTP, full pipeline) → node (gRPC) → guest | {:.0} | {:.0} |",
-        pct(&through, 0.5),
-        pct(&through, 0.99)
-    );
-    println!(
-        "| moat's share: each pair's through-moat minus direct (median, p90) | {:.0} | {:.0} (p90) |",
-        share[share.len() / 2] * 1e6,
-        share[share.len() * 9 / 10] * 1e6
-    );
+    for (transport, times, share) in [("HTTP", &via_http, &share_http), ("stdio", &via_stdio, &share_stdio)] {
+        println!(
+            "| `vm_exec true` via MCP client → gateway ({transport}, full pipeline) → node (gRPC) → guest | {:.0} | {:.0} |",
+            pct(times, 0.5),
+            pct(times, 0.99)
+        );
+        println!(
+            "| moat's share over {transport}: each pair's through-moat minus direct (median, p90) | {:.0} | {:.0} (p90) |",
+            share[share.len() / 2] * 1e6,
+            share[share.len() * 9 / 10] * 1e6
+        );
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let inside_exec = inside("vm_exec", n);
+    let inside_exec = inside("vm_exec", 2 * n);
     println!(
-        "| ... of which inside moat (`tools/call` in → answer ready: pipeline, node, tunnel, guest) | {:.0} | {:.0} |",
+        "| ... inside moat, both transports (`tools/call` in → answer ready: pipeline, node, tunnel, guest) | {:.0} | {:.0} |",
         pct(&inside_exec, 0.5),
         pct(&inside_exec, 0.99)
     );
@@ -235,9 +256,17 @@ async fn main() {
         call(&client, "vm_file_read", moat_read.clone()).await;
     })
     .await;
+    let stdio_in = best_of(|| async {
+        call(&local, "vm_file_write", moat_write.clone()).await;
+    })
+    .await;
+    let stdio_out = best_of(|| async {
+        call(&local, "vm_file_read", moat_read.clone()).await;
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let inside_in = inside("vm_file_write", 3)[0].as_secs_f64();
-    let inside_out = inside("vm_file_read", 3)[0].as_secs_f64();
+    let inside_in = inside("vm_file_write", 6)[0].as_secs_f64();
+    let inside_out = inside("vm_file_read", 6)[0].as_secs_f64();
     println!("| path | host → guest MiB/s | guest → host MiB/s |");
     println!("|---|---|---|");
     println!(
@@ -254,6 +283,11 @@ async fn main() {
         "| `vm_file_write` / `vm_file_read` through moat (client → HTTP → gateway → node → guest) | {:.1} | {:.1} |",
         rate(moat_in),
         rate(moat_out)
+    );
+    println!(
+        "| `vm_file_write` / `vm_file_read` through moat (client → stdio → gateway → node → guest) | {:.1} | {:.1} |",
+        rate(stdio_in),
+        rate(stdio_out)
     );
     println!("\nWhere the time goes (ms, best runs):\n");
     println!("| | host → guest | guest → host |");
@@ -275,8 +309,14 @@ async fn main() {
         ms(moat_in),
         ms(moat_out)
     );
+    println!(
+        "| the same over stdio (a pipe + JSON between client and moat) | {:.0} | {:.0} |",
+        ms(stdio_in),
+        ms(stdio_out)
+    );
     let rss_after = rss(call(&client, "vm_exec", probe).await);
     println!("\nmoat-guest RSS in the guest: {rss_idle} kB after boot, {rss_after} kB after the transfers");
     call(&client, "vm_delete", json!({"vm": "bench"})).await;
-    server.start_kill().unwrap();
+    // The server (kill_on_drop) goes with its stdio transport.
+    drop(local);
 }
